@@ -1,0 +1,3 @@
+"""Command-line interface (placeholder until filled in below)."""
+def main() -> None:
+    pass
