@@ -1,0 +1,42 @@
+# remus — all set-up is cached under .cache/ and .venv/ (ignored by git).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .cache/.setup-stamp
+
+.PHONY: setup test test-unit test-integration check demo bench lab-down clean
+
+# bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
+$(STAMP): bin/setup pyproject.toml
+	./bin/setup
+	@mkdir -p .cache && touch $(STAMP)
+
+setup: $(STAMP)
+
+check: setup
+	$(VENV)/bin/ruff check remus tests
+	$(VENV)/bin/mypy
+
+test: setup
+	$(VENV)/bin/ruff check remus tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q tests/integration tests/reliability
+
+test-unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+test-integration: setup
+	$(VENV)/bin/pytest -q tests/integration tests/reliability
+
+demo: setup
+	$(PY) bin/demo
+
+bench: setup
+	$(PY) bench/run.py
+
+lab-down: setup
+	./bin/remus lab down
+
+clean:
+	rm -rf $(VENV) .cache

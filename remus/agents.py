@@ -1,0 +1,214 @@
+"""Assemble agents from CLI options: the unit, its container, buffer, CRIU.
+
+This is the only place that knows how the pieces fit; primary.py and
+backup.py stay testable with fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from remus.backup import Backup, BackupConfig
+from remus.cgroup import UnitCgroup
+from remus.checkpoint.criu import Criu
+from remus.control import ControlServer, socket_path
+from remus.errors import ConfigError, FatalError, RemusError
+from remus.primary import Primary, PrimaryConfig
+from remus.unit import Container, UnitSpec, netns_of, start_unit
+
+log = logging.getLogger(__name__)
+
+
+def _dump_root(name: str) -> Path:
+    # tmpfs: the dump is a memory copy; a disk would add its latency to the pause.
+    return Path("/dev/shm") / f"remus-{name}-{os.getpid()}"
+
+
+def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
+    """Run a primary with its control socket until stop or a fatal error."""
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **p.status()}
+        if cmd == "set-interval":
+            from remus.config import check_interval
+
+            p.set_interval(check_interval(float(req["seconds"])))
+            return {"ok": True, "interval_ms": p.cfg.timing.interval * 1000}
+        if cmd == "stop":
+            p.stop()
+            return {"ok": True, "message": "protection stopping; the unit keeps running"}
+        raise RemusError(f"the primary does not understand {cmd!r}")
+
+    ctl = ControlServer(socket_path("primary", unit_name), handle)
+    ctl.start()
+    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in prev:
+        signal.signal(s, lambda *_: p.stop("agent received a signal"))
+    released = False
+    try:
+        p.run()
+        released = True  # stopped cleanly: the unit continues unprotected
+    finally:
+        ctl.close()
+        p.close(release_output=released)
+        for s, h in prev.items():
+            signal.signal(s, h)
+        if on_stop is not None:
+            on_stop(released)
+
+
+def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any) -> tuple[Primary, Any]:
+    """`remus run`: build the container, start argv in it, protect it."""
+    spec = UnitSpec.for_run(opts["name"], opts["vip"], opts["dev"])
+    container = Container(spec)
+    container.create(active=True)
+    cg = UnitCgroup(spec.name)
+    try:
+        wrapper, pid = start_unit(spec, argv, cg)
+    except Exception:
+        container.remove()
+        raise
+    buffer = buffer_factory(spec.host_if)
+    cfg = PrimaryConfig(unit_id=spec.name, spec=spec.to_json(), backup=opts["backup"],
+                        psk=opts["psk"], timing=opts["timing"], pid=pid,
+                        netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
+                        compress=opts.get("compress", False))
+    p = Primary(cfg, buffer)
+    buffer.start()
+    buffer.begin_epoch(0)
+
+    def on_stop(released: bool) -> None:
+        if released:
+            log.info("unit %s (pid %d) keeps running unprotected", spec.name, pid)
+        threading.Thread(target=wrapper.wait, daemon=True).start()
+
+    return p, on_stop
+
+
+def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) -> tuple[Primary, Any]:
+    """`remus protect PID`: the process must already have its own netns."""
+    own = netns_of(os.getpid())
+    theirs = netns_of(pid)
+    if own == theirs:
+        raise ConfigError(
+            f"pid {pid} shares this host's network namespace: remus cannot hold its output or "
+            "move its connections (transparent TCP failover needs the service in its own network "
+            "namespace). Start it with `remus run -- CMD` instead, or put it in a container.")
+    host_if = opts.get("host_if") or _find_host_veth(pid)
+    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if}
+    buffer = buffer_factory(host_if)
+    cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
+                        timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
+                        dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False))
+    p = Primary(cfg, buffer)
+    buffer.start()
+    buffer.begin_epoch(0)
+    return p, None
+
+
+def _find_host_veth(pid: int) -> str:
+    """The host-side peer of the container's veth (by the peer's ifindex)."""
+    out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link", "show",
+                          "type", "veth"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        name = line.split(":")[1].strip()
+        if "@if" in name:
+            idx = name.split("@if")[1]
+            for path in Path("/sys/class/net").iterdir():
+                if (path / "ifindex").read_text().strip() == idx:
+                    return path.name
+    raise ConfigError(f"pid {pid}: no veth linking its network namespace to this host "
+                      "(give the host side with --host-if)")
+
+
+# -- backup side -----------------------------------------------------------------
+def prepare_standby(spec_json: dict[str, Any]) -> None:
+    """Build the container a restore will need (host side of the veth down)."""
+    if spec_json.get("mode") == "protect":
+        return  # the operator prepares the container for `protect` units
+    spec = UnitSpec.from_json(spec_json)
+    c = Container(spec)
+    if not c.exists():
+        c.create(active=False)
+        log.info("standby container %s ready (address %s, link down)", spec.netns, spec.vip)
+
+
+def takeover(b: Backup, why: str) -> None:
+    """Restore the committed checkpoint into the standby container and go live."""
+    tl = b.timeline
+    b.store.apply_pending()
+    tl["applied"] = time.time()
+    assert b.unit is not None
+    spec = UnitSpec.from_json(b.unit["spec"])
+    container = Container(spec)
+    if not container.exists():
+        container.create(active=False)
+    cg = UnitCgroup(spec.name)
+    cg.create()
+    criu = Criu(netns=spec.netns_path)
+    images = b.store.images_dir()
+    pid = criu.restore(images, cgroup_procs=cg.procs_file)
+    tl["restored"] = time.time()
+    tl["unit_pid"] = pid
+    container.activate(announce=True)
+    tl["address_up"] = time.time()
+    threading.Thread(target=_reap, args=(pid,), daemon=True).start()
+    log.warning("unit %s restored from epoch %d as pid %d; %s is live on %s",
+                spec.name, b.epoch, pid, spec.vip, spec.dev)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def serve_backup(b: Backup) -> None:
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **b.status()}
+        if cmd == "failover":
+            if b.state == "replicating" and not req.get("force"):
+                raise RemusError("the primary is still connected: stop or fence it first "
+                                 "(remus stop on the primary, or power it off), or pass --force")
+            b.failover("manual failover")
+            return {"ok": True, **b.status()}
+        if cmd == "stop":
+            b.stop()
+            return {"ok": True, "message": "backup agent stopping"}
+        raise RemusError(f"the backup does not understand {cmd!r}")
+
+    name = b.cfg.extra.get("name", "default")
+    ctl = ControlServer(socket_path("backup", name), handle)
+    ctl.start()
+    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in prev:
+        signal.signal(s, lambda *_: b.stop())
+    try:
+        b.run()
+        while b.state == "active" and not b.stop_event.is_set():
+            time.sleep(0.2)
+    finally:
+        ctl.close()
+        for s, h in prev.items():
+            signal.signal(s, h)
+
+
+def make_backup(opts: dict[str, Any]) -> Backup:
+    cfg = BackupConfig(listen=opts["listen"], psk=opts["psk"], workdir=opts["workdir"],
+                       timing=opts["timing"], auto_failover=opts.get("auto_failover", True),
+                       extra={"name": opts.get("name", "default")})
+    if not cfg.workdir.parent.exists():
+        raise FatalError(f"--workdir parent {cfg.workdir.parent} does not exist")
+    return Backup(cfg, prepare=prepare_standby, takeover=takeover)

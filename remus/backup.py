@@ -1,0 +1,291 @@
+"""The backup agent: receive, stage, verify, ACK, commit; detect failure; take over.
+
+Crash-only: everything it must not lose is in the checkpoint store on disk;
+starting == recovering (the store re-applies committed but unapplied epochs
+and drops partial ones). Loops, each a thread: accept, one receiver per
+primary connection (only one primary at a time), apply, failure detector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remus.checkpoint.store import CheckpointStore
+from remus.config import Timing
+from remus.errors import RemusError
+from remus.link import Link, LinkClosed
+from remus.protocol import BackupConnection, EpochComplete, messages as m
+from remus.stats import Series
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+TakeoverFn = Callable[["Backup", str], None]
+
+
+@dataclass
+class BackupConfig:
+    listen: tuple[str, int]
+    psk: bytes
+    workdir: Path
+    timing: Timing
+    auto_failover: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backup:
+    def __init__(self, cfg: BackupConfig, prepare: Callable[[dict[str, Any]], None] | None = None,
+                 takeover: TakeoverFn | None = None, clock: Clock = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.prepare = prepare  # builds the standby container from the unit spec
+        self.takeover_fn = takeover
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(cfg.workdir / "store")
+        self.generation, self.epoch = self.store.recover()
+        self.unit_file = cfg.workdir / "unit.json"
+        self.unit: dict[str, Any] | None = (json.loads(self.unit_file.read_text())
+                                            if self.unit_file.exists() else None)
+        self.state = "waiting"  # waiting | replicating | idle | taking-over | active | failed
+        self.link: Link | None = None
+        self.peer = ""
+        self.last_heard = clock()
+        self.apply_event = threading.Event()
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.staged: Any = None
+        self.ack_time = Series()
+        self.epoch_bytes = Series()
+        self._cur_bytes = 0
+        self._began = 0.0
+        self.epochs_received = 0
+        self.rejected = 0
+        self.timeline: dict[str, float] = {}
+        self.last_sentence = (f"recovered generation {self.generation} epoch {self.epoch}"
+                              if self.epoch >= 0 else "empty: no checkpoint yet")
+        self.started = clock()
+        self._sk: socket.socket | None = None
+        log.info("backup store at %s: %s", cfg.workdir, self.last_sentence)
+
+    # -- loops ------------------------------------------------------------------
+    def run(self) -> None:
+        host, port = self.cfg.listen
+        sk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sk.bind((host, port))
+        except OSError as e:
+            raise RemusError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+        sk.listen(4)
+        sk.settimeout(0.2)
+        self._sk = sk
+        for fn, name in ((self._apply_loop, "apply"), (self._detector_loop, "detector")):
+            threading.Thread(target=fn, name=name, daemon=True).start()
+        log.info("listening on %s:%d", host, port)
+        while not self.stop_event.is_set():
+            try:
+                conn, addr = sk.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._serve, args=(conn, f"{addr[0]}:{addr[1]}"),
+                             name="receiver", daemon=True).start()
+        sk.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.link is not None:
+            self.link.close()
+
+    def _serve(self, sk: socket.socket, peer: str) -> None:
+        conn = BackupConnection(self.cfg.psk, nonce=secrets.token_bytes(16),
+                                committed_generation=self.generation,
+                                committed_epoch=self.epoch)
+        link = Link(sk, conn, peer)
+        with self.lock:
+            busy = self.link is not None and not self.link.closed
+            if self.state in ("taking-over", "active"):
+                busy_reason = f"this backup has taken over (state {self.state})"
+            elif busy:
+                busy_reason = f"another primary ({self.peer}) is connected"
+            else:
+                busy_reason = ""
+            if not busy_reason:
+                self.link, self.peer = link, peer
+        if busy_reason:
+            log.warning("rejected connection from %s: %s", peer, busy_reason)
+            self._refuse(link, busy_reason)
+            return
+        try:
+            for ev in link.events():
+                self.last_heard = self.clock()
+                self._on_event(link, ev)
+        except (LinkClosed, RemusError) as err:
+            log.warning("primary %s: %s", peer, err)
+        finally:
+            self._abort_staged()
+            link.close()
+
+    def _refuse(self, link: Link, reason: str) -> None:
+        try:
+            for ev in link.events():
+                if isinstance(ev, m.Hello):
+                    link.send(m.Error(reason=reason))
+                break
+        except (LinkClosed, RemusError):
+            pass
+        link.close()
+
+    # -- events ------------------------------------------------------------------
+    def _on_event(self, link: Link, ev: Any) -> None:
+        if isinstance(ev, m.Hello):
+            self._on_hello(link, ev)
+        elif isinstance(ev, m.EpochBegin):
+            self._abort_staged()
+            self.staged = self.store.begin(ev.generation, ev.epoch, ev.base_epoch, ev.full)
+            self._cur_bytes = 0
+            self._began = self.clock()
+        elif isinstance(ev, m.Chunk):
+            self.staged.add(ev.kind, ev.name, ev.meta, ev.data)
+            self._cur_bytes += len(ev.meta) + len(ev.data)
+        elif isinstance(ev, EpochComplete):
+            self._on_complete(link, ev)
+        elif isinstance(ev, m.Heartbeat):
+            link.send(m.Heartbeat(generation=ev.generation, epoch=self.epoch, acked=self.epoch,
+                                  sent_ns=time.time_ns(), lease_ms=ev.lease_ms))
+        elif isinstance(ev, m.Bye):
+            log.info("primary ended protection: %s", ev.reason)
+            self.state = "idle"
+            self.last_sentence = f"primary said bye: {ev.reason}"
+        elif isinstance(ev, m.Error):
+            log.error("primary reports an error: %s", ev.reason)
+
+    def _on_hello(self, link: Link, ev: m.Hello) -> None:
+        if self.unit is not None and self.unit.get("unit_id") != ev.unit_id and self.epoch >= 0:
+            reason = (f"this backup holds unit {self.unit.get('unit_id')!r}, not {ev.unit_id!r};"
+                      " use another --workdir")
+            link.send(m.Error(reason=reason))
+            raise RemusError(reason)
+        self.unit = {"unit_id": ev.unit_id, "spec": ev.spec}
+        tmp = self.unit_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.unit))
+        os.replace(tmp, self.unit_file)
+        if self.prepare is not None:
+            self.prepare(ev.spec)
+        link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
+                            else secrets.token_bytes(16),
+                            generation=self.generation, committed_epoch=self.epoch))
+        self.state = "replicating"
+        self.last_sentence = f"primary {link.peer} connected (unit {ev.unit_id}, generation {ev.generation})"
+        log.info("%s", self.last_sentence)
+
+    def _on_complete(self, link: Link, ev: EpochComplete) -> None:
+        staged, self.staged = self.staged, None
+        if not ev.ok or staged is None:
+            if staged is not None:
+                staged.abort()
+            self.rejected += 1
+            log.error("epoch %d rejected: %s", ev.epoch, ev.reason)
+            link.send(m.Nack(generation=ev.generation, epoch=ev.epoch, reason=ev.reason))
+            return
+        staged.commit()  # the commit point: durable before the ACK leaves
+        self.generation, self.epoch = ev.generation, ev.epoch
+        link.send(m.Ack(generation=ev.generation, epoch=ev.epoch))
+        self.ack_time.add((self.clock() - self._began) * 1000)
+        self.epoch_bytes.add(self._cur_bytes)
+        self.epochs_received += 1
+        self.apply_event.set()
+        self.last_sentence = f"acked epoch {ev.epoch}"
+
+    def _abort_staged(self) -> None:
+        if self.staged is not None:
+            self.staged.abort()
+            self.staged = None
+
+    def _apply_loop(self) -> None:
+        while not self.stop_event.is_set():
+            if not self.apply_event.wait(0.2):
+                continue
+            self.apply_event.clear()
+            try:
+                self.store.apply_pending()
+            except Exception:
+                log.exception("applying committed epochs failed")
+
+    # -- failure detection -----------------------------------------------------------
+    def _detector_loop(self) -> None:
+        tick = min(self.cfg.timing.heartbeat / 2, 0.02)
+        while not self.stop_event.wait(tick):
+            if self.state != "replicating" or not self.cfg.auto_failover:
+                continue
+            silent = self.clock() - self.last_heard
+            if silent > self.cfg.timing.takeover_timeout and self.epoch >= 0:
+                self.failover(f"primary silent for {silent * 1000:.0f} ms")
+
+    def failover(self, why: str) -> None:
+        """Take over: finish applying, restore, bring the address up."""
+        with self.lock:
+            if self.state in ("taking-over", "active"):
+                raise RemusError(f"already {self.state}")
+            if self.epoch < 0:
+                raise RemusError("no committed checkpoint to restore")
+            self.state = "taking-over"
+        self.timeline = {"detected": time.time()}
+        log.warning("%s: taking over from epoch %d", why, self.epoch)
+        if self.link is not None:
+            self.link.close()
+        if self.takeover_fn is None:
+            self.state = "failed"
+            raise RemusError("no takeover action configured")
+        try:
+            self.takeover_fn(self, why)
+        except Exception as e:
+            self.state = "failed"
+            self.last_sentence = f"takeover failed: {e}"
+            log.exception("takeover failed")
+            raise
+        self.state = "active"
+        self.last_sentence = f"{why}; took over at epoch {self.epoch}"
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "role": "backup" if self.state != "active" else "primary (after failover)",
+            "state": self.state,
+            "pid": os.getpid(),
+            "unit": (self.unit or {}).get("unit_id"),
+            "unit_pid": self.timeline.get("unit_pid"),
+            "primary": self.peer if self.link is not None and not self.link.closed else None,
+            "generation": self.generation,
+            "epoch": self.epoch,
+            "acked_epoch": self.epoch,
+            "resume_epoch": self.epoch,
+            "interval_ms": None,
+            "since_heartbeat_ms": round((now - self.last_heard) * 1000, 1),
+            "takeover_timeout_ms": round(self.cfg.timing.takeover_timeout * 1000, 1),
+            "pause_ms": None,
+            "bytes_per_epoch": self.epoch_bytes.summary(0),
+            "ack_latency_ms": self.ack_time.summary(),
+            "epochs_received": self.epochs_received,
+            "epochs_rejected": self.rejected,
+            "store": getattr(self.store, "stats", None) and _plain(self.store.stats),
+            "failover": self.timeline or None,
+            "last": self.last_sentence,
+        }
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return obj
+    return {k: v for k, v in vars(obj).items() if isinstance(v, int | float | str)}

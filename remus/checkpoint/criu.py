@@ -1,0 +1,234 @@
+"""CRIU through its RPC interface (`criu swrk`), with action notifications.
+
+We speak the swrk protocol ourselves (pycriu's generated `rpc_pb2` messages
+over a SOCK_SEQPACKET socketpair) instead of using `pycriu.criu`, because we
+need three things it does not offer: starting CRIU inside the unit's network
+namespace (via `nsenter --net`), in a chosen cgroup (restore), and answering
+CRIU's action notifications ("pre-dump", "post-dump", ...) with our own
+callbacks. "post-dump" arrives while the unit is still frozen: that is where
+the primary marks the output-buffer boundary and captures disk state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remus.errors import CheckpointError, HostError
+from remus.paths import criu_binary
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str], None]
+MAX_MSG = 1 << 20
+
+# criu_network_lock_method / criu_cg_mode values from images/rpc.proto
+NETWORK_LOCK_SKIP = 3
+CG_MODE_IGNORE = 0
+
+
+def _rpc():  # type: ignore[no-untyped-def]
+    try:
+        import pycriu.rpc_pb2 as rpc  # type: ignore[import-not-found]
+    except ImportError as e:  # pragma: no cover - set-up problem
+        raise HostError("pycriu is not importable: run `make setup` (bin/setup)") from e
+    return rpc
+
+
+@dataclass
+class DumpResult:
+    """What one dump cost. Times in milliseconds."""
+
+    wall_ms: float
+    frozen_ms: float  # CRIU's own measure: tasks frozen -> thawed
+    freezing_ms: float
+    memdump_ms: float
+    pages_written: int
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class Criu:
+    """One CRIU binary, run per request as `criu swrk` in a given netns.
+
+    Contract: `dump` and `restore` either succeed or raise CheckpointError
+    with CRIU's reason (the tail of its log). A notify callback that raises
+    makes CRIU fail the request (for dump, the unit is thawed and left
+    running; no partial image set must be used by the caller).
+    """
+
+    def __init__(self, binary: str | None = None, netns: str | None = None) -> None:
+        self.binary = binary or criu_binary()
+        if not self.binary or not os.path.exists(self.binary):
+            raise HostError(f"CRIU not found ({self.binary or 'not on PATH'}): run `make setup`")
+        self.netns = netns  # path of the network namespace to run CRIU in
+
+    # -- requests ---------------------------------------------------------
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        *,
+        notify: Notify | None = None,
+        freeze_cgroup: str | None = None,
+        log_level: int = 1,
+    ) -> DumpResult:
+        rpc = _rpc()
+        req = rpc.criu_req()
+        req.type = rpc.DUMP
+        o = req.opts
+        o.pid = pid
+        o.leave_running = True
+        o.tcp_established = True
+        o.tcp_skip_in_flight = True
+        o.ext_unix_sk = True
+        o.file_locks = True
+        o.network_lock = NETWORK_LOCK_SKIP
+        o.manage_cgroups = True
+        o.manage_cgroups_mode = CG_MODE_IGNORE
+        o.log_level = log_level
+        o.log_file = "dump.log"
+        o.notify_scripts = notify is not None
+        if freeze_cgroup:
+            o.freeze_cgroup = freeze_cgroup
+        t0 = time.perf_counter()
+        self._call(req, images_dir, notify, cgroup_procs=None)
+        wall = (time.perf_counter() - t0) * 1000
+        return _dump_result(images_dir, wall)
+
+    def restore(
+        self,
+        images_dir: Path,
+        *,
+        notify: Notify | None = None,
+        cgroup_procs: str | None = None,
+        log_level: int = 2,
+    ) -> int:
+        """Restore the image set; the root task becomes our child. Returns its pid."""
+        rpc = _rpc()
+        req = rpc.criu_req()
+        req.type = rpc.RESTORE
+        o = req.opts
+        o.tcp_established = True
+        o.ext_unix_sk = True
+        o.file_locks = True
+        o.rst_sibling = True
+        o.manage_cgroups = True
+        o.manage_cgroups_mode = CG_MODE_IGNORE
+        o.log_level = log_level
+        o.log_file = "restore.log"
+        o.notify_scripts = notify is not None
+        resp = self._call(req, images_dir, notify, cgroup_procs=cgroup_procs)
+        return int(resp.restore.pid)
+
+    # -- plumbing ---------------------------------------------------------
+    def _argv(self, fd: int) -> list[str]:
+        argv = [self.binary or "criu", "swrk", str(fd)]
+        if self.netns:
+            argv = ["nsenter", f"--net={self.netns}", "--", *argv]
+        return argv
+
+    def _call(self, req, images_dir: Path, notify: Notify | None, cgroup_procs: str | None):  # type: ignore[no-untyped-def]
+        rpc = _rpc()
+        images_dir.mkdir(parents=True, exist_ok=True)
+        dfd = os.open(images_dir, os.O_DIRECTORY)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            req.opts.images_dir_fd = dfd
+            proc = self._spawn(theirs, dfd, cgroup_procs)
+            theirs.close()
+            try:
+                ours.send(req.SerializeToString())
+                return self._serve(ours, req.type, notify, images_dir, rpc)
+            finally:
+                ours.close()
+                proc.wait()
+        finally:
+            os.close(dfd)
+            theirs.close()
+
+    def _spawn(self, sk: socket.socket, dfd: int, cgroup_procs: str | None) -> subprocess.Popen[bytes]:
+        def enter_cgroup() -> None:
+            if cgroup_procs:
+                with open(cgroup_procs, "w") as f:
+                    f.write("0")
+
+        try:
+            return subprocess.Popen(
+                self._argv(sk.fileno()),
+                pass_fds=(sk.fileno(), dfd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=enter_cgroup if cgroup_procs else None,
+            )
+        except OSError as e:
+            raise HostError(f"cannot start CRIU {self.binary}: {e}") from e
+
+    def _serve(self, sk: socket.socket, req_type: int, notify: Notify | None, images_dir: Path, rpc):  # type: ignore[no-untyped-def]
+        while True:
+            data = sk.recv(MAX_MSG)
+            if not data:
+                raise CheckpointError(f"CRIU exited without an answer; {_log_tail(images_dir)}")
+            resp = rpc.criu_resp()
+            resp.ParseFromString(data)
+            if resp.type == rpc.NOTIFY:
+                ok = True
+                if notify is not None:
+                    try:
+                        notify(resp.notify.script)
+                    except Exception:
+                        log.exception("notify callback %r failed", resp.notify.script)
+                        ok = False
+                ans = rpc.criu_req()
+                ans.type = rpc.NOTIFY
+                ans.notify_success = ok
+                sk.send(ans.SerializeToString())
+                continue
+            if resp.type != req_type or not resp.success:
+                msg = resp.cr_errmsg or f"errno {resp.cr_errno}"
+                raise CheckpointError(f"CRIU {_REQ_NAMES.get(req_type, req_type)} failed: {msg}; {_log_tail(images_dir)}")
+            return resp
+
+
+_REQ_NAMES = {1: "dump", 2: "restore"}
+
+
+def _log_tail(images_dir: Path) -> str:
+    for name in ("dump.log", "restore.log"):
+        p = images_dir / name
+        if p.exists():
+            lines = [ln for ln in p.read_text(errors="replace").splitlines() if "Error" in ln]
+            tail = lines[-3:] if lines else p.read_text(errors="replace").splitlines()[-3:]
+            return f"log {p}: " + " | ".join(s.strip() for s in tail)
+    return "no CRIU log"
+
+
+def _dump_result(images_dir: Path, wall_ms: float) -> DumpResult:
+    stats = read_dump_stats(images_dir)
+    return DumpResult(
+        wall_ms=wall_ms,
+        frozen_ms=stats.get("frozen_time", 0) / 1000,
+        freezing_ms=stats.get("freezing_time", 0) / 1000,
+        memdump_ms=stats.get("memdump_time", 0) / 1000,
+        pages_written=stats.get("pages_written", 0),
+        stats=stats,
+    )
+
+
+def read_dump_stats(images_dir: Path) -> dict[str, int]:
+    """CRIU's `stats-dump` image as a dict (times in microseconds)."""
+    p = images_dir / "stats-dump"
+    if not p.exists():
+        return {}
+    from pycriu import images  # type: ignore[import-not-found]
+
+    with open(p, "rb") as f:
+        img = images.load(f)
+    entry = img["entries"][0].get("dump", {})
+    return {k: int(v) for k, v in entry.items() if isinstance(v, int | str) and str(v).isdigit()}

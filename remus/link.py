@@ -1,0 +1,93 @@
+"""TCP transport around the sans-I/O protocol connections.
+
+A thin layer: it owns the socket, serialises sends under one lock (the
+protocol's sequence numbers demand a single writer) and feeds received
+bytes to the connection object. Everything about meaning lives in
+remus.protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from remus.errors import ProtocolError, RemusError
+from remus.protocol import NEED_DATA
+
+log = logging.getLogger(__name__)
+
+
+class LinkClosed(RemusError):
+    """The peer went away or the connection broke."""
+
+
+class Link:
+    """One replication connection: a socket plus a protocol connection object."""
+
+    def __init__(self, sk: socket.socket, conn: Any, peer: str) -> None:
+        self.sk = sk
+        self.conn = conn
+        self.peer = peer
+        self.lock = threading.Lock()
+        self.closed = False
+        self.bytes_sent = 0
+        sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send_raw(self, data: bytes | list[bytes]) -> None:
+        if self.closed:
+            raise LinkClosed(f"link to {self.peer} is closed")
+        try:
+            if isinstance(data, list):
+                for part in data:
+                    self.sk.sendall(part)
+                    self.bytes_sent += len(part)
+            else:
+                self.sk.sendall(data)
+                self.bytes_sent += len(data)
+        except OSError as e:
+            self.close()
+            raise LinkClosed(f"send to {self.peer}: {e}") from e
+
+    def send(self, msg: Any) -> None:
+        with self.lock:
+            self.send_raw(self.conn.send(msg))
+
+    def events(self, bufsize: int = 1 << 20) -> Iterator[Any]:
+        """Yield protocol events until the peer closes; raises on violations."""
+        while not self.closed:
+            with self.lock:
+                ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                yield ev
+                continue
+            try:
+                data = self.sk.recv(bufsize)
+            except OSError as e:
+                self.close()
+                raise LinkClosed(f"receive from {self.peer}: {e}") from e
+            with self.lock:
+                try:
+                    self.conn.receive_data(data)
+                except ProtocolError:
+                    self.close()
+                    raise
+            if not data:
+                with self.lock:
+                    ev = self.conn.next_event()
+                if ev is not NEED_DATA:
+                    yield ev
+                self.close()
+                raise LinkClosed(f"{self.peer} closed the connection")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sk.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sk.close()

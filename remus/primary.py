@@ -1,0 +1,393 @@
+"""The primary agent: the epoch loop that ties unit, CRIU, output buffer and link.
+
+Three small loops (litestream-style), each a thread:
+  epoch loop   every interval: pause+dump the unit (CRIU), mark the output
+               boundary while it is frozen, hand the image set to the sender
+  sender       diff the image set against the previous one, stream the delta
+  receiver     read ACKs: release the output of the acked epoch
+plus heartbeats. At most `max_inflight` epochs are sent but unacknowledged and
+one waits to be sent; beyond that the epoch loop waits (epochs stretch) so
+memory stays bounded when the backup falls behind.
+
+Output of epoch e (packets tagged e by the buffer) leaves only after ACK(e).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remus.checkpoint.criu import Criu, DumpResult
+from remus.checkpoint.delta import DeltaEncoder
+from remus.config import Timing
+from remus.errors import CheckpointError, FatalError, RemusError
+from remus.link import Link, LinkClosed
+from remus.protocol import PrimaryConnection, messages as m
+from remus.stats import Series
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class PrimaryConfig:
+    unit_id: str
+    spec: dict[str, Any]
+    backup: tuple[str, int]
+    psk: bytes
+    timing: Timing
+    pid: int  # root of the dumped tree
+    netns_path: str | None
+    dump_root: Path
+    freeze_cgroup: str | None = None
+    compress: bool = False
+    max_inflight: int = 2
+    on_peer_loss: str = "stall"
+    connect_timeout: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Primary:
+    """Runs protection for one unit until stop() or a fatal error."""
+
+    def __init__(self, cfg: PrimaryConfig, buffer: Any, criu: Criu | None = None,
+                 clock: Clock = time.monotonic) -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.criu = criu or Criu(netns=cfg.netns_path)
+        self.clock = clock
+        self.encoder = DeltaEncoder(compress=cfg.compress)
+        self.link: Link | None = None
+        self.generation = -1
+        self.epoch = 0  # the epoch the unit is running in now
+        self.acked = -1
+        self.last_sent = -1
+        self.need_full = True
+        self.inflight: dict[int, float] = {}  # epoch -> time its END was sent
+        self.cond = threading.Condition()
+        self.sendq: queue.Queue[tuple[int, Path, DumpResult] | None] = queue.Queue(maxsize=1)
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.fatal: BaseException | None = None
+        self.prev_dir: Path | None = None
+        self.started = clock()
+        self.pause = Series()
+        self.dump_wall = Series()
+        self.ack_latency = Series()
+        self.delta_bytes = Series()
+        self.full_bytes = Series()
+        self.epoch_times: list[float] = []
+        self.epochs_done = 0
+        self.bytes_total = 0
+        self.lease_until = 0.0
+        self.last_sentence = "starting"
+        self.protected = True
+
+    # -- public -------------------------------------------------------------
+    def run(self) -> None:
+        self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
+        threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
+                   threading.Thread(target=self._guard(self._heartbeat_loop), name="heartbeat",
+                                    daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            self._epoch_loop()
+        finally:
+            self.stop_event.set()
+            self.sendq.put(None)
+            for t in threads:
+                t.join(timeout=5)
+        if self.fatal is not None:
+            raise self.fatal
+
+    def stop(self, reason: str = "protection stopped by operator") -> None:
+        self._stop_reason = reason
+        self.stop_event.set()
+        self.wake.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def set_interval(self, seconds: float) -> None:
+        self.cfg.timing.interval = seconds
+        self.wake.set()
+        log.info("epoch interval set to %.1f ms", seconds * 1000)
+
+    # -- epoch loop -----------------------------------------------------------
+    def _epoch_loop(self) -> None:
+        last_start = -1e9
+        while not self.stop_event.is_set() and self.fatal is None:
+            if self.link is None or self.link.closed:
+                self._connect()
+                continue
+            # Recomputed every pass so that set-interval takes effect at once.
+            delay = last_start + self.cfg.timing.interval - self.clock()
+            if delay > 0:
+                self.wake.wait(delay)
+                self.wake.clear()
+                continue
+            if not self._wait_window():
+                continue
+            last_start = self.clock()
+            self._checkpoint_once()
+            self.epoch_times.append(last_start)
+            if len(self.epoch_times) > 200:
+                del self.epoch_times[:100]
+
+    def _wait_window(self) -> bool:
+        """Block while too many epochs are unacknowledged (the epoch stretches)."""
+        with self.cond:
+            while len(self.inflight) >= self.cfg.max_inflight and not self.stop_event.is_set():
+                if self.link is None or self.link.closed:
+                    return False
+                self.cond.wait(0.05)
+        return not self.stop_event.is_set()
+
+    def _checkpoint_once(self) -> None:
+        e = self.epoch
+        d = self.cfg.dump_root / f"e{e}"
+        shutil.rmtree(d, ignore_errors=True)
+        boundary = False
+
+        def notify(script: str) -> None:
+            nonlocal boundary
+            if script == "pre-dump":
+                self.buffer.hold_inbound(True)
+            elif script == "post-dump":
+                # The unit is frozen: everything it has sent so far is tagged <= e.
+                self.buffer.begin_epoch(e + 1)
+                boundary = True
+
+        try:
+            res = self.criu.dump(self.cfg.pid, d, notify=notify,
+                                 freeze_cgroup=self.cfg.freeze_cgroup)
+        except CheckpointError as err:
+            shutil.rmtree(d, ignore_errors=True)
+            if not _alive(self.cfg.pid):
+                raise FatalError(f"the unit (pid {self.cfg.pid}) has exited") from err
+            log.error("checkpoint of epoch %d failed: %s", e, err)
+            if boundary:
+                self.epoch = e + 1
+            return
+        finally:
+            self.buffer.hold_inbound(False)
+        self.epoch = e + 1
+        self.pause.add(res.frozen_ms)
+        self.dump_wall.add(res.wall_ms)
+        self.sendq.put((e, d, res))
+
+    # -- sender ---------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            item = self.sendq.get()
+            if item is None:
+                return
+            e, d, res = item
+            try:
+                self._send_epoch(e, d)
+            except (LinkClosed, OSError) as err:
+                log.warning("epoch %d not sent: %s", e, err)
+                self.need_full = True
+                self.encoder.reset()
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            if self.prev_dir is not None:
+                shutil.rmtree(self.prev_dir, ignore_errors=True)
+            self.prev_dir = d
+
+    def _send_epoch(self, e: int, d: Path) -> None:
+        link = self.link
+        if link is None or link.closed:
+            raise LinkClosed("no backup connection")
+        full = self.need_full
+        if full:
+            self.encoder.reset()
+        base = -1 if full else self.last_sent
+        link.send(m.EpochBegin(generation=self.generation, epoch=e, base_epoch=base, full=full))
+        n = 0
+        for kind, name, meta, data in self.encoder.encode(d, full=full):
+            link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
+            n += len(meta) + len(data)
+        with link.lock:
+            link.send_raw(link.conn.end_epoch())
+        with self.cond:
+            self.inflight[e] = self.clock()
+        self.need_full = False
+        self.last_sent = e
+        self.delta_bytes.add(n)
+        st = getattr(self.encoder, "stats", None)
+        full_b = getattr(st, "full_bytes", None) or getattr(st, "pages_bytes", None)
+        if full_b is not None:
+            self.full_bytes.add(float(full_b))
+        self.bytes_total += n
+
+    # -- receiver -------------------------------------------------------------
+    def _receive_loop(self, link: Link) -> None:
+        try:
+            for ev in link.events():
+                self._on_event(ev)
+        except (LinkClosed, RemusError) as err:
+            if not self.stop_event.is_set():
+                log.warning("backup link lost: %s", err)
+        finally:
+            link.close()
+            with self.cond:
+                self.inflight.clear()
+                self.cond.notify_all()
+            self.wake.set()
+
+    def _on_event(self, ev: Any) -> None:
+        now = self.clock()
+        if isinstance(ev, m.Ack):
+            if ev.generation != self.generation:
+                return
+            with self.cond:
+                done = [k for k in self.inflight if k <= ev.epoch]
+                sent = self.inflight.get(ev.epoch)
+                for k in done:
+                    del self.inflight[k]
+                self.cond.notify_all()
+            self.buffer.release(ev.epoch)
+            self.acked = max(self.acked, ev.epoch)
+            self.lease_until = now + self.cfg.timing.lease
+            self.epochs_done += 1
+            if sent is not None:
+                self.ack_latency.add((now - sent) * 1000)
+            self.last_sentence = f"acked epoch {ev.epoch}"
+        elif isinstance(ev, m.Nack):
+            log.error("backup rejected epoch %d: %s; starting a new generation", ev.epoch, ev.reason)
+            self.need_full = True
+            if self.link is not None:
+                self.link.close()
+        elif isinstance(ev, m.Heartbeat):
+            self.lease_until = now + self.cfg.timing.lease
+        elif isinstance(ev, m.Error):
+            log.error("backup reports an error: %s", ev.reason)
+            if self.link is not None:
+                self.link.close()
+
+    # -- connection -----------------------------------------------------------
+    def _connect(self) -> None:
+        host, port = self.cfg.backup
+        try:
+            sk = socket.create_connection((host, port), timeout=self.cfg.connect_timeout)
+        except OSError as e:
+            self.last_sentence = f"backup {host}:{port} unreachable: {e.strerror or e}"
+            log.warning("%s; retrying", self.last_sentence)
+            self.stop_event.wait(0.5)
+            return
+        gen = max(time.time_ns() // 1_000_000, self.generation + 1)
+        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, self.cfg.spec,
+                                 nonce=secrets.token_bytes(16))
+        link = Link(sk, conn, f"{host}:{port}")
+        try:
+            link.send_raw(conn.start())
+            sk.settimeout(self.cfg.connect_timeout)
+            ev = next(link.events())
+        except (LinkClosed, RemusError, StopIteration, OSError) as e:
+            link.close()
+            self.last_sentence = f"handshake with {host}:{port} failed: {e}"
+            log.error("%s", self.last_sentence)
+            self.stop_event.wait(1.0)
+            return
+        if not isinstance(ev, m.Welcome):
+            link.close()
+            reason = getattr(ev, "reason", type(ev).__name__)
+            self.last_sentence = f"backup {host}:{port} refused: {reason}"
+            log.error("%s", self.last_sentence)
+            self.stop_event.wait(1.0)
+            return
+        sk.settimeout(None)
+        self.generation = gen
+        self.need_full = True
+        self.link = link
+        self.lease_until = self.clock() + self.cfg.timing.lease
+        log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d)",
+                 host, port, gen, ev.generation, ev.committed_epoch)
+        threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
+                         daemon=True).start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop_event.wait(self.cfg.timing.heartbeat):
+            link = self.link
+            if link is None or link.closed:
+                continue
+            try:
+                link.send(m.Heartbeat(generation=self.generation, epoch=self.epoch,
+                                      acked=self.acked, sent_ns=time.time_ns(),
+                                      lease_ms=int(self.cfg.timing.lease * 1000)))
+            except LinkClosed:
+                pass
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # a dead helper thread is fatal
+                log.exception("%s failed", threading.current_thread().name)
+                self.fatal = e
+                self.stop_event.set()
+                self.wake.set()
+        return run
+
+    # -- shutdown and status -----------------------------------------------------
+    def close(self, release_output: bool) -> None:
+        link = self.link
+        if link is not None and not link.closed:
+            try:
+                link.send(m.Bye(reason=getattr(self, "_stop_reason", "primary stopping")))
+            except LinkClosed:
+                pass
+            link.close()
+        self.buffer.close(release_all=release_output)
+        shutil.rmtree(self.cfg.dump_root, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        t = self.epoch_times[-50:]
+        eps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+        elapsed = max(now - self.started, 1e-9)
+        return {
+            "role": "primary",
+            "pid": os.getpid(),
+            "unit": self.cfg.unit_id,
+            "unit_pid": self.cfg.pid,
+            "backup": f"{self.cfg.backup[0]}:{self.cfg.backup[1]}",
+            "connected": self.link is not None and not self.link.closed,
+            "generation": self.generation,
+            "epoch": self.epoch,
+            "acked_epoch": self.acked,
+            "inflight": len(self.inflight),
+            "interval_ms": round(self.cfg.timing.interval * 1000, 3),
+            "pause_ms": self.pause.summary(),
+            "dump_ms": self.dump_wall.summary(),
+            "ack_latency_ms": self.ack_latency.summary(),
+            "bytes_per_epoch": self.delta_bytes.summary(0),
+            "checkpoint_bytes": self.full_bytes.last,
+            "epochs_per_s": round(eps, 2),
+            "bytes_per_s": round(self.bytes_total / elapsed, 1),
+            "epochs_acked": self.epochs_done,
+            "lease_ms_left": round(max(0.0, self.lease_until - now) * 1000, 1),
+            "netbuf": self.buffer.counters(),
+            "guarantee": bool(self.buffer.counters().get("guarantee", True)),
+            "last": self.last_sentence,
+        }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -1,0 +1,60 @@
+"""Human rendering of an agent's status (like `drbdadm status`): one glance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(d: Any) -> str:
+    if not isinstance(d, dict) or d.get("p50") is None:
+        return "-"
+    return f"{d['last']:.1f} / {d['p50']:.1f} / {d['p99']:.1f}"
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(s: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = [
+        ("role", f"{s.get('role')}" + (f" ({s['state']})" if s.get("state") else "")),
+        ("agent pid", str(s.get("pid"))),
+        ("unit", f"{s.get('unit')} (pid {s.get('unit_pid')})"),
+        ("generation", str(s.get("generation"))),
+        ("epoch / acked", f"{s.get('epoch')} / {s.get('acked_epoch')}"),
+    ]
+    if s.get("role") == "primary":
+        nb = s.get("netbuf") or {}
+        rows += [
+            ("backup", f"{s.get('backup')} ({'connected' if s.get('connected') else 'DISCONNECTED'})"),
+            ("interval", f"{s.get('interval_ms')} ms ({s.get('epochs_per_s')} epochs/s)"),
+            ("pause ms last/p50/p99", _ms(s.get("pause_ms"))),
+            ("ack ms last/p50/p99", _ms(s.get("ack_latency_ms"))),
+            ("bytes/epoch p50", _bytes((s.get("bytes_per_epoch") or {}).get("p50"))),
+            ("checkpoint size", _bytes(s.get("checkpoint_bytes"))),
+            ("bytes/s", _bytes(s.get("bytes_per_s")) + "/s"),
+            ("output held", f"{nb.get('held_packets', 0)} pkts, {_bytes(nb.get('held_bytes', 0))}"),
+            ("released / dropped", f"{nb.get('released_packets', 0)} / {nb.get('dropped_packets', 0)} pkts"),
+            ("guarantee", "ON" if s.get("guarantee") else "OFF (--no-netbuf)"),
+        ]
+    else:
+        rows += [
+            ("primary", str(s.get("primary") or "-")),
+            ("since heartbeat", f"{s.get('since_heartbeat_ms')} ms (takeover after "
+                                f"{s.get('takeover_timeout_ms')} ms)"),
+            ("would resume epoch", str(s.get("resume_epoch"))),
+            ("bytes/epoch p50", _bytes((s.get("bytes_per_epoch") or {}).get("p50"))),
+            ("receive ms last/p50/p99", _ms(s.get("ack_latency_ms"))),
+        ]
+        if s.get("failover"):
+            rows.append(("failover", ", ".join(f"{k}={v}" for k, v in s["failover"].items())))
+    rows.append(("last", str(s.get("last"))))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
