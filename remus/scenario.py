@@ -1,0 +1,119 @@
+"""A protected service in the lab, end to end: used by the demo and the tests.
+
+`Scenario` starts a backup agent on `bak`, a real server protected by
+`remus run` on `pri`, and clients on `client`; it polls both agents' status
+and can pull the plug on `pri`. Everything it starts, it stops (by pid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remus.lab import Lab
+from remus.paths import REPO
+
+log = logging.getLogger(__name__)
+
+REMUS = [sys.executable, "-m", "remus.cli"]
+SERVERS: dict[str, tuple[list[str], int]] = {
+    "redis": (["redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
+               "--protected-mode", "no", "--daemonize", "no", "--dir", "/tmp"], 6379),
+    "memcached": (["memcached", "-u", "root", "-p", "11211", "-U", "0", "-t", "1"], 11211),
+}
+
+
+@dataclass
+class Scenario:
+    lab: Lab
+    workdir: Path
+    server: str = "redis"
+    interval: str = "50ms"
+    unit: str = "kv"
+    extra_primary: list[str] = field(default_factory=list)
+    extra_backup: list[str] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key = self.workdir / "key"
+        if not self.key.exists():
+            self.key.write_text(os.urandom(32).hex() + "\n")
+            self.key.chmod(0o600)
+        self.port = SERVERS[self.server][1]
+
+    # -- agents -------------------------------------------------------------
+    def _spawn(self, host: str, argv: list[str], logname: str) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / logname, "ab")
+        p = self.lab.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
+                           start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start_backup(self) -> subprocess.Popen[bytes]:
+        bak = self.lab.addr("bak")
+        return self._spawn("bak", [*REMUS, "-v", "backup", "--listen", bak, "--key-file",
+                                   str(self.key), "--workdir", f"/var/lib/remus/{self.unit}",
+                                   *self.extra_backup], "backup.log")
+
+    def start_primary(self) -> subprocess.Popen[bytes]:
+        argv, _ = SERVERS[self.server]
+        return self._spawn("pri", [*REMUS, "-v", "run", "--backup", self.lab.addr("bak"),
+                                   "--key-file", str(self.key), "--vip", self.lab.vip,
+                                   "--dev", self.lab.dev, "--name", self.unit, "--interval",
+                                   self.interval, *self.extra_primary, "--", *argv], "primary.log")
+
+    def status(self, host: str, timeout: float = 5.0) -> dict[str, Any] | None:
+        p = self.lab.run(host, [*REMUS, "status", "--json"], capture_output=True, text=True,
+                         timeout=timeout, cwd=str(REPO))
+        if p.returncode != 0:
+            return None
+        doc = json.loads(p.stdout)
+        return doc if isinstance(doc, dict) else None
+
+    def wait_protected(self, timeout: float = 20.0, min_acked: int = 3) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            last = self.status("pri")
+            if last and last.get("acked_epoch", -1) >= min_acked:
+                return last
+            time.sleep(0.2)
+        raise TimeoutError(f"primary not protecting after {timeout}s; last status {last}; "
+                           f"see {self.workdir}/primary.log and backup.log")
+
+    # -- clients ------------------------------------------------------------
+    def start_client(self, duration: float, out: str, inflight: int = 1) -> subprocess.Popen[bytes]:
+        return self._spawn("client", [sys.executable, "-m", "remus.loadgen", self.server,
+                                      "--host", self.lab.vip_addr, "--port", str(self.port),
+                                      "--duration", str(duration), "--inflight", str(inflight),
+                                      "--out", str(self.workdir / out)], f"{out}.log")
+
+    def client_result(self, out: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.workdir / out).read_text())
+        return data
+
+    # -- teardown -----------------------------------------------------------
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
