@@ -1,0 +1,526 @@
+"""The backup's checkpoint store: crash-only, one committed image set.
+
+Layout under ``workdir``::
+
+    incoming/<gen>-<epoch>.part   the epoch being received (a redo log)
+    redo/<gen>-<epoch>.redo       committed epochs not yet applied
+    images/                       CRIU image set of the last applied epoch;
+                                  pages-<id>.img are symlinks into pages/
+    pages/<pagemap>.<epoch>.img   page data of one pagemap, in its layout
+    pages/<pagemap>.<epoch>.vaddrs  that layout (u64 vaddr of each page)
+    STATE                         {"generation", "epoch"} last applied
+
+The rename of a finished redo log from incoming/ into redo/ is the commit
+point: after it the epoch survives kill -9 of the agent. Applying a redo log
+is idempotent, so recover() (run on every start) simply discards incoming/
+and re-applies what is in redo/. Pages files are named after their pagemap,
+not after CRIU's pages id, because ids renumber between dumps; the current
+file of a pagemap is the one with the highest epoch.
+
+Invariant between applies: for every pagemap P of the manifest, the pages
+file ``pages/P.<E>.img`` with the highest E holds P's pages in the layout of
+``pages/P.<E>.vaddrs``, which equals the layout of ``images/P``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import xxhash
+
+from remus.checkpoint import images
+from remus.checkpoint.delta import (
+    KIND_FILE,
+    KIND_MANIFEST,
+    KIND_PAGES,
+    KIND_PAGES_LZ4,
+    LogHeader,
+    LogRecord,
+    Manifest,
+    Record,
+    RedoLog,
+    RedoWriter,
+    check_file_name,
+    decode_pages,
+)
+from remus.checkpoint.images import PAGE_SIZE, Vaddrs
+from remus.errors import CheckpointError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+Position = tuple[int, int]  # (generation, epoch)
+EMPTY: Position = (-1, -1)
+
+
+class KindHandler(Protocol):
+    """Handles records of a kind the store does not know (e.g. disk deltas).
+
+    stage(record) is called by StagedEpoch.add() when the record arrives;
+    raise ProtocolError to refuse it (the epoch is then not committable).
+    apply(store, records) is called while a committed epoch is applied,
+    after memory images and before STATE moves, with that epoch's records of
+    the kind in arrival order; ``store.applying`` tells the epoch. It must
+    be idempotent: after a crash the same records are applied again.
+    """
+
+    def stage(self, record: Record) -> None: ...
+
+    def apply(self, store: CheckpointStore, records: list[Record]) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    epochs_applied: int = 0
+    bytes_applied: int = 0  # page and file bytes written into images/ and pages/
+    pages_written: int = 0  # pages taken from redo logs
+    pages_copied: int = 0  # unchanged pages copied into a new layout
+    seconds: float = 0.0  # last apply
+
+
+@dataclass
+class _PagesFile:
+    epoch: int
+    path: Path
+    layout: Vaddrs
+    index: tuple[Vaddrs, np.ndarray]
+
+
+class StagedEpoch:
+    """An epoch being received; see CheckpointStore.begin()."""
+
+    def __init__(self, store: CheckpointStore, header: LogHeader, path: Path) -> None:
+        self._store = store
+        self.header = header
+        self._writer: RedoWriter | None = RedoWriter(path, header)
+        self._manifest: Manifest | None = None
+        self._names: list[tuple[int, str]] = []
+
+    def add(self, kind: int, name: str, meta: bytes, data: bytes) -> None:
+        """Append one record; ProtocolError if it is malformed or out of place."""
+        if self._writer is None:
+            raise ProtocolError("epoch already committed or aborted")
+        if self._manifest is not None:
+            raise ProtocolError("record after the manifest")
+        record = Record(kind, name, meta, data)
+        if kind == KIND_MANIFEST:
+            self._manifest = Manifest.from_json(meta).validated()
+        elif kind == KIND_FILE:
+            check_file_name(name)
+        elif kind in (KIND_PAGES, KIND_PAGES_LZ4):
+            if not images.is_pagemap(name):
+                raise ProtocolError(f"page record for {name!r}, not a pagemap")
+        elif kind in self._store.handlers:
+            self._store.handlers[kind].stage(record)
+        else:
+            raise ProtocolError(f"unknown record kind {kind}")
+        self._names.append((kind, name))
+        self._writer.append(record)
+
+    def commit(self) -> None:
+        """Make the epoch durable (the commit point); call after verification."""
+        if self._writer is None:
+            raise ProtocolError("epoch already committed or aborted")
+        m = self._manifest
+        if m is None:
+            raise ProtocolError(f"epoch {self.header.epoch} has no manifest")
+        for kind, name in self._names:
+            if (kind == KIND_FILE and name not in m.files) or (
+                kind in (KIND_PAGES, KIND_PAGES_LZ4) and name not in m.pagemaps
+            ):
+                raise ProtocolError(f"{name} was sent but is not in the manifest")
+        writer, self._writer = self._writer, None
+        self._store._commit_staged(writer, self.header)
+
+    def abort(self) -> None:
+        """Throw the epoch away (idempotent)."""
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+
+    def __enter__(self) -> StagedEpoch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class CheckpointStore:
+    """Crash-only store of the last committed checkpoint (backup side).
+
+    Call recover() before anything else, on every start. Positions are
+    (generation, epoch); (-1, -1) means empty. Not thread-safe.
+    ``on_write`` (None by default) is called with a description before
+    every mutation of images/ or pages/ while applying; fault-injection
+    tests raise from it to simulate a crash at that point.
+    """
+
+    def __init__(self, workdir: Path, fsync: bool = False, verify_pages: bool = False) -> None:
+        self.workdir = workdir
+        self.fsync = fsync
+        self.verify_pages = verify_pages
+        self.stats = StoreStats()
+        self.handlers: dict[int, KindHandler] = {}
+        self.applying: LogHeader | None = None
+        self.on_write: Callable[[str], None] | None = None
+        self._incoming = workdir / "incoming"
+        self._redo = workdir / "redo"
+        self._images = workdir / "images"
+        self._pages = workdir / "pages"
+        self._state_path = workdir / "STATE"
+        self._applied: Position = EMPTY
+        self._committed: Position = EMPTY
+        self._staged: StagedEpoch | None = None
+        self._files: dict[str, _PagesFile] = {}
+        self._recovered = False
+
+    # ---- public API -------------------------------------------------
+
+    def register_kind(self, kind: int, handler: KindHandler) -> None:
+        """Route records of ``kind`` (16 and up: disk deltas) to ``handler``."""
+        if kind in (KIND_FILE, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST) or kind <= 0:
+            raise ValueError(f"kind {kind} is reserved")
+        self.handlers[kind] = handler
+
+    def recover(self) -> Position:
+        """Discard partial epochs, apply committed ones; the committed position."""
+        for d in (self._incoming, self._redo, self._images, self._pages):
+            d.mkdir(parents=True, exist_ok=True)
+        for p in self._incoming.iterdir():
+            log.info("discarding partially received epoch %s", p.name)
+            p.unlink()
+        for d in (self._images, self._pages):
+            for p in d.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    p.unlink()
+        self._applied = self._read_state()
+        self._load_pages_index()
+        self._recovered = True
+        self._committed = max([self._applied] + [h.position for h, _ in self._redo_logs()])
+        self.apply_pending()
+        return self._committed
+
+    def committed(self) -> Position:
+        """Newest committed (gen, epoch), applied or still in redo/."""
+        return self._committed
+
+    def images_dir(self) -> Path:
+        """The materialized image set (of the applied epoch: apply_pending first)."""
+        return self._images
+
+    def begin(self, generation: int, epoch: int, base_epoch: int, full: bool) -> StagedEpoch:
+        """Start receiving an epoch; a delta must be based on the committed epoch."""
+        self._require_recovered()
+        gen, committed = self._committed
+        if full:
+            if (generation, epoch) <= self._committed:
+                raise ProtocolError(
+                    f"full checkpoint {generation}/{epoch} is not newer than {gen}/{committed}"
+                )
+        elif generation != gen or base_epoch != committed or epoch <= base_epoch:
+            raise ProtocolError(
+                f"delta {generation}/{epoch} is based on {generation}/{base_epoch}, "
+                f"but the committed checkpoint is {gen}/{committed}: send a full one"
+            )
+        if self._staged is not None:
+            log.warning("abandoning unfinished epoch %d", self._staged.header.epoch)
+            self._staged.abort()
+        header = LogHeader(generation, epoch, base_epoch, full)
+        self._staged = StagedEpoch(self, header, self._incoming / f"{generation}-{epoch}.part")
+        return self._staged
+
+    def apply_pending(self) -> int:
+        """Apply every committed redo log in order; the applied epoch."""
+        self._require_recovered()
+        for header, path in self._redo_logs():
+            if header.position <= self._applied:
+                path.unlink()  # applied before a crash that came before its removal
+                continue
+            redo = RedoLog(path)
+            try:
+                self._apply(redo)
+            finally:
+                redo.close()
+            path.unlink()
+            self._fsync_dir(self._redo)
+        return self._applied[1]
+
+    # ---- staging ----------------------------------------------------
+
+    def _commit_staged(self, writer: RedoWriter, header: LogHeader) -> None:
+        name = f"{header.generation:010d}-{header.epoch:012d}.redo"
+        writer.close(fsync=self.fsync)
+        os.rename(writer.path, self._redo / name)  # THE commit point
+        self._fsync_dir(self._redo)
+        self._committed = header.position
+        self._staged = None
+
+    def _redo_logs(self) -> list[tuple[LogHeader, Path]]:
+        logs = [(RedoLog.read_header(p), p) for p in self._redo.glob("*.redo")]
+        return sorted(logs, key=lambda hp: hp[0].position)
+
+    # ---- applying ---------------------------------------------------
+
+    def _apply(self, redo: RedoLog) -> None:
+        t0 = time.perf_counter()
+        h = redo.header
+        if not h.full and (h.generation, h.base) != self._applied:
+            raise CheckpointError(
+                f"redo {h.generation}/{h.epoch} is based on {h.base}, applied is {self._applied}"
+            )
+        self.applying = h
+        manifest = redo.manifest()
+        if h.full:
+            self._wipe()
+        files = {r.name: r for r in redo.records if r.kind == KIND_FILE}
+        for name, info in manifest.pagemaps.items():
+            rec = files.get(name)
+            if rec is None and not (self._images / name).exists():
+                raise CheckpointError(f"epoch {h.epoch}: {name} neither sent nor kept")
+            raw = redo.data(rec) if rec else (self._images / name).read_bytes()
+            pm = images.parse_pagemap(raw, name)
+            if pm.pages_name != info.pages:
+                raise CheckpointError(f"{name}: pages file {pm.pages_name}, manifest {info.pages}")
+            pages_recs = [
+                r for r in redo.records if r.name == name and r.kind in (KIND_PAGES, KIND_PAGES_LZ4)
+            ]
+            self._apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
+        for name, rec in files.items():
+            self._write_file(self._images / name, redo.data(rec))
+        self._link_pages(manifest)
+        self._remove_stale(manifest)
+        self._apply_handlers(redo)
+        self._verify(manifest)
+        self._fsync_dir(self._images)
+        self._fsync_dir(self._pages)
+        self._write_state((h.generation, h.epoch))
+        self.applying = None
+        self.stats.epochs_applied += 1
+        self.stats.seconds = time.perf_counter() - t0
+        log.debug("applied epoch %d/%d in %.1f ms", h.generation, h.epoch, self.stats.seconds * 1e3)
+
+    def _apply_pagemap(
+        self, redo: RedoLog, name: str, layout: Vaddrs, recs: list[LogRecord], epoch: int
+    ) -> None:
+        target = self._pages / f"{name}.{epoch}.img"
+        cur = self._files.get(name)
+        if target.exists():  # built before a crash
+            self._files[name] = self._load_pages_file(name, epoch)
+        elif cur is not None and np.array_equal(cur.layout, layout):
+            self._patch_in_place(redo, cur, recs)
+        else:
+            self._build(redo, name, layout, recs, cur, target, epoch)
+
+    def _patch_in_place(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord]) -> None:
+        # Same bytes at the same offsets: redoing this after a crash is harmless.
+        fd = os.open(cur.path, os.O_WRONLY)
+        try:
+            for rec in recs:
+                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+                self._write_pages(fd, images.lookup(cur.index, vaddrs), data, cur.path.name)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _build(
+        self,
+        redo: RedoLog,
+        name: str,
+        layout: Vaddrs,
+        recs: list[LogRecord],
+        cur: _PagesFile | None,
+        target: Path,
+        epoch: int,
+    ) -> None:
+        """Write pages/<name>.<epoch>.img in a new layout, then rename it in."""
+        index = images.sorted_index(layout)
+        self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
+        tmp = target.with_name(f".{target.name}.tmp")
+        self._hook(f"build {target.name}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, layout.size * PAGE_SIZE)
+            covered = np.zeros(layout.size, dtype=bool)
+            if cur is not None:
+                old_idx = images.lookup(cur.index, layout)
+                covered |= old_idx >= 0
+                self._copy_runs(cur.path, fd, old_idx)
+            for rec in recs:
+                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+                idx = images.lookup(index, vaddrs)
+                self._write_pages(fd, idx, data, target.name)
+                covered[idx] = True
+            if not covered.all():
+                raise CheckpointError(
+                    f"epoch {epoch} lacks {int((~covered).sum())} pages of {name}"
+                )
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+        self._files[name] = _PagesFile(epoch, target, layout, index)
+
+    def _copy_runs(self, src_path: Path, dst_fd: int, old_idx: np.ndarray) -> None:
+        """Copy old pages into their new places, one copy_file_range per run."""
+        src_fd = os.open(src_path, os.O_RDONLY)
+        try:
+            for new_start, old_start, n in images.page_runs(old_idx):
+                images.copy_pages(src_fd, dst_fd, old_start * PAGE_SIZE, new_start * PAGE_SIZE, n)
+                self.stats.pages_copied += n
+                self.stats.bytes_applied += n * PAGE_SIZE
+        finally:
+            os.close(src_fd)
+
+    def _write_pages(self, fd: int, idx: np.ndarray, data: bytes, what: str) -> None:
+        if bool((idx < 0).any()):
+            raise CheckpointError(f"{what}: page at a vaddr outside the pagemap")
+        view = memoryview(data)
+        for start, first, n in images.page_runs(idx):
+            self._hook(f"pwrite {what} @{first}+{n}")
+            os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)
+        self.stats.pages_written += idx.size
+        self.stats.bytes_applied += len(data)
+
+    def _link_pages(self, manifest: Manifest) -> None:
+        for name, info in manifest.pagemaps.items():
+            target = os.path.join("..", "pages", self._files[name].path.name)
+            link = self._images / info.pages
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            tmp = self._images / f".{info.pages}.tmp"
+            self._hook(f"link {info.pages}")
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.rename(tmp, link)
+
+    def _remove_stale(self, manifest: Manifest) -> None:
+        for p in self._images.iterdir():
+            if p.name not in manifest.files:
+                self._hook(f"unlink {p.name}")
+                p.unlink()
+        self._files = {n: f for n, f in self._files.items() if n in manifest.pagemaps}
+        keep = {f.path.name for f in self._files.values()}
+        keep |= {f.path.with_suffix(".vaddrs").name for f in self._files.values()}
+        for p in _pages_first(self._pages):
+            if p.name not in keep:
+                self._hook(f"unlink pages/{p.name}")
+                p.unlink()
+
+    def _apply_handlers(self, redo: RedoLog) -> None:
+        by_kind: dict[int, list[Record]] = {}
+        for r in redo.records:
+            if r.kind not in (KIND_FILE, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST):
+                by_kind.setdefault(r.kind, []).append(redo.load(r))
+        for kind, recs in by_kind.items():
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise CheckpointError(f"no handler registered for record kind {kind}")
+            handler.apply(self, recs)
+
+    def _verify(self, manifest: Manifest) -> None:
+        pages = {info.pages for info in manifest.pagemaps.values()}
+        for name, info in manifest.files.items():
+            p = self._images / name
+            size = p.stat().st_size if p.exists() else -1
+            if size != info.size:
+                raise CheckpointError(f"images/{name}: {size} bytes, manifest says {info.size}")
+            if name in pages and not self.verify_pages:
+                continue
+            with open(p, "rb") as f:
+                digest = xxhash.xxh3_64_hexdigest(f.read()) if size else _EMPTY_XXH3
+            if digest != info.xxh3:
+                raise CheckpointError(f"images/{name}: digest mismatch after apply")
+
+    def _wipe(self) -> None:
+        for p in list(self._images.iterdir()) + _pages_first(self._pages):
+            self._hook(f"wipe {p.name}")
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        self._files = {}
+
+    # ---- small persistent pieces ------------------------------------
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        self._hook(f"write {path.name}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, path)
+        self.stats.bytes_applied += len(data)
+
+    def _write_state(self, pos: Position) -> None:
+        tmp = self.workdir / ".STATE.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"generation": pos[0], "epoch": pos[1]}, f)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, self._state_path)
+        self._fsync_dir(self.workdir)
+        self._applied = pos
+
+    def _read_state(self) -> Position:
+        try:
+            doc = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return EMPTY
+        except ValueError as e:
+            raise CheckpointError(f"{self._state_path}: unreadable ({e})") from e
+        return int(doc["generation"]), int(doc["epoch"])
+
+    def _load_pages_index(self) -> None:
+        newest: dict[str, int] = {}
+        for p in self._pages.glob("*.img"):
+            name, _, epoch = p.name[: -len(".img")].rpartition(".")
+            if images.is_pagemap(name) and epoch.isdigit():
+                newest[name] = max(newest.get(name, -1), int(epoch))
+        self._files = {name: self._load_pages_file(name, e) for name, e in newest.items()}
+
+    def _load_pages_file(self, name: str, epoch: int) -> _PagesFile:
+        path = self._pages / f"{name}.{epoch}.img"
+        raw = path.with_suffix(".vaddrs").read_bytes()
+        layout = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return _PagesFile(epoch, path, layout, images.sorted_index(layout))
+
+    def _fsync_dir(self, d: Path) -> None:
+        if self.fsync:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _hook(self, what: str) -> None:
+        if self.on_write is not None:
+            self.on_write(what)
+
+    def _require_recovered(self) -> None:
+        if not self._recovered:
+            raise CheckpointError("CheckpointStore.recover() must run first")
+
+
+_EMPTY_XXH3 = xxhash.xxh3_64_hexdigest(b"")
+
+
+def _pages_first(pages_dir: Path) -> list[Path]:
+    """Entries of pages/ with every .img before any .vaddrs.
+
+    Removing in this order keeps the invariant that a pages file never
+    exists without its layout, whatever point a crash interrupts.
+    """
+    return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")

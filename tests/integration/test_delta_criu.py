@@ -1,0 +1,255 @@
+"""Real CRIU dumps -> DeltaEncoder -> CheckpointStore -> criu restore.
+
+A small python process in its own PID namespace changes its memory in a
+known, deterministic way at each step (dirties pages of a big bytearray,
+maps and unmaps anonymous regions, writes a shared mapping, bumps a
+counter). After every step it is dumped with --leave-running, the dump is
+encoded against the previous one and applied to a store, and the store's
+image set must hold exactly the dump. Finally the original is killed, the
+store's images are restored, and the restored process must report the
+memory digest the original had at the last dump, then keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remus import paths
+from remus.checkpoint import images
+from remus.checkpoint.delta import DeltaEncoder
+from remus.checkpoint.store import CheckpointStore
+
+pytestmark = pytest.mark.root
+
+# The unit. ``ctl`` holds a target step; on any change of ctl the unit runs
+# the steps up to it and writes ``ack`` = "<ctl> <step> <digest> <pid>".
+# With --simulate N it runs steps 1..N and prints the digest (a reference).
+UNIT = r"""
+import hashlib, mmap, os, sys, time
+PAGE = 4096
+buf = bytearray(6 << 20)
+for i in range(0, len(buf), PAGE):
+    buf[i:i + 8] = i.to_bytes(8, "little")
+shared = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_SHARED)
+regions = []
+step = 0
+
+def do_step(n):
+    npages = len(buf) // PAGE
+    for k in range(40):
+        p = (n * 37 + k * 101) % npages
+        buf[p * PAGE + 16:p * PAGE + 24] = n.to_bytes(8, "little")
+    shared[(n % 64) * PAGE] = n % 251
+    if n % 2 == 0:
+        m = mmap.mmap(-1, (n % 5 + 1) * 64 * PAGE)
+        for off in range(0, len(m), PAGE):
+            m[off:off + 4] = n.to_bytes(4, "little")
+        regions.append(m)
+    if n % 3 == 0 and regions:
+        regions.pop(0).close()
+
+def digest():
+    h = hashlib.sha256()
+    h.update(step.to_bytes(8, "little"))
+    h.update(buf)
+    h.update(shared[:])
+    for m in regions:
+        h.update(m[:])
+    return h.hexdigest()
+
+if sys.argv[1] == "--simulate":
+    for n in range(1, int(sys.argv[2]) + 1):
+        step = n
+        do_step(n)
+    print(digest())
+    sys.exit(0)
+
+d = sys.argv[1]
+last = None
+while True:
+    try:
+        with open(d + "/ctl") as f:
+            cmd = f.read().strip()
+    except OSError:
+        cmd = None
+    if cmd and cmd != last:
+        while step < int(cmd.split()[0]):
+            step += 1
+            do_step(step)
+        with open(d + "/ack.tmp", "w") as f:
+            f.write("%s|%d|%s|%d" % (cmd, step, digest(), os.getpid()))
+        os.rename(d + "/ack.tmp", d + "/ack")
+        last = cmd
+    time.sleep(0.005)
+"""
+
+STEPS = 6
+
+
+def criu() -> str:
+    binary = paths.criu_binary()
+    if binary is None:
+        pytest.skip("CRIU is not built")
+    return binary
+
+
+def command(ctl_dir: Path, cmd: str, timeout: float = 10.0) -> tuple[int, str, int]:
+    """Send a command to the unit; (step, memory digest, pid inside its namespace)."""
+    (ctl_dir / "ctl.tmp").write_text(cmd)
+    os.rename(ctl_dir / "ctl.tmp", ctl_dir / "ctl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            echoed, step, digest, pid = (ctl_dir / "ack").read_text().split("|")
+        except (OSError, ValueError):
+            echoed = ""
+        if echoed == cmd:
+            return int(step), digest, int(pid)
+        time.sleep(0.01)
+    raise AssertionError(f"unit did not answer {cmd!r}")
+
+
+def simulate(steps: int) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", UNIT, "--simulate", str(steps)],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def kill_and_reap(pid: int, proc: subprocess.Popen[bytes] | None) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """The unit running as init of its own PID namespace: (outer pid, ctl dir)."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    # setsid inside the namespace: CRIU refuses a session leader outside it
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "setsid", "python3", "-c", UNIT, str(ctl)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    init = 0
+    try:
+        deadline = time.monotonic() + 10
+        while not init and time.monotonic() < deadline:
+            try:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+                init = int(children.split()[0]) if children.split() else 0
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        assert init, "unit did not start"
+        yield init, ctl
+    finally:
+        if init:
+            kill_and_reap(init, None)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def dump(pid: int, d: Path) -> None:
+    d.mkdir()
+    r = subprocess.run(
+        [criu(), "dump", "-t", str(pid), "-D", str(d), "--leave-running", "--shell-job",
+         "-v1", "-o", "dump.log"],
+        capture_output=True, text=True, timeout=60,
+    )
+    log = (d / "dump.log").read_text() if (d / "dump.log").exists() else r.stderr
+    assert r.returncode == 0, log[-3000:]
+
+
+def assert_same_images(store_images: Path, dump_dir: Path) -> None:
+    names = images.list_images(dump_dir)
+    assert images.list_images(store_images) == names
+    for name in names:
+        assert (store_images / name).read_bytes() == (dump_dir / name).read_bytes(), name
+    assert images.pages_by_vaddr(store_images) == images.pages_by_vaddr(dump_dir)
+
+
+def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path) -> None:
+    pid, ctl = unit
+    store = CheckpointStore(tmp_path / "store", verify_pages=True)
+    store.recover()
+    enc = DeltaEncoder(compress=True)
+    sent: list[int] = []
+    digest = ""
+    for epoch in range(STEPS + 1):
+        step, digest, inner = command(ctl, str(epoch))
+        assert (step, inner) == (epoch, 1)
+        d = tmp_path / f"dump{epoch}"
+        dump(pid, d)
+        full = epoch == 0
+        staged = store.begin(1, epoch, epoch - 1, full)
+        for chunk in enc.encode(d, full):
+            staged.add(*chunk)
+        staged.commit()
+        store.apply_pending()
+        assert_same_images(store.images_dir(), d)
+        sent.append(enc.stats.page_bytes)
+    # deltas carry a small part of the memory: 40 dirty pages + a new region
+    assert sent[0] > 6 << 20
+    assert all(b < sent[0] // 3 for b in sent[1:]), sent
+    assert digest == simulate(STEPS)
+
+    kill_and_reap(pid, None)
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        time.sleep(0.01)
+    # a fresh store object, as after a backup restart, serves the restore
+    store = CheckpointStore(tmp_path / "store")
+    assert store.recover() == (1, STEPS)
+    (ctl / "ack").unlink()
+    pidfile = tmp_path / "restored.pid"
+    restore = subprocess.Popen(
+        [criu(), "restore", "-D", str(store.images_dir()), "--shell-job", "-v1",
+         "-o", str(tmp_path / "restore.log"), "--pidfile", str(pidfile)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    restored = 0
+    try:
+        deadline = time.monotonic() + 20
+        while not restored and time.monotonic() < deadline:
+            if restore.poll() is not None:
+                log = (tmp_path / "restore.log").read_text()
+                pytest.fail("criu restore exited: " + log[-3000:])
+            if pidfile.exists() and pidfile.read_text().strip():
+                restored = int(pidfile.read_text())
+            time.sleep(0.01)
+        assert restored
+        # the restored process has the memory of the last checkpoint ...
+        assert command(ctl, f"{STEPS} again") == (STEPS, digest, 1)
+        # ... and goes on from there exactly as the original would have
+        assert command(ctl, str(STEPS + 1)) == (STEPS + 1, simulate(STEPS + 1), 1)
+    finally:
+        if restored:
+            kill_and_reap(restored, restore)
+        else:
+            restore.kill()
+            restore.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+    except (OSError, IndexError):
+        return "Z"

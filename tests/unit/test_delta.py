@@ -1,0 +1,366 @@
+"""DeltaEncoder and the page image helpers, on synthetic CRIU image sets."""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pycriu
+import pytest
+import xxhash
+
+from remus.checkpoint import images
+from remus.checkpoint.delta import (
+    KIND_FILE,
+    KIND_MANIFEST,
+    KIND_PAGES,
+    KIND_PAGES_LZ4,
+    MAX_CHUNK_PAGES,
+    Chunk,
+    DeltaEncoder,
+    Manifest,
+    decode_pages,
+)
+from remus.errors import CheckpointError, ProtocolError
+
+PAGE = images.PAGE_SIZE
+BASE = 0x7F00_0000_0000
+
+
+def page(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE)
+
+
+@dataclass
+class Model:
+    """What a dump holds: other files, and per pagemap (pages id, vaddr -> page)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    maps: dict[str, tuple[int, dict[int, bytes]]] = field(default_factory=dict)
+
+    def copy(self) -> Model:
+        return Model(dict(self.files), {n: (i, dict(p)) for n, (i, p) in self.maps.items()})
+
+
+def write_dump(root: Path, m: Model, n: int) -> Path:
+    d = root / f"dump{n}"
+    d.mkdir()
+    for name, data in m.files.items():
+        (d / name).write_bytes(data)
+    for name, (pages_id, pages) in m.maps.items():
+        layout = np.array(sorted(pages), dtype=np.uint64)
+        data = b"".join(pages[int(v)] for v in layout)
+        images.write_pagemap_image(d, name, pages_id, layout, data)
+    return d
+
+
+def decode(prev: Model | None, chunks: list[Chunk]) -> tuple[Model, dict[str, set[int]]]:
+    """Reference decoder: the model a backup must end up with, and what was sent."""
+    assert chunks[-1][0] == KIND_MANIFEST
+    manifest = Manifest.from_json(chunks[-1][2])
+    sent_files = {n: d for k, n, _, d in chunks if k == KIND_FILE}
+    sent: dict[str, dict[int, bytes]] = {}
+    for kind, name, meta, data in chunks:
+        if kind in (KIND_PAGES, KIND_PAGES_LZ4):
+            vaddrs, raw = decode_pages(kind, meta, data)
+            for i, v in enumerate(vaddrs):
+                assert int(v) not in sent.setdefault(name, {}), "page sent twice"
+                sent[name][int(v)] = raw[i * PAGE : (i + 1) * PAGE]
+    pages_names = {p.pages for p in manifest.pagemaps.values()}
+    out = Model()
+    for name in manifest.files:
+        if name not in pages_names and name not in manifest.pagemaps:
+            out.files[name] = sent_files[name] if name in sent_files else prev.files[name]  # type: ignore[union-attr]
+    for name in manifest.pagemaps:
+        raw = sent_files[name] if name in sent_files else prev_pagemap_bytes(prev, name)
+        pm = images.parse_pagemap(raw)
+        old = prev.maps[name][1] if prev and name in prev.maps else {}
+        new = sent.get(name, {})
+        content = {int(v): new.get(int(v)) or old[int(v)] for v in pm.layout()}
+        out.maps[name] = (pm.pages_id, content)
+    return out, {n: set(p) for n, p in sent.items()}
+
+
+def prev_pagemap_bytes(prev: Model | None, name: str) -> bytes:
+    assert prev is not None, f"{name} not sent in a full checkpoint"
+    pages_id, pages = prev.maps[name]
+    layout = np.array(sorted(pages), dtype=np.uint64)
+    return images.encode_pagemap(pages_id, images.entries_of(layout))
+
+
+def base_model() -> Model:
+    m = Model(files={"core-1.img": b"core" * 100, "files.img": b"files", "inventory.img": b"inv"})
+    m.maps["pagemap-1.img"] = (1, {BASE + i * PAGE: page(i) for i in range(300)})
+    m.maps["pagemap-shmem-77.img"] = (2, {i * PAGE: page(1000 + i) for i in range(10)})
+    return m
+
+
+class Run:
+    """Encode successive models with one encoder; check every decode."""
+
+    def __init__(self, root: Path, **kw: int | bool) -> None:
+        self.root = root
+        self.enc = DeltaEncoder(**kw)  # type: ignore[arg-type]
+        self.n = 0
+        self.prev: Model | None = None
+
+    def step(self, m: Model, full: bool = False) -> dict[str, set[int]]:
+        d = write_dump(self.root, m, self.n)
+        self.n += 1
+        chunks = list(self.enc.encode(d, full))
+        got, sent = decode(None if full else self.prev, chunks)
+        assert got == m
+        self.prev = m.copy()
+        self.chunks = chunks
+        return sent
+
+
+def changed_vaddrs(old: Model, new: Model) -> dict[str, set[int]]:
+    out = {}
+    for name, (_, pages) in new.maps.items():
+        before = old.maps[name][1] if name in old.maps else {}
+        s = {v for v, p in pages.items() if before.get(v) != p}
+        if s:
+            out[name] = s
+    return out
+
+
+def test_nothing_changed_sends_no_bytes(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = base_model()
+    sent = r.step(m, full=True)
+    assert sum(map(len, sent.values())) == 310
+    assert r.enc.stats.files_sent == 5  # 3 files + 2 pagemaps
+    assert r.step(m) == {}
+    s = r.enc.stats
+    assert (s.page_bytes, s.files_sent, s.file_bytes, s.pages_changed) == (0, 0, 0, 0)
+    assert s.pages_total == 310 and s.image_bytes == 310 * PAGE
+    assert [c[0] for c in r.chunks] == [KIND_MANIFEST]
+
+
+@pytest.mark.parametrize("block_pages", [7, 64, 1024])
+def test_only_changed_pages_are_sent(tmp_path: Path, block_pages: int) -> None:
+    r = Run(tmp_path, block_pages=block_pages)
+    m = base_model()
+    r.step(m, full=True)
+    m2 = m.copy()
+    pages = m2.maps["pagemap-1.img"][1]
+    for i in (0, 6, 7, 150, 299):
+        pages[BASE + i * PAGE] = page(5000 + i)
+    assert r.step(m2) == {"pagemap-1.img": {BASE + i * PAGE for i in (0, 6, 7, 150, 299)}}
+    assert r.enc.stats.page_bytes == 5 * PAGE
+    assert r.enc.stats.files_sent == 0  # same layout: pagemap file identical
+
+
+def test_vmas_appear_disappear_grow_shrink_move(tmp_path: Path) -> None:
+    r = Run(tmp_path, block_pages=16)
+    m = base_model()
+    r.step(m, full=True)
+    m2 = m.copy()
+    pages = m2.maps["pagemap-1.img"][1]
+    for i in range(0, 40):  # VMA at the start disappears: every later page shifts
+        del pages[BASE + i * PAGE]
+    for i in range(300, 330):  # grows at the end
+        pages[BASE + i * PAGE] = page(7000 + i)
+    moved = {BASE + 0x1000_0000 + (v - BASE): p for v, p in pages.items() if v >= BASE + 250 * PAGE}
+    for v in list(pages):  # a VMA moves (mremap): same content at new vaddrs
+        if v >= BASE + 250 * PAGE:
+            del pages[v]
+    pages.update(moved)
+    pages[BASE + 100 * PAGE] = page(9999)  # and a change inside the shifted part
+    shm = m2.maps["pagemap-shmem-77.img"][1]
+    del shm[9 * PAGE]  # shrinks
+    m2.maps["pagemap-9.img"] = (3, {BASE * 2 + i * PAGE: page(8000 + i) for i in range(5)})  # new
+    sent = r.step(m2)
+    assert sent == changed_vaddrs(m, m2)
+    assert sent["pagemap-1.img"] == set(moved) | {BASE + 100 * PAGE}
+    assert "pagemap-shmem-77.img" not in sent
+    files = {c[1] for c in r.chunks if c[0] == KIND_FILE}
+    assert files == {"pagemap-1.img", "pagemap-shmem-77.img", "pagemap-9.img"}
+
+
+def test_pages_ids_renumber(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = base_model()
+    r.step(m, full=True)
+    m2 = m.copy()
+    a, b = m2.maps["pagemap-1.img"], m2.maps["pagemap-shmem-77.img"]
+    m2.maps["pagemap-1.img"], m2.maps["pagemap-shmem-77.img"] = (2, a[1]), (1, b[1])
+    assert r.step(m2) == {}
+    manifest = Manifest.from_json(r.chunks[-1][2])
+    assert manifest.pagemaps["pagemap-1.img"].pages == "pages-2.img"
+    assert manifest.files["pages-2.img"].size == 300 * PAGE
+
+
+def test_file_disappears_and_changes(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = base_model()
+    r.step(m, full=True)
+    m2 = m.copy()
+    del m2.files["files.img"]
+    m2.files["core-1.img"] = b"other core"
+    m2.files["fdinfo-2.img"] = b"new"
+    r.step(m2)
+    assert {c[1] for c in r.chunks if c[0] == KIND_FILE} == {"core-1.img", "fdinfo-2.img"}
+    assert "files.img" not in Manifest.from_json(r.chunks[-1][2]).files
+
+
+def test_full_after_reset(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = base_model()
+    r.step(m, full=True)
+    r.enc.reset()
+    with pytest.raises(CheckpointError):
+        list(r.enc.encode(write_dump(tmp_path, m, 99), full=False))
+    sent = r.step(m, full=True)
+    assert sum(map(len, sent.values())) == 310 and r.enc.stats.full
+
+
+def test_chunks_are_bounded(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = Model(files={"inventory.img": b"x"})
+    m.maps["pagemap-1.img"] = (1, {BASE + i * PAGE: page(i) for i in range(2500)})
+    r.step(m, full=True)
+    sizes = [len(c[3]) // PAGE for c in r.chunks if c[0] == KIND_PAGES]
+    assert sizes == [MAX_CHUNK_PAGES, MAX_CHUNK_PAGES, 2500 - 2 * MAX_CHUNK_PAGES]
+
+
+def test_lz4_round_trip(tmp_path: Path) -> None:
+    r = Run(tmp_path, compress=True)
+    m = base_model()
+    m.maps["pagemap-1.img"][1][BASE] = b"\0" * PAGE
+    m.maps["pagemap-1.img"][1][BASE + PAGE] = b"ab" * (PAGE // 2)
+    r.step(m, full=True)
+    assert {c[0] for c in r.chunks} == {KIND_FILE, KIND_PAGES_LZ4, KIND_MANIFEST}
+    m2 = m.copy()
+    m2.maps["pagemap-1.img"][1][BASE + 2 * PAGE] = b"\0" * PAGE
+    assert r.step(m2) == {"pagemap-1.img": {BASE + 2 * PAGE}}
+    assert r.enc.stats.wire_page_bytes < 100 < r.enc.stats.page_bytes
+    with pytest.raises(ProtocolError):
+        decode_pages(KIND_PAGES_LZ4, b"\0" * 8, b"not lz4")
+
+
+def test_abandoned_encode_keeps_the_base(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    m = base_model()
+    r.step(m, full=True)
+    base = r.enc.base_dir
+    m2 = m.copy()
+    m2.maps["pagemap-1.img"][1][BASE] = page(1)
+    it = r.enc.encode(write_dump(tmp_path, m2, 50), False)
+    next(it)
+    it.close()
+    assert r.enc.base_dir == base
+    r.step(m2)  # still diffed against the first dump
+
+
+def test_manifest_lists_every_file_with_digest(tmp_path: Path) -> None:
+    r = Run(tmp_path)
+    d = write_dump(tmp_path, base_model(), 7)
+    (d / "dump.log").write_text("CRIU log, not an image")
+    chunks = list(r.enc.encode(d, True))
+    manifest = Manifest.from_json(chunks[-1][2])
+    assert set(manifest.files) == set(images.list_images(d)) and "dump.log" not in manifest.files
+    for name, info in manifest.files.items():
+        data = (d / name).read_bytes()
+        assert (info.size, info.xxh3) == (len(data), xxhash.xxh3_64_hexdigest(data))
+    assert manifest.pagemaps["pagemap-shmem-77.img"].nr_pages == 10
+
+
+def test_pages_file_size_mismatch_is_an_error(tmp_path: Path) -> None:
+    d = write_dump(tmp_path, base_model(), 0)
+    with open(d / "pages-1.img", "ab") as f:
+        f.write(b"\0" * PAGE)
+    with pytest.raises(CheckpointError):
+        list(DeltaEncoder().encode(d, True))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_evolution(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    r = Run(tmp_path, block_pages=rnd.choice([5, 32, 1024]))
+    m = base_model()
+    r.step(m, full=True)
+    for _ in range(6):
+        m2 = m.copy()
+        for name in list(m2.maps):
+            pid, pages = m2.maps[name]
+            vs = sorted(pages)
+            for v in rnd.sample(vs, min(len(vs), rnd.randint(0, 20))):
+                op = rnd.random()
+                if op < 0.5:
+                    pages[v] = page(rnd.randrange(10**9))
+                elif op < 0.8:
+                    del pages[v]
+                else:
+                    pages[v + rnd.randint(1, 50) * 0x10_0000] = pages[v]
+            if not pages:
+                pages[BASE] = page(1)
+        if rnd.random() < 0.3:  # renumber the pages ids
+            ids = [pid for pid, _ in m2.maps.values()]
+            rnd.shuffle(ids)
+            m2.maps = {n: (i, p[1]) for (n, p), i in zip(m2.maps.items(), ids, strict=True)}
+        assert r.step(m2) == changed_vaddrs(m, m2)
+        m = m2
+
+
+# ---- images.py ----------------------------------------------------------
+
+
+def test_pagemap_parser_matches_pycriu(tmp_path: Path) -> None:
+    entries = [
+        {"pages_id": 3},
+        {"vaddr": BASE, "compat_nr_pages": 0, "flags": 4, "nr_pages": 2},
+        {"vaddr": BASE + 8 * PAGE, "compat_nr_pages": 0, "flags": 6, "nr_pages": 300},
+        {"vaddr": BASE + 0x10000000, "compat_nr_pages": 0, "flags": 2, "nr_pages": 5},
+        {"vaddr": 2**47 - PAGE, "compat_nr_pages": 1},  # old image: no flags, no nr_pages
+        {"vaddr": BASE * 2, "compat_nr_pages": 4, "in_parent": True},
+    ]
+    buf = io.BytesIO()
+    pycriu.images.dump({"magic": "PAGEMAP", "entries": entries}, buf)
+    pm = images.parse_pagemap(buf.getvalue())
+    assert pm.pages_id == 3 and pm.pages_name == "pages-3.img"
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
+        (BASE, 2, 4),
+        (BASE + 8 * PAGE, 300, 6),
+        (BASE + 0x10000000, 5, 2),
+        (2**47 - PAGE, 1, images.PE_PRESENT),
+        (BASE * 2, 4, images.PE_PARENT),
+    ]
+    layout = pm.layout()
+    assert layout.size == pm.nr_present == 303
+    assert list(layout[:3]) == [BASE, BASE + PAGE, BASE + 8 * PAGE]
+    assert int(layout[-1]) == 2**47 - PAGE
+    # our writer produces what pycriu parses back
+    ours = images.encode_pagemap(3, list(pm.entries[:3]))
+    back = pycriu.images.load(io.BytesIO(ours))["entries"]
+    assert back[0] == {"pages_id": 3}
+    assert [(e["vaddr"], e["nr_pages"], e["flags"]) for e in back[1:]] == [
+        (e.vaddr, e.nr_pages, e.flags) for e in pm.entries[:3]
+    ]
+
+
+def test_malformed_pagemaps_are_rejected() -> None:
+    good = images.encode_pagemap(1, [images.PagemapEntry(BASE, 1, 4)])
+    for bad in (b"", good[:6], b"\0" * 8 + good[8:], good[:-1], good + b"\x01\0\0\0"):
+        with pytest.raises(CheckpointError):
+            images.parse_pagemap(bad)
+
+
+def test_layout_helpers() -> None:
+    layout = np.array([BASE, BASE + PAGE, BASE + 5 * PAGE, 7 * PAGE], dtype=np.uint64)
+    entries = images.entries_of(layout)
+    assert [(e.vaddr, e.nr_pages) for e in entries] == [
+        (BASE, 2), (BASE + 5 * PAGE, 1), (7 * PAGE, 1)
+    ]
+    assert np.array_equal(images.layout_of(entries), layout)
+    index = images.sorted_index(layout)
+    got = images.lookup(index, np.array([7 * PAGE, BASE + 5 * PAGE, 3], dtype=np.uint64))
+    assert list(got) == [3, 2, -1]
+    with pytest.raises(CheckpointError):
+        images.sorted_index(np.array([PAGE, PAGE], dtype=np.uint64))
+    idx = np.array([4, 5, 6, -1, 9, 10, 3, -1], dtype=np.intp)
+    assert images.page_runs(idx) == [(0, 4, 3), (4, 9, 2), (6, 3, 1)]

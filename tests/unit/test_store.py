@@ -1,0 +1,352 @@
+"""CheckpointStore: staging, commit, idempotent apply, crash recovery."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from remus.checkpoint import images
+from remus.checkpoint.delta import KIND_FILE, KIND_MANIFEST, DeltaEncoder, Manifest, Record
+from remus.checkpoint.store import CheckpointStore
+from remus.errors import CheckpointError, ProtocolError
+
+PAGE = images.PAGE_SIZE
+BASE = 0x7F00_0000_0000
+
+Maps = dict[str, tuple[int, dict[int, bytes]]]
+
+
+def page(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE)
+
+
+def write_dump(d: Path, files: dict[str, bytes], maps: Maps) -> Path:
+    d.mkdir(parents=True)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    for name, (pages_id, pages) in maps.items():
+        layout = np.array(sorted(pages), dtype=np.uint64)
+        data = b"".join(pages[int(v)] for v in layout)
+        images.write_pagemap_image(d, name, pages_id, layout, data)
+    return d
+
+
+def evolution(root: Path) -> list[Path]:
+    """Dumps 0..5 exercising every kind of change between epochs."""
+    files = {"core-1.img": b"core" * 50, "files.img": b"files", "inventory.img": b"inv"}
+    heap = {BASE + i * PAGE: page(i) for i in range(200)}
+    shm = {i * PAGE: page(500 + i) for i in range(8)}
+    maps: Maps = {"pagemap-1.img": (1, heap), "pagemap-shmem-9.img": (2, shm)}
+    dumps = [write_dump(root / "d0", files, maps)]
+    heap = dict(heap)  # 1: a few pages change in place
+    for i in (0, 3, 199):
+        heap[BASE + i * PAGE] = page(1000 + i)
+    maps = {"pagemap-1.img": (1, heap), "pagemap-shmem-9.img": (2, shm)}
+    dumps.append(write_dump(root / "d1", files, maps))
+    heap = {v: p for v, p in heap.items() if v >= BASE + 20 * PAGE}  # 2: VMA gone, new VMA
+    heap.update({BASE * 2 + i * PAGE: page(2000 + i) for i in range(30)})
+    heap[BASE + 50 * PAGE] = page(2999)
+    maps = {"pagemap-1.img": (1, heap), "pagemap-shmem-9.img": (2, shm)}
+    dumps.append(write_dump(root / "d2", dict(files, **{"fdinfo-2.img": b"fd"}), maps))
+    maps = {"pagemap-1.img": (2, heap), "pagemap-shmem-9.img": (1, shm)}  # 3: ids swap
+    dumps.append(write_dump(root / "d3", dict(files, **{"core-1.img": b"new core"}), maps))
+    dumps.append(write_dump(root / "d4", files, maps))  # 4: fdinfo gone, nothing else
+    heap = {v + 0x100000: p for v, p in heap.items()}  # 5: everything moves, shm gone,
+    heap[BASE + 0x100000 + 60 * PAGE] = page(4000)  # a new pagemap appears
+    maps = {"pagemap-1.img": (3, heap), "pagemap-7.img": (1, {PAGE: page(5000)})}
+    dumps.append(write_dump(root / "d5", files, maps))
+    return dumps
+
+
+def ship(store: CheckpointStore, enc: DeltaEncoder, d: Path, gen: int, epoch: int) -> None:
+    full = enc.base_dir is None
+    staged = store.begin(gen, epoch, epoch - 1, full)
+    for chunk in enc.encode(d, full):
+        staged.add(*chunk)
+    staged.commit()
+
+
+def assert_same(store: CheckpointStore, dump: Path) -> None:
+    got = store.images_dir()
+    assert images.list_images(got) == images.list_images(dump)
+    for name in images.list_images(dump):
+        assert (got / name).read_bytes() == (dump / name).read_bytes(), name
+    assert images.pages_by_vaddr(got) == images.pages_by_vaddr(dump)
+
+
+def new_store(workdir: Path) -> CheckpointStore:
+    store = CheckpointStore(workdir, verify_pages=True)
+    store.recover()
+    return store
+
+
+def test_round_trip_through_every_change(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    store = new_store(tmp_path / "store")
+    assert store.committed() == (-1, -1)
+    enc = DeltaEncoder()
+    for epoch, d in enumerate(dumps):
+        ship(store, enc, d, 1, epoch)
+        assert store.committed() == (1, epoch)
+        assert store.apply_pending() == epoch
+        assert_same(store, d)
+    pages = sorted(p.name for p in (tmp_path / "store" / "pages").iterdir())
+    assert pages == [
+        "pagemap-1.img.5.img", "pagemap-1.img.5.vaddrs",
+        "pagemap-7.img.5.img", "pagemap-7.img.5.vaddrs",
+    ]  # old layouts and vanished pagemaps are gone
+    assert new_store(tmp_path / "store").committed() == (1, 5)
+
+
+def test_in_place_epoch_writes_only_changed_pages(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    store = new_store(tmp_path / "store")
+    enc = DeltaEncoder()
+    ship(store, enc, dumps[0], 1, 0)
+    store.apply_pending()
+    ship(store, enc, dumps[1], 1, 1)
+    store.stats.pages_written = store.stats.pages_copied = 0
+    store.apply_pending()
+    assert (store.stats.pages_written, store.stats.pages_copied) == (3, 0)
+    assert_same(store, dumps[1])
+
+
+def commit_pending(tmp_path: Path, upto: int) -> tuple[Path, list[Path]]:
+    """A store with dumps[:upto] applied and dumps[upto] committed, unapplied."""
+    dumps = evolution(tmp_path)
+    work = tmp_path / "store"
+    store = new_store(work)
+    enc = DeltaEncoder()
+    for epoch, d in enumerate(dumps[: upto + 1]):
+        ship(store, enc, d, 1, epoch)
+        if epoch < upto:
+            store.apply_pending()
+    return work, dumps
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(k: int) -> Callable[[str], None]:
+    calls = [0]
+
+    def hook(what: str) -> None:
+        calls[0] += 1
+        if calls[0] > k:
+            raise Crash(what)
+
+    return hook
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 3, 4, 5])
+def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int) -> None:
+    work, dumps = commit_pending(tmp_path, epoch)
+    writes: list[str] = []
+    probe = tmp_path / "probe"
+    shutil.copytree(work, probe, symlinks=True)
+    s = new_store_no_apply(probe)
+    s.on_write = writes.append
+    s.apply_pending()
+    assert writes, "the hook must see the writes"
+    for k in range(len(writes)):
+        trial = tmp_path / f"trial{k}"
+        shutil.copytree(work, trial, symlinks=True)
+        s = new_store_no_apply(trial)
+        s.on_write = crash_after(k)
+        with pytest.raises(Crash):
+            s.apply_pending()
+        # a second crash during recovery, then a clean one
+        s2 = new_store_no_apply(trial)
+        s2.on_write = crash_after(k // 2)
+        try:
+            s2.apply_pending()
+        except Crash:
+            pass
+        s3 = new_store(trial)
+        assert s3.committed() == (1, epoch)
+        assert_same(s3, dumps[epoch])
+
+
+def new_store_no_apply(workdir: Path) -> CheckpointStore:
+    """recover() without its apply: move the redo logs aside meanwhile."""
+    redo = workdir / "redo"
+    aside = workdir / "aside"
+    redo.rename(aside)
+    store = new_store(workdir)
+    redo.rmdir()
+    aside.rename(redo)
+    return store
+
+
+def test_apply_twice_is_idempotent(tmp_path: Path) -> None:
+    for epoch in (1, 2, 3, 5):
+        work, dumps = commit_pending(tmp_path / str(epoch), epoch)
+        (redo,) = (work / "redo").iterdir()
+        saved = redo.read_bytes()
+        state = (work / "STATE").read_bytes()
+        new_store(work)
+        # as if we crashed after the last write, before STATE moved
+        redo.write_bytes(saved)
+        (work / "STATE").write_bytes(state)
+        store = new_store(work)
+        assert store.committed() == (1, epoch)
+        assert_same(store, dumps[epoch])
+
+
+def test_crash_between_receive_and_commit(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    work = tmp_path / "store"
+    store = new_store(work)
+    enc = DeltaEncoder()
+    ship(store, enc, dumps[0], 1, 0)
+    store.apply_pending()
+    staged = store.begin(1, 1, 0, False)
+    chunks = list(enc.encode(dumps[1], False))
+    for c in chunks[:-1]:
+        staged.add(*c)
+    assert list((work / "incoming").iterdir())
+    # kill -9 here: a new agent recovers
+    store = new_store(work)
+    assert store.committed() == (1, 0)
+    assert not list((work / "incoming").iterdir())
+    assert_same(store, dumps[0])
+
+
+def test_committed_epoch_survives_before_apply(tmp_path: Path) -> None:
+    work, dumps = commit_pending(tmp_path, 2)
+    assert (work / "STATE").exists()
+    store = new_store(work)
+    assert store.committed() == (1, 2)
+    assert not list((work / "redo").iterdir())
+    assert_same(store, dumps[2])
+
+
+def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    store = new_store(tmp_path / "store")
+    enc = DeltaEncoder()
+    for epoch, d in enumerate(dumps):
+        ship(store, enc, d, 1, epoch)
+    assert len(list((tmp_path / "store" / "redo").iterdir())) == len(dumps)
+    assert store.apply_pending() == len(dumps) - 1
+    assert_same(store, dumps[-1])
+
+
+def test_base_mismatch_is_rejected(tmp_path: Path) -> None:
+    work, dumps = commit_pending(tmp_path, 2)
+    store = new_store(work)
+    with pytest.raises(ProtocolError, match="full"):
+        store.begin(1, 4, 3, False)
+    with pytest.raises(ProtocolError):
+        store.begin(2, 3, 2, False)  # other generation
+    with pytest.raises(ProtocolError):
+        store.begin(1, 2, 1, True)  # a full one must be newer
+    store.begin(1, 3, 2, False).abort()
+    # a new generation starts with a full checkpoint and rebuilds from scratch
+    enc = DeltaEncoder()
+    ship(store, enc, dumps[5], 2, 0)
+    store.apply_pending()
+    assert store.committed() == (2, 0)
+    assert_same(store, dumps[5])
+    assert len(list((work / "pages").iterdir())) == 4
+
+
+def test_bad_records_are_refused(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "store")
+    staged = store.begin(1, 0, -1, True)
+    for kind, name in ((KIND_FILE, "../etc/passwd"), (KIND_FILE, "pages-1.img"), (99, "x")):
+        with pytest.raises(ProtocolError):
+            staged.add(kind, name, b"", b"data")
+    with pytest.raises(ProtocolError):
+        staged.add(2, "core-1.img", b"", b"")  # pages for a non-pagemap
+    with pytest.raises(ProtocolError):
+        staged.commit()  # no manifest
+    staged.add(KIND_FILE, "core-1.img", b"", b"c")
+    with pytest.raises(ProtocolError):
+        staged.commit()  # core-1.img not in the manifest
+    staged.add(KIND_MANIFEST, "manifest", Manifest(True, {}, {}).to_json(), b"")
+    with pytest.raises(ProtocolError):
+        staged.add(KIND_FILE, "x.img", b"", b"")  # after the manifest
+    staged.abort()
+    assert not list((tmp_path / "store" / "incoming").iterdir())
+
+
+def test_torn_redo_log_is_detected(tmp_path: Path) -> None:
+    work, _ = commit_pending(tmp_path, 1)
+    (redo,) = (work / "redo").iterdir()
+    redo.write_bytes(redo.read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="torn"):
+        CheckpointStore(work).recover()
+
+
+def test_leftover_temporaries_are_removed(tmp_path: Path) -> None:
+    work, dumps = commit_pending(tmp_path, 1)
+    new_store(work)
+    (work / "images" / ".core-1.img.tmp").write_bytes(b"junk")
+    (work / "pages" / ".pagemap-1.img.9.img.tmp").write_bytes(b"junk")
+    store = new_store(work)
+    assert_same(store, dumps[1])
+    assert not [p for p in (work / "pages").iterdir() if p.name.endswith(".tmp")]
+
+
+class DiskHandler:
+    """A toy disk-delta handler: record name -> file content under disk/."""
+
+    def __init__(self) -> None:
+        self.staged: list[str] = []
+
+    def stage(self, record: Record) -> None:
+        if "/" in record.name:
+            raise ProtocolError("bad disk path")
+        self.staged.append(record.name)
+
+    def apply(self, store: CheckpointStore, records: list[Record]) -> None:
+        assert store.applying is not None
+        disk = store.workdir / "disk"
+        disk.mkdir(exist_ok=True)
+        for r in records:
+            (disk / r.name).write_bytes(r.data)
+
+
+def test_registered_kind_is_staged_and_applied(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    work = tmp_path / "store"
+    store = CheckpointStore(work)
+    handler = DiskHandler()
+    store.register_kind(16, handler)
+    with pytest.raises(ValueError):
+        store.register_kind(KIND_FILE, handler)
+    store.recover()
+    staged = store.begin(1, 0, -1, True)
+    staged.add(16, "state.db", b"", b"disk bytes")
+    with pytest.raises(ProtocolError):
+        staged.add(16, "a/b", b"", b"")
+    for chunk in DeltaEncoder().encode(dumps[0], True):
+        staged.add(*chunk)
+    staged.commit()
+    assert handler.staged == ["state.db"]
+    # without its handler a committed epoch cannot be applied
+    with pytest.raises(CheckpointError, match="handler"):
+        CheckpointStore(work).recover()
+    store = CheckpointStore(work)
+    store.register_kind(16, handler)
+    assert store.recover() == (1, 0)
+    assert (work / "disk" / "state.db").read_bytes() == b"disk bytes"
+    assert_same(store, dumps[0])
+
+
+def test_fsync_mode_round_trip(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    store = CheckpointStore(tmp_path / "store", fsync=True)
+    store.recover()
+    enc = DeltaEncoder(compress=True)
+    for epoch, d in enumerate(dumps):
+        ship(store, enc, d, 1, epoch)
+        store.apply_pending()
+        assert_same(store, d)
