@@ -83,8 +83,13 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
                         compress=opts.get("compress", False))
     p = Primary(cfg, buffer)
-    buffer.start()
-    buffer.begin_epoch(0)
+    try:
+        buffer.start()
+    except Exception:
+        os.kill(pid, signal.SIGKILL)
+        wrapper.wait()
+        container.remove()
+        raise
 
     def on_stop(released: bool) -> None:
         if released:
@@ -111,7 +116,6 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
                         dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False))
     p = Primary(cfg, buffer)
     buffer.start()
-    buffer.begin_epoch(0)
     return p, None
 
 
@@ -209,6 +213,8 @@ def make_backup(opts: dict[str, Any]) -> Backup:
     cfg = BackupConfig(listen=opts["listen"], psk=opts["psk"], workdir=opts["workdir"],
                        timing=opts["timing"], auto_failover=opts.get("auto_failover", True),
                        extra={"name": opts.get("name", "default")})
-    if not cfg.workdir.parent.exists():
-        raise FatalError(f"--workdir parent {cfg.workdir.parent} does not exist")
+    try:
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FatalError(f"--workdir {cfg.workdir}: {e.strerror}") from e
     return Backup(cfg, prepare=prepare_standby, takeover=takeover)

@@ -40,7 +40,7 @@ class CliError(click.ClickException):
     """A one-line error and exit status 1."""
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]
     name = "DURATION"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:

@@ -73,6 +73,8 @@ class ControlServer:
         with conn:
             try:
                 line = conn.makefile("rb").readline()
+                if not line.strip():
+                    return  # a liveness probe: connect and close
                 req = json.loads(line)
                 ans = self.handler(req)
             except RemusError as e:

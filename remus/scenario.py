@@ -102,6 +102,16 @@ class Scenario:
         return data
 
     # -- teardown -----------------------------------------------------------
+    def reset(self) -> None:
+        """Power-cycle every lab host: no unit, agent or ARP entry survives."""
+        self.stop_all()
+        for host in ("pri", "bak", "client"):
+            try:
+                self.lab.crash(host)
+            except Exception as e:  # a host that is already down is fine
+                log.debug("crash %s: %s", host, e)
+        self.lab.up()
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from remus.errors import CheckpointError, HostError
 from remus.paths import criu_binary
@@ -33,9 +34,9 @@ NETWORK_LOCK_SKIP = 3
 CG_MODE_IGNORE = 0
 
 
-def _rpc():  # type: ignore[no-untyped-def]
+def _rpc() -> Any:
     try:
-        import pycriu.rpc_pb2 as rpc  # type: ignore[import-not-found]
+        import pycriu.rpc_pb2 as rpc
     except ImportError as e:  # pragma: no cover - set-up problem
         raise HostError("pycriu is not importable: run `make setup` (bin/setup)") from e
     return rpc
@@ -133,7 +134,8 @@ class Criu:
             argv = ["nsenter", f"--net={self.netns}", "--", *argv]
         return argv
 
-    def _call(self, req, images_dir: Path, notify: Notify | None, cgroup_procs: str | None):  # type: ignore[no-untyped-def]
+    def _call(self, req: Any, images_dir: Path, notify: Notify | None,
+              cgroup_procs: str | None) -> Any:
         rpc = _rpc()
         images_dir.mkdir(parents=True, exist_ok=True)
         dfd = os.open(images_dir, os.O_DIRECTORY)
@@ -170,7 +172,8 @@ class Criu:
         except OSError as e:
             raise HostError(f"cannot start CRIU {self.binary}: {e}") from e
 
-    def _serve(self, sk: socket.socket, req_type: int, notify: Notify | None, images_dir: Path, rpc):  # type: ignore[no-untyped-def]
+    def _serve(self, sk: socket.socket, req_type: int, notify: Notify | None,
+               images_dir: Path, rpc: Any) -> Any:
         while True:
             data = sk.recv(MAX_MSG)
             if not data:
@@ -192,7 +195,8 @@ class Criu:
                 continue
             if resp.type != req_type or not resp.success:
                 msg = resp.cr_errmsg or f"errno {resp.cr_errno}"
-                raise CheckpointError(f"CRIU {_REQ_NAMES.get(req_type, req_type)} failed: {msg}; {_log_tail(images_dir)}")
+                what = _REQ_NAMES.get(req_type, req_type)
+                raise CheckpointError(f"CRIU {what} failed: {msg}; {_log_tail(images_dir)}")
             return resp
 
 
@@ -226,7 +230,7 @@ def read_dump_stats(images_dir: Path) -> dict[str, int]:
     p = images_dir / "stats-dump"
     if not p.exists():
         return {}
-    from pycriu import images  # type: ignore[import-not-found]
+    from pycriu import images
 
     with open(p, "rb") as f:
         img = images.load(f)
