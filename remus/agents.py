@@ -81,7 +81,8 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
     cfg = PrimaryConfig(unit_id=spec.name, spec=spec.to_json(), backup=opts["backup"],
                         psk=opts["psk"], timing=opts["timing"], pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
-                        compress=opts.get("compress", False))
+                        compress=opts.get("compress", False), on_peer_loss=opts["on_peer_loss"],
+                        trace=opts.get("trace"), fence=lambda: _kill(pid))
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -113,10 +114,19 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
     buffer = buffer_factory(host_if)
     cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
                         timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
-                        dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False))
+                        dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
+                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"),
+                        fence=lambda: _kill(pid))
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _find_host_veth(pid: int) -> str:

@@ -24,7 +24,8 @@ from remus.checkpoint.store import CheckpointStore
 from remus.config import Timing
 from remus.errors import RemusError
 from remus.link import Link, LinkClosed
-from remus.protocol import BackupConnection, EpochComplete, messages as m
+from remus.protocol import BackupConnection, EpochComplete
+from remus.protocol import messages as m
 from remus.stats import Series
 
 log = logging.getLogger(__name__)
@@ -227,17 +228,32 @@ class Backup:
     def _detector_loop(self) -> None:
         tick = min(self.cfg.timing.heartbeat / 2, 0.02)
         while not self.stop_event.wait(tick):
-            if self.state != "replicating" or not self.cfg.auto_failover:
+            if self.state != "replicating":
                 continue
             silent = self.clock() - self.last_heard
-            if silent > self.cfg.timing.takeover_timeout and self.epoch >= 0:
+            if silent <= self.cfg.timing.takeover_timeout or self.epoch < 0:
+                continue
+            policy = ((self.unit or {}).get("spec") or {}).get("on_peer_loss", "stall")
+            if not self.cfg.auto_failover or policy == "continue":
+                self.state = "primary-lost"
+                why = ("--no-auto-failover" if not self.cfg.auto_failover else
+                       "the primary runs with --on-peer-loss continue and may still serve")
+                self.last_sentence = (f"primary silent for {silent * 1000:.0f} ms; not taking over "
+                                      f"({why}); fence it, then `remus failover`")
+                log.error("%s", self.last_sentence)
+                continue
+            try:
                 self.failover(f"primary silent for {silent * 1000:.0f} ms")
+            except Exception:
+                pass  # logged by failover(); the state says failed
 
     def failover(self, why: str) -> None:
         """Take over: finish applying, restore, bring the address up."""
         with self.lock:
             if self.state in ("taking-over", "active"):
                 raise RemusError(f"already {self.state}")
+            if self.state == "failed":
+                raise RemusError("a takeover already failed; see the log (restart the agent)")
             if self.epoch < 0:
                 raise RemusError("no committed checkpoint to restore")
             self.state = "taking-over"

@@ -120,8 +120,12 @@ def primary_options(f: Any) -> Any:
                      help="MEASUREMENT ONLY: release output at once. The guarantee is OFF."),
         click.option("--compress", is_flag=True, help="lz4-compress page deltas."),
         click.option("--on-peer-loss", type=click.Choice(["stall", "continue"]), default="stall",
-                     show_default=True, help="When the backup is gone: hold output (stall) or "
-                     "run unprotected (continue)."),
+                     show_default=True, help="When the backup is gone and the lease lapsed: hold "
+                     "output and let the backup take over (stall), or run unprotected and keep "
+                     "serving (continue; the backup then never takes over by itself)."),
+        click.option("--trace", type=click.Path(dir_okay=False), default=None,
+                     help="Append one JSON line per acknowledged epoch (boundary, sent, released "
+                     "times, pause, bytes) to this file."),
     ]
     f = timing_options(f)
     for o in reversed(opts):
@@ -151,6 +155,7 @@ def _primary_opts(kw: dict[str, Any], name: str) -> dict[str, Any]:
         "timing": _timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
         "compress": kw["compress"],
         "on_peer_loss": kw["on_peer_loss"],
+        "trace": Path(kw["trace"]) if kw.get("trace") else None,
     }
 
 

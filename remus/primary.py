@@ -14,6 +14,7 @@ Output of epoch e (packets tagged e by the buffer) leaves only after ACK(e).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -32,7 +33,8 @@ from remus.checkpoint.delta import DeltaEncoder
 from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
-from remus.protocol import PrimaryConnection, messages as m
+from remus.protocol import PrimaryConnection
+from remus.protocol import messages as m
 from remus.stats import Series
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class PrimaryConfig:
     max_inflight: int = 2
     on_peer_loss: str = "stall"
     connect_timeout: float = 2.0
+    trace: Path | None = None  # JSON lines, one per acked epoch (tests, plots)
+    fence: Callable[[], None] | None = None  # kills our copy of the unit
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +96,9 @@ class Primary:
         self.bytes_total = 0
         self.lease_until = 0.0
         self.last_sentence = "starting"
+        self.boundary_at: dict[int, float] = {}
+        self.sent_at_wall: dict[int, float] = {}
+        self.trace_f = open(cfg.trace, "a") if cfg.trace else None  # noqa: SIM115
         self.protected = True
 
     # -- public -------------------------------------------------------------
@@ -129,7 +136,11 @@ class Primary:
         last_start = -1e9
         while not self.stop_event.is_set() and self.fatal is None:
             if self.link is None or self.link.closed:
-                self._connect()
+                self._peer_lost()
+                if self.protected:
+                    self._connect()
+                else:
+                    self.stop_event.wait(0.2)
                 continue
             # Recomputed every pass so that set-interval takes effect at once.
             delay = last_start + self.cfg.timing.interval - self.clock()
@@ -168,6 +179,7 @@ class Primary:
                 # The unit is frozen: everything it has sent so far is tagged <= e.
                 self.buffer.begin_epoch(e + 1)
                 boundary = True
+                self.boundary_at[e] = time.time()
 
         try:
             res = self.criu.dump(self.cfg.pid, d, notify=notify,
@@ -223,6 +235,7 @@ class Primary:
             link.send_raw(link.conn.end_epoch())
         with self.cond:
             self.inflight[e] = self.clock()
+            self.sent_at_wall[e] = time.time()
         self.need_full = False
         self.last_sent = e
         self.delta_bytes.add(n)
@@ -258,9 +271,11 @@ class Primary:
                 for k in done:
                     del self.inflight[k]
                 self.cond.notify_all()
-            self.buffer.release(ev.epoch)
-            self.acked = max(self.acked, ev.epoch)
             self.lease_until = now + self.cfg.timing.lease
+            self.buffer.release(ev.epoch)
+            released = time.time()
+            self.acked = max(self.acked, ev.epoch)
+            self._trace(ev.epoch, released)
             self.epochs_done += 1
             if sent is not None:
                 self.ack_latency.add((now - sent) * 1000)
@@ -278,6 +293,46 @@ class Primary:
                 self.link.close()
 
     # -- connection -----------------------------------------------------------
+    def _trace(self, epoch: int, released: float) -> None:
+        boundary = self.boundary_at.pop(epoch, None)
+        sent = self.sent_at_wall.pop(epoch, None)
+        for k in [k for k in self.boundary_at if k < epoch]:
+            del self.boundary_at[k]
+        for k in [k for k in self.sent_at_wall if k < epoch]:
+            del self.sent_at_wall[k]
+        if self.trace_f is not None:
+            self.trace_f.write(json.dumps({
+                "epoch": epoch, "generation": self.generation, "boundary": boundary,
+                "sent": sent, "released": released, "pause_ms": self.pause.last,
+                "bytes": self.delta_bytes.last}) + "\n")
+            self.trace_f.flush()
+
+    def _peer_lost(self) -> None:
+        """No backup link: apply --on-peer-loss once the lease has lapsed."""
+        if not self.protected or self.clock() < self.lease_until or self.acked < 0:
+            return
+        if self.cfg.on_peer_loss == "continue":
+            log.error("backup lost and lease expired: policy 'continue' -> running UNPROTECTED; "
+                      "output is released at once, a failure of this host now loses state")
+            self.buffer.close(release_all=True)
+            from remus.netbuf import NullBuffer
+
+            self.buffer = NullBuffer()
+            self.protected = False
+            self.last_sentence = "UNPROTECTED: backup lost (on-peer-loss continue)"
+        elif "stalled" not in self.last_sentence:
+            self.last_sentence = ("stalled: backup lost and lease expired; output held "
+                                  "(on-peer-loss stall), reconnecting")
+            log.warning("%s", self.last_sentence)
+
+    def _fence(self, why: str) -> None:
+        log.error("fencing: %s; killing this copy of the unit", why)
+        self.last_sentence = f"fenced: {why}"
+        if self.cfg.fence is not None:
+            self.cfg.fence()
+        self.fatal = FatalError(f"fenced: {why}")
+        self.stop_event.set()
+
     def _connect(self) -> None:
         host, port = self.cfg.backup
         try:
@@ -288,7 +343,8 @@ class Primary:
             self.stop_event.wait(0.5)
             return
         gen = max(time.time_ns() // 1_000_000, self.generation + 1)
-        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, self.cfg.spec,
+        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss}
+        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec,
                                  nonce=secrets.token_bytes(16))
         link = Link(sk, conn, f"{host}:{port}")
         try:
@@ -304,6 +360,9 @@ class Primary:
         if not isinstance(ev, m.Welcome):
             link.close()
             reason = getattr(ev, "reason", type(ev).__name__)
+            if "taken over" in reason:
+                self._fence(f"backup {host}:{port} has taken over")
+                return
             self.last_sentence = f"backup {host}:{port} refused: {reason}"
             log.error("%s", self.last_sentence)
             self.stop_event.wait(1.0)
@@ -380,7 +439,9 @@ class Primary:
             "epochs_acked": self.epochs_done,
             "lease_ms_left": round(max(0.0, self.lease_until - now) * 1000, 1),
             "netbuf": self.buffer.counters(),
-            "guarantee": bool(self.buffer.counters().get("guarantee", True)),
+            "guarantee": self.protected and bool(self.buffer.counters().get("guarantee", True)),
+            "protected": self.protected,
+            "on_peer_loss": self.cfg.on_peer_loss,
             "last": self.last_sentence,
         }
 
