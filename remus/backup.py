@@ -227,7 +227,16 @@ class Backup:
     # -- failure detection -----------------------------------------------------------
     def _detector_loop(self) -> None:
         tick = min(self.cfg.timing.heartbeat / 2, 0.02)
+        last_tick = self.clock()
         while not self.stop_event.wait(tick):
+            now = self.clock()
+            if now - last_tick > max(4 * tick, self.cfg.timing.takeover_timeout / 3):
+                # We were not running (SIGSTOP, VM pause, overload): silence we did not
+                # observe is not evidence that the primary died. Start counting afresh.
+                log.warning("backup agent was not scheduled for %.0f ms; restarting the "
+                            "failure detector's count", (now - last_tick) * 1000)
+                self.last_heard = max(self.last_heard, now)
+            last_tick = now
             if self.state != "replicating":
                 continue
             silent = self.clock() - self.last_heard

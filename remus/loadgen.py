@@ -88,7 +88,7 @@ class Memcached(Proto):
 
 
 def run(mode: str, host: str, port: int, duration: float, inflight: int,
-        connect_timeout: float, stall_timeout: float) -> dict[str, Any]:
+        connect_timeout: float, stall_timeout: float, pace: float = 0.0) -> dict[str, Any]:
     sk = socket.create_connection((host, port), timeout=connect_timeout)
     sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sk.settimeout(stall_timeout)
@@ -110,6 +110,8 @@ def run(mode: str, host: str, port: int, duration: float, inflight: int,
                 raise RuntimeError(f"unexpected reply to SET key:{i}")
             acked.append(i)
             times.append(time.time())
+            if pace:
+                time.sleep(pace)
         while pending:
             i = pending.pop(0)
             if p.set_ok():
@@ -156,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-timeout", type=float, default=5.0)
     ap.add_argument("--stall-timeout", type=float, default=15.0,
                     help="give up when no reply comes for this long")
+    ap.add_argument("--pace", type=float, default=0.0,
+                    help="sleep this many seconds after each reply (a light, steady load)")
     ap.add_argument("--out", default="-")
     a = ap.parse_args(argv)
-    res = run(a.mode, a.host, a.port, a.duration, a.inflight, a.connect_timeout, a.stall_timeout)
+    res = run(a.mode, a.host, a.port, a.duration, a.inflight, a.connect_timeout, a.stall_timeout,
+              a.pace)
     text = json.dumps(res)
     if a.out == "-":
         print(text)

@@ -425,7 +425,8 @@ class Primary:
             "backup": f"{self.cfg.backup[0]}:{self.cfg.backup[1]}",
             "connected": self.link is not None and not self.link.closed,
             "generation": self.generation,
-            "epoch": self.epoch,
+            "epoch": self.epoch - 1,  # the newest checkpoint taken
+            "running_epoch": self.epoch,  # output now is tagged with this
             "acked_epoch": self.acked,
             "inflight": len(self.inflight),
             "interval_ms": round(self.cfg.timing.interval * 1000, 3),

@@ -91,11 +91,23 @@ class Scenario:
                            f"see {self.workdir}/primary.log and backup.log")
 
     # -- clients ------------------------------------------------------------
-    def start_client(self, duration: float, out: str, inflight: int = 1) -> subprocess.Popen[bytes]:
+    def start_client(self, duration: float, out: str, inflight: int = 1, pace: float = 0.0,
+                     stall_timeout: float = 15.0) -> subprocess.Popen[bytes]:
+        """A loadgen client on `client`; its JSON result goes to workdir/out."""
         return self._spawn("client", [sys.executable, "-m", "remus.loadgen", self.server,
                                       "--host", self.lab.vip_addr, "--port", str(self.port),
                                       "--duration", str(duration), "--inflight", str(inflight),
+                                      "--pace", str(pace), "--stall-timeout", str(stall_timeout),
                                       "--out", str(self.workdir / out)], f"{out}.log")
+
+    def wait_client(self, proc: subprocess.Popen[bytes], out: str,
+                    timeout: float = 120.0) -> dict[str, Any]:
+        proc.wait(timeout)
+        return self.client_result(out)
+
+    def agent_pid(self, host: str) -> int | None:
+        st = self.status(host)
+        return int(st["pid"]) if st else None
 
     def client_result(self, out: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.workdir / out).read_text())

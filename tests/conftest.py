@@ -1,6 +1,13 @@
+import fcntl
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+# Tests that use the lab (global names) take this lock for a whole module, so
+# two test runs on one machine wait for each other instead of colliding.
+LAB_TEST_LOCK = Path("/run/remus-lab-tests.lock")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +17,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def lab_lock() -> Iterator[None]:
+    with open(LAB_TEST_LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def lab(lab_lock):
+    from remus.lab import Lab
+
+    lab = Lab()
+    lab.down()  # leftovers of an earlier run
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def scenario(lab, tmp_path):
+    """A fresh Scenario per test; every lab host is power-cycled afterwards."""
+    from remus.scenario import Scenario
+
+    made = []
+
+    def make(**kw):
+        sc = Scenario(lab, tmp_path / f"sc{len(made)}", **kw)
+        made.append(sc)
+        return sc
+
+    try:
+        yield make
+    finally:
+        for sc in made:
+            sc.reset()

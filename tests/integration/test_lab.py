@@ -37,7 +37,7 @@ print(c.recv(100).decode())
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+def lab(lab_lock: None) -> Iterator[Lab]:
     lab = Lab()
     lab.down()  # leftovers of an earlier run
     try:
