@@ -114,21 +114,39 @@ class Backup:
                                 committed_generation=self.generation,
                                 committed_epoch=self.epoch)
         link = Link(sk, conn, peer)
+        # Authenticate first: an unauthenticated peer learns nothing, not even "busy".
+        sk.settimeout(5.0)
+        try:
+            first = next(link.events())
+        except (StopIteration, LinkClosed, RemusError, OSError) as err:
+            log.warning("rejected connection from %s: %s", peer, err)
+            link.close()
+            return
+        sk.settimeout(None)
+        if not isinstance(first, m.Hello):
+            log.warning("rejected connection from %s: expected HELLO, got %s", peer,
+                        type(first).__name__)
+            link.close()
+            return
         with self.lock:
-            busy = self.link is not None and not self.link.closed
             if self.state in ("taking-over", "active"):
-                busy_reason = f"this backup has taken over (state {self.state})"
-            elif busy:
-                busy_reason = f"another primary ({self.peer}) is connected"
+                busy = f"this backup has taken over (state {self.state})"
+            elif self.link is not None and not self.link.closed:
+                busy = f"another primary ({self.peer}) is connected"
             else:
-                busy_reason = ""
-            if not busy_reason:
+                busy = ""
                 self.link, self.peer = link, peer
-        if busy_reason:
-            log.warning("rejected connection from %s: %s", peer, busy_reason)
-            self._refuse(link, busy_reason)
+        if busy:
+            log.warning("rejected connection from %s (unit %s): %s", peer, first.unit_id, busy)
+            try:
+                link.send(m.Error(reason=busy))
+            except (LinkClosed, RemusError):
+                pass
+            link.close()
             return
         try:
+            self.last_heard = self.clock()
+            self._on_event(link, first)
             for ev in link.events():
                 self.last_heard = self.clock()
                 self._on_event(link, ev)
@@ -137,16 +155,6 @@ class Backup:
         finally:
             self._abort_staged()
             link.close()
-
-    def _refuse(self, link: Link, reason: str) -> None:
-        try:
-            for ev in link.events():
-                if isinstance(ev, m.Hello):
-                    link.send(m.Error(reason=reason))
-                break
-        except (LinkClosed, RemusError):
-            pass
-        link.close()
 
     # -- events ------------------------------------------------------------------
     def _on_event(self, link: Link, ev: Any) -> None:

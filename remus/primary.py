@@ -91,6 +91,8 @@ class Primary:
         self.ack_latency = Series()
         self.delta_bytes = Series()
         self.full_bytes = Series()
+        self.encode_ms = Series()
+        self.dirty_pages = Series()
         self.epoch_times: list[float] = []
         self.epochs_done = 0
         self.bytes_total = 0
@@ -208,7 +210,7 @@ class Primary:
             e, d, res = item
             try:
                 self._send_epoch(e, d)
-            except (LinkClosed, OSError) as err:
+            except (RemusError, OSError) as err:  # link gone or closed under us
                 log.warning("epoch %d not sent: %s", e, err)
                 self.need_full = True
                 self.encoder.reset()
@@ -239,10 +241,10 @@ class Primary:
         self.need_full = False
         self.last_sent = e
         self.delta_bytes.add(n)
-        st = getattr(self.encoder, "stats", None)
-        full_b = getattr(st, "full_bytes", None) or getattr(st, "pages_bytes", None)
-        if full_b is not None:
-            self.full_bytes.add(float(full_b))
+        st = self.encoder.stats
+        self.full_bytes.add(float(st.image_bytes))
+        self.encode_ms.add(st.seconds * 1000)
+        self.dirty_pages.add(float(st.pages_changed))
         self.bytes_total += n
 
     # -- receiver -------------------------------------------------------------
@@ -435,6 +437,8 @@ class Primary:
             "ack_latency_ms": self.ack_latency.summary(),
             "bytes_per_epoch": self.delta_bytes.summary(0),
             "checkpoint_bytes": self.full_bytes.last,
+            "encode_ms": self.encode_ms.summary(),
+            "changed_pages": self.dirty_pages.summary(0),
             "epochs_per_s": round(eps, 2),
             "bytes_per_s": round(self.bytes_total / elapsed, 1),
             "epochs_acked": self.epochs_done,

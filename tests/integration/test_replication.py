@@ -1,0 +1,202 @@
+"""Replication core in the lab: real redis-server, real CRIU, real netfilter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from remus.paths import REPO
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+REMUS = [sys.executable, "-m", "remus.cli"]
+
+
+def sample(sc: Any, seconds: float, every: float = 0.5) -> list[tuple[float, dict, dict]]:
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        p = sc.status("pri")
+        b = sc.status("bak")
+        assert p is not None and b is not None, "an agent stopped answering"
+        out.append((time.monotonic(), p, b))
+        time.sleep(every)
+    return out
+
+
+def test_protected_redis_30s(scenario: Any) -> None:
+    """50 ms epochs for 30 s under a steady client: acks keep up, both sides agree."""
+    sc = scenario(server="redis", interval="50ms")
+    sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected()
+    client = sc.start_client(30, "load.json", pace=0.002)
+    samples = sample(sc, 30)
+    res = sc.wait_client(client, "load.json")
+    assert res["connection_survived"] and res["verified"] and res["missing"] == 0
+
+    for _, p, b in samples:
+        assert p["epoch"] - p["acked_epoch"] <= 2, p
+        assert b["generation"] == p["generation"]
+        assert b["unit"] == p["unit"] == "kv"
+        assert b["state"] == "replicating"
+        # The backup commits before it ACKs, and cannot be ahead of what was taken.
+        assert p["acked_epoch"] - 1 <= b["epoch"] <= p["epoch"] + 3
+    (t0, p0, _), (t1, p1, _) = samples[0], samples[-1]
+    eps = (p1["epoch"] - p0["epoch"]) / (t1 - t0)
+    dump_ms = p1["dump_ms"]["p50"]
+    possible = 1000 / max(50.0, dump_ms)
+    print(f"epochs/s {eps:.1f} (possible {possible:.1f}); pause p50 {p1['pause_ms']['p50']} ms "
+          f"p99 {p1['pause_ms']['p99']} ms; ack p50 {p1['ack_latency_ms']['p50']} ms; "
+          f"bytes/epoch p50 {p1['bytes_per_epoch']['p50']} of {p1['checkpoint_bytes']}")
+    assert eps >= 0.8 * possible
+    assert p1["netbuf"]["released_packets"] > 0 and p1["guarantee"] is True
+
+
+def test_idle_service_sends_small_deltas(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected(min_acked=20)
+    time.sleep(3)
+    p = sc.status("pri")
+    assert p is not None
+    median = p["bytes_per_epoch"]["p50"]
+    full = p["checkpoint_bytes"]
+    print(f"idle redis: median {median} bytes/epoch vs checkpoint {full} bytes "
+          f"({100 * median / full:.2f}%)")
+    assert full > 1_000_000
+    assert median < 0.1 * full
+
+
+def _agent_log(sc: Any, name: str) -> str:
+    return (sc.workdir / name).read_text(errors="replace")
+
+
+def test_wrong_key_is_rejected_and_store_untouched(scenario: Any, tmp_path: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected()
+    before = sc.status("bak")
+    assert before is not None
+    # A second primary with another key: refused at the first frame, nothing committed.
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(os.urandom(32).hex())
+    intruder = sc.lab.popen("pri", [*REMUS, "-v", "run", "--backup", sc.lab.addr("bak"),
+                                    "--key-file", str(wrong), "--vip", "10.77.0.101/24",
+                                    "--name", "evil", "--", "sleep", "1000"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "evil.log", "wb"),
+                            cwd=str(REPO), start_new_session=True)
+    sc.procs.append(intruder)
+    time.sleep(2.0)
+    after = sc.status("bak")
+    assert after is not None
+    assert after["generation"] == before["generation"], "the intruder changed the lineage"
+    assert after["state"] == "replicating" and after["epoch"] >= before["epoch"]
+    log = _agent_log(sc, "backup.log")
+    assert "authentication" in log.lower() or "tag" in log.lower(), log[-2000:]
+    evil = (tmp_path / "evil.log").read_text()
+    assert "handshake" in evil or "refused" in evil, evil[-2000:]
+
+
+def test_second_primary_is_rejected(scenario: Any, tmp_path: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected()
+    second = sc.lab.popen("pri", [*REMUS, "-v", "run", "--backup", sc.lab.addr("bak"),
+                                  "--key-file", str(sc.key), "--vip", "10.77.0.102/24",
+                                  "--name", "two", "--", "sleep", "1000"],
+                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / "two.log", "wb"),
+                          cwd=str(REPO), start_new_session=True)
+    sc.procs.append(second)
+    time.sleep(2.0)
+    b = sc.status("bak")
+    assert b is not None and b["unit"] == "kv" and b["state"] == "replicating"
+    assert "another primary" in (tmp_path / "two.log").read_text()
+    assert "rejected connection" in _agent_log(sc, "backup.log")
+
+
+def test_backup_kill9_comes_back_with_last_commit(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    bak = sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected(min_acked=10)
+    os.kill(bak.pid, signal.SIGKILL)
+    bak.wait()
+    p = sc.status("pri")
+    assert p is not None
+    acked_before = p["acked_epoch"]
+    sc.start_backup()
+    time.sleep(0.5)
+    text = _agent_log(sc, "backup.log")
+    line = [ln for ln in text.splitlines() if "recovered generation" in ln][-1]
+    recovered = int(line.split("epoch")[-1].split()[0])
+    assert recovered >= acked_before, (recovered, acked_before)
+    # The primary reconnects, starts a new generation with a full checkpoint, goes on.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        p2 = sc.status("pri")
+        if p2 and p2["generation"] != p["generation"] and p2["acked_epoch"] > acked_before + 3:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"protection did not resume: {p2}")
+
+
+def test_set_interval_and_stop(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup()
+    primary = sc.start_primary()
+    sc.wait_protected()
+    r = sc.lab.run("pri", [*REMUS, "set-interval", "25ms"], capture_output=True, text=True,
+                   cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    t0, e0 = time.monotonic(), sc.status("pri")["epoch"]
+    time.sleep(2)
+    p = sc.status("pri")
+    eps = (p["epoch"] - e0) / (time.monotonic() - t0)
+    assert p["interval_ms"] == 25
+    assert eps > 25, f"{eps:.1f} epochs/s at 25 ms"
+    bad = sc.lab.run("pri", [*REMUS, "set-interval", "fast"], capture_output=True, text=True,
+                     cwd=str(REPO))
+    assert bad.returncode != 0 and "fast" in bad.stderr
+    unit_pid = p["unit_pid"]
+    r = sc.lab.run("pri", [*REMUS, "stop"], capture_output=True, text=True, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    primary.wait(10)
+    assert primary.returncode == 0
+    assert os.path.exists(f"/proc/{unit_pid}"), "stop must leave the unit running"
+    # Unprotected now: the client is served at once, and the backup does not take over.
+    res = sc.wait_client(sc.start_client(1, "after.json"), "after.json")
+    assert res["connection_survived"] and res["acked"] > 0
+    time.sleep(1.0)
+    b = sc.status("bak")
+    assert b is not None and b["state"] == "idle", b
+    rules = sc.lab.run("pri", ["iptables", "-S"], capture_output=True, text=True).stdout
+    assert "REMUS" not in rules
+
+
+def test_status_json_keys(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup()
+    sc.start_primary()
+    sc.wait_protected()
+    for host in ("pri", "bak"):
+        st = sc.status(host)
+        assert st is not None
+        for key in ("role", "pid", "unit_pid", "generation", "epoch", "acked_epoch",
+                    "interval_ms", "pause_ms", "bytes_per_epoch", "ack_latency_ms"):
+            assert key in st, (host, key)
+    human = sc.lab.run("pri", [*REMUS, "status"], capture_output=True, text=True, cwd=str(REPO))
+    assert "epoch / acked" in human.stdout and "pause ms" in human.stdout
+    assert json.loads(sc.lab.run("bak", [*REMUS, "status", "--json"], capture_output=True,
+                                 text=True, cwd=str(REPO)).stdout)["role"] == "backup"
