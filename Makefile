@@ -33,7 +33,7 @@ demo: setup
 	$(PY) bin/demo
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lab-down: setup
 	./bin/remus lab down

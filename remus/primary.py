@@ -197,7 +197,7 @@ class Primary:
         finally:
             self.buffer.hold_inbound(False)
         self.epoch = e + 1
-        self.pause.add(res.frozen_ms)
+        self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
         self.sendq.put((e, d, res))
 

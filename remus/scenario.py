@@ -40,6 +40,7 @@ class Scenario:
     unit: str = "kv"
     extra_primary: list[str] = field(default_factory=list)
     extra_backup: list[str] = field(default_factory=list)
+    command: list[str] | None = None  # overrides the server's command line
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class Scenario:
         if not self.key.exists():
             self.key.write_text(os.urandom(32).hex() + "\n")
             self.key.chmod(0o600)
-        self.port = SERVERS[self.server][1]
+        self.port = SERVERS[self.server][1] if self.server in SERVERS else 0
 
     # -- agents -------------------------------------------------------------
     def _spawn(self, host: str, argv: list[str], logname: str) -> subprocess.Popen[bytes]:
@@ -65,7 +66,7 @@ class Scenario:
                                    *self.extra_backup], "backup.log")
 
     def start_primary(self) -> subprocess.Popen[bytes]:
-        argv, _ = SERVERS[self.server]
+        argv = self.command or SERVERS[self.server][0]
         return self._spawn("pri", [*REMUS, "-v", "run", "--backup", self.lab.addr("bak"),
                                    "--key-file", str(self.key), "--vip", self.lab.vip,
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
