@@ -170,6 +170,7 @@ def takeover(b: Backup, why: str) -> None:
     cg.create()
     criu = Criu(netns=spec.netns_path)
     images = b.store.images_dir()
+    tl["restore_start"] = time.time()
     pid = criu.restore(images, cgroup_procs=cg.procs_file)
     tl["restored"] = time.time()
     tl["unit_pid"] = pid
@@ -227,4 +228,5 @@ def make_backup(opts: dict[str, Any]) -> Backup:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FatalError(f"--workdir {cfg.workdir}: {e.strerror}") from e
+    threading.Thread(target=Criu().warm_up, name="criu-warm-up", daemon=True).start()
     return Backup(cfg, prepare=prepare_standby, takeover=takeover)
