@@ -89,22 +89,14 @@ class Criu:
         freeze_cgroup: str | None = None,
         log_level: int = 1,
     ) -> DumpResult:
-        rpc = _rpc()
-        req = rpc.criu_req()
-        req.type = rpc.DUMP
+        req = _request("DUMP", "dump.log", log_level, notify)
         o = req.opts
         o.pid = pid
         o.leave_running = True
-        o.tcp_established = True
         o.tcp_skip_in_flight = True
-        o.ext_unix_sk = True
-        o.file_locks = True
+        # The output buffer holds the unit's inbound packets during the dump
+        # instead of CRIU's lock (which drops them and costs 35-70 ms).
         o.network_lock = NETWORK_LOCK_SKIP
-        o.manage_cgroups = True
-        o.manage_cgroups_mode = CG_MODE_IGNORE
-        o.log_level = log_level
-        o.log_file = "dump.log"
-        o.notify_scripts = notify is not None
         if freeze_cgroup:
             o.freeze_cgroup = freeze_cgroup
         t0 = time.perf_counter()
@@ -121,19 +113,8 @@ class Criu:
         log_level: int = 4,
     ) -> int:
         """Restore the image set; the root task becomes our child. Returns its pid."""
-        rpc = _rpc()
-        req = rpc.criu_req()
-        req.type = rpc.RESTORE
-        o = req.opts
-        o.tcp_established = True
-        o.ext_unix_sk = True
-        o.file_locks = True
-        o.rst_sibling = True
-        o.manage_cgroups = True
-        o.manage_cgroups_mode = CG_MODE_IGNORE
-        o.log_level = log_level
-        o.log_file = "restore.log"
-        o.notify_scripts = notify is not None
+        req = _request("RESTORE", "restore.log", log_level, notify)
+        req.opts.rst_sibling = True
         resp = self._call(req, images_dir, notify, cgroup_procs=cgroup_procs)
         return int(resp.restore.pid)
 
@@ -215,6 +196,24 @@ class Criu:
 
 
 _REQ_NAMES = {1: "dump", 2: "restore"}
+
+
+def _request(kind: str, log_file: str, log_level: int, notify: Notify | None) -> Any:
+    """A criu_req with the options dump and restore share."""
+    rpc = _rpc()
+    req = rpc.criu_req()
+    req.type = getattr(rpc, kind)
+    o = req.opts
+    o.tcp_established = True
+    o.ext_unix_sk = True
+    o.file_locks = True
+    # cgroup paths differ between hosts: restored tasks join the cgroup CRIU runs in.
+    o.manage_cgroups = True
+    o.manage_cgroups_mode = CG_MODE_IGNORE
+    o.log_level = log_level
+    o.log_file = log_file
+    o.notify_scripts = notify is not None
+    return req
 
 
 def _log_tail(images_dir: Path) -> str:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,7 @@ print(c.recv(100).decode())
 """
 
 
-@pytest.fixture(scope="module")
-def lab(lab_lock: None) -> Iterator[Lab]:
-    lab = Lab()
-    lab.down()  # leftovers of an earlier run
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
+# The `lab` fixture (module scope: lock, down, up, ... down) comes from tests/conftest.py.
 
 
 def serve_once(lab: Lab, host: str, bind: str, port: int, msg: str) -> subprocess.Popen[str]:

@@ -76,6 +76,15 @@ def test_idle_service_sends_small_deltas(scenario: Any) -> None:
     assert median < 0.1 * full
 
 
+def _extra_primary(sc: Any, key: Any, name: str, vip: str, log: Any) -> None:
+    """Start another `remus run` on pri (sleep as its unit); it is stopped with the scenario."""
+    p = sc.lab.popen("pri", [*REMUS, "-v", "run", "--backup", sc.lab.addr("bak"), "--key-file",
+                             str(key), "--vip", vip, "--name", name, "--", "sleep", "1000"],
+                     stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=str(REPO),
+                     start_new_session=True)
+    sc.procs.append(p)
+
+
 def _agent_log(sc: Any, name: str) -> str:
     return (sc.workdir / name).read_text(errors="replace")
 
@@ -90,12 +99,7 @@ def test_wrong_key_is_rejected_and_store_untouched(scenario: Any, tmp_path: Any)
     # A second primary with another key: refused at the first frame, nothing committed.
     wrong = tmp_path / "wrong.key"
     wrong.write_text(os.urandom(32).hex())
-    intruder = sc.lab.popen("pri", [*REMUS, "-v", "run", "--backup", sc.lab.addr("bak"),
-                                    "--key-file", str(wrong), "--vip", "10.77.0.101/24",
-                                    "--name", "evil", "--", "sleep", "1000"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "evil.log", "wb"),
-                            cwd=str(REPO), start_new_session=True)
-    sc.procs.append(intruder)
+    _extra_primary(sc, wrong, "evil", "10.77.0.101/24", tmp_path / "evil.log")
     time.sleep(2.0)
     after = sc.status("bak")
     assert after is not None
@@ -112,12 +116,7 @@ def test_second_primary_is_rejected(scenario: Any, tmp_path: Any) -> None:
     sc.start_backup()
     sc.start_primary()
     sc.wait_protected()
-    second = sc.lab.popen("pri", [*REMUS, "-v", "run", "--backup", sc.lab.addr("bak"),
-                                  "--key-file", str(sc.key), "--vip", "10.77.0.102/24",
-                                  "--name", "two", "--", "sleep", "1000"],
-                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / "two.log", "wb"),
-                          cwd=str(REPO), start_new_session=True)
-    sc.procs.append(second)
+    _extra_primary(sc, sc.key, "two", "10.77.0.102/24", tmp_path / "two.log")
     time.sleep(2.0)
     b = sc.status("bak")
     assert b is not None and b["unit"] == "kv" and b["state"] == "replicating"
