@@ -82,7 +82,7 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
                         psk=opts["psk"], timing=opts["timing"], pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
                         compress=opts.get("compress", False), on_peer_loss=opts["on_peer_loss"],
-                        trace=opts.get("trace"), fence=lambda: _kill(pid))
+                        trace=opts.get("trace"), fence=lambda: _fence(container, pid))
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -120,6 +120,12 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None
+
+
+def _fence(container: Container, pid: int) -> None:
+    """Cut the unit off the network first (a dying kernel still sends), then kill it."""
+    container.deactivate()
+    _kill(pid)
 
 
 def _kill(pid: int) -> None:

@@ -36,6 +36,10 @@ class Link:
         self.bytes_sent = 0
         sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def set_user_timeout(self, seconds: float) -> None:
+        """Unacknowledged data older than this kills the connection (partition guard)."""
+        self.sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
     def send_raw(self, data: bytes | list[bytes]) -> None:
         if self.closed:
             raise LinkClosed(f"link to {self.peer} is closed")

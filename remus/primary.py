@@ -370,6 +370,7 @@ class Primary:
             self.stop_event.wait(1.0)
             return
         sk.settimeout(None)
+        link.set_user_timeout(max(1.0, 5 * self.cfg.timing.lease))
         self.generation = gen
         self.need_full = True
         self.link = link
@@ -383,6 +384,12 @@ class Primary:
         while not self.stop_event.wait(self.cfg.timing.heartbeat):
             link = self.link
             if link is None or link.closed:
+                continue
+            if self.acked >= 0 and self.clock() > self.lease_until:
+                # A partition leaves TCP open but silent: the lease is the truth.
+                log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms); "
+                            "dropping the link", self.cfg.timing.lease * 1000)
+                link.close()
                 continue
             try:
                 link.send(m.Heartbeat(generation=self.generation, epoch=self.epoch,
@@ -404,14 +411,25 @@ class Primary:
 
     # -- shutdown and status -----------------------------------------------------
     def close(self, release_output: bool) -> None:
+        """Clean stop (release_output): Bye, release held output, remove the buffer.
+
+        Otherwise (fatal error, fence) the buffer's rules stay in place with no
+        one reading the queue, so the kernel drops the unit's packets: fail closed.
+        The backup is told nothing and takes over if it must.
+        """
         link = self.link
-        if link is not None and not link.closed:
+        if release_output and link is not None and not link.closed:
             try:
                 link.send(m.Bye(reason=getattr(self, "_stop_reason", "primary stopping")))
             except LinkClosed:
                 pass
+        if link is not None:
             link.close()
-        self.buffer.close(release_all=release_output)
+        if release_output:
+            self.buffer.close(release_all=True)
+        else:
+            log.error("protection ended abnormally: the unit's output stays blocked (fail "
+                      "closed); `remus lab`/operator must remove the REMUS iptables chain")
         shutil.rmtree(self.cfg.dump_root, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:

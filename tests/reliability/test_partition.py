@@ -1,0 +1,266 @@
+"""Partition of the replication path only: pri and bak lose each other, the client
+still reaches pri. What each --on-peer-loss policy must do, checked on the wire.
+
+The cut is iptables DROP in pri's host namespace for bak's address, both
+directions (INPUT from bak, OUTPUT to bak); ARP and the client's path are
+untouched. The client's namespace captures every frame from the VIP with its
+link-level header (`tcpdump -e`): pri's eth0 MAC on a frame means pri's copy
+released it, bak's MAC means bak's copy did (both route the VIP from their
+unit's namespace out of their own eth0).
+
+stall (default): pri holds output once ACKs stop; bak takes over after
+  --takeover-timeout and announces the VIP; the client's connection goes on
+  through bak; after the first frame from bak no frame from pri ever reaches
+  the client (one active copy). Healed, pri reconnects, is refused ("taken
+  over"), kills its unit and exits non-zero saying "fenced".
+continue: pri runs unprotected once its lease lapses (status protected false,
+  last says UNPROTECTED); bak does not take over (state primary-lost); the
+  client is served by pri only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+CUT_AFTER = 2.0  # client running (and acked) before the cut
+
+
+@dataclass(frozen=True)
+class Frame:
+    time: float
+    src_mac: str
+    payload: int  # TCP payload bytes
+    text: str  # tcpdump's line, for messages
+
+
+class Partition:
+    """DROP between pri and bak, installed in pri's host netns; idempotent heal."""
+
+    def __init__(self, lab: Any) -> None:
+        self.netns = lab.netns_path("pri")
+        self.bak = lab.addr("bak")
+        self.rules = [["INPUT", "-s", self.bak, "-j", "DROP"],
+                      ["OUTPUT", "-d", self.bak, "-j", "DROP"]]
+        self.active = False
+
+    def _ipt(self, op: str, rule: list[str], check: bool = True) -> None:
+        subprocess.run(["nsenter", f"--net={self.netns}", "--", "iptables", "-w", op, *rule],
+                       check=check, capture_output=True)
+
+    def cut(self) -> float:
+        self.active = True
+        for rule in self.rules:
+            self._ipt("-I", rule)
+        return time.time()
+
+    def heal(self) -> float:
+        if self.active and os.path.exists(self.netns):
+            for rule in self.rules:
+                self._ipt("-D", rule, check=False)
+        self.active = False
+        return time.time()
+
+
+class Capture:
+    """tcpdump -e in the client's namespace: every TCP frame from the VIP."""
+
+    def __init__(self, lab: Any, path: Path) -> None:
+        self.lab, self.path = lab, path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # -Z root: tcpdump would drop to its own user and fail to write the file.
+        self.proc = self.lab.popen("client", ["tcpdump", "-i", "eth0", "-n", "-U", "-Z", "root",
+                                              "-s", "128", "-w", str(self.path),
+                                              f"ip src host {self.lab.vip_addr} and tcp"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not self.path.exists():
+            time.sleep(0.05)
+        time.sleep(0.3)  # tcpdump prints "listening" only after the file is open
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is not None and p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)  # the lab's exec chain makes p.pid tcpdump's pid
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def frames(self) -> list[Frame]:
+        out = subprocess.run(["tcpdump", "-r", str(self.path), "-e", "-n", "-tt"],
+                             capture_output=True, text=True, check=True).stdout
+        frames = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) < 3 or ", length " not in line:
+                continue
+            digits = line.rsplit("length ", 1)[-1].split(":")[0]
+            frames.append(Frame(float(parts[0]), parts[1].lower(),
+                                int(digits) if digits.isdigit() else 0, line))
+        return frames
+
+
+@pytest.fixture
+def wire(lab: Any, tmp_path: Path) -> Iterator[tuple[Partition, Capture]]:
+    part = Partition(lab)
+    cap = Capture(lab, tmp_path / "client.pcap")
+    try:
+        yield part, cap
+    finally:
+        cap.stop()
+        with contextlib.suppress(Exception):
+            part.heal()
+
+
+def macs(lab: Any) -> tuple[str, str]:
+    hosts = lab.status()["hosts"]
+    return hosts["pri"]["mac"].lower(), hosts["bak"]["mac"].lower()
+
+
+def wait_status(sc: Any, host: str, ok: Any, timeout: float) -> dict[str, Any] | None:
+    """Poll `remus status` on host until ok(status); the last status either way."""
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        st = sc.status(host)
+        if st is not None and ok(st):
+            break
+        time.sleep(0.1)
+    return st
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if " D " not in ln]
+        return "\n".join(lines[-n:])
+    except OSError:
+        return "(missing)"
+
+
+def logs(sc: Any) -> str:
+    return (f"\n--- primary.log ---\n{tail(sc.workdir / 'primary.log')}"
+            f"\n--- backup.log ---\n{tail(sc.workdir / 'backup.log')}")
+
+
+def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any, wire: Any) -> None:
+    part, cap = wire
+    sc = scenario(server="redis")
+    pri_mac, bak_mac = macs(sc.lab)
+    sc.start_backup()
+    time.sleep(0.5)
+    agent = sc.start_primary()
+    st = sc.wait_protected(timeout=30)
+    unit_pid = int(st["unit_pid"])
+    cap.start()
+    client = sc.start_client(12, "client.json", stall_timeout=15)
+    time.sleep(CUT_AFTER)
+    cut_at = part.cut()
+
+    bak = wait_status(sc, "bak", lambda s: s["state"] in ("active", "failed"), 10)
+    assert bak and bak["state"] == "active", f"backup did not take over: {bak}{logs(sc)}"
+    pri = sc.status("pri")
+    assert pri is not None, "the partitioned primary stopped answering" + logs(sc)
+    released = pri["netbuf"]["released_packets"]
+    time.sleep(2.0)
+    pri2 = sc.status("pri")
+    assert pri2 is not None
+    # Stalled: nothing more left pri's buffer since the backup took over.
+    assert pri2["netbuf"]["released_packets"] == released, (pri, pri2)
+    assert pri2["acked_epoch"] == pri["acked_epoch"]
+    assert alive(unit_pid), "pri's unit died before the partition healed"
+
+    healed_at = part.heal()
+    try:
+        rc = agent.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"old primary did not fence itself within 30 s of the heal{logs(sc)}")
+    fenced_at = time.time()
+    res = sc.wait_client(client, "client.json", timeout=60)
+    time.sleep(0.5)
+    cap.stop()
+
+    plog = (sc.workdir / "primary.log").read_text(errors="replace")
+    assert rc != 0 and "fenced" in plog, f"rc {rc}{logs(sc)}"
+    assert "taken over" in plog, logs(sc)
+    assert not alive(unit_pid), f"pri's unit (pid {unit_pid}) survived fencing"
+    assert res["connection_survived"] and res["verified"], res["error"]
+    assert res["missing"] == 0 and res["wrong_values"] == 0, res["missing_sample"]
+    after = [t for t in res["reply_times"] if t > cut_at]
+    assert after, "no reply after the cut: the client was never served by bak"
+
+    frames = cap.frames()
+    from_pri = [f for f in frames if f.src_mac == pri_mac]
+    from_bak = [f for f in frames if f.src_mac == bak_mac]
+    assert from_pri and from_bak, (len(from_pri), len(from_bak), len(frames))
+    assert {f.src_mac for f in frames} <= {pri_mac, bak_mac}, {f.src_mac for f in frames}
+    first_bak = from_bak[0].time
+    late = [f for f in from_pri if f.time >= first_bak]
+    assert not late, (f"pri's side sent {len(late)} frames after bak's first "
+                      f"({from_bak[0].text}):\n" + "\n".join(f.text for f in late[:5]) + logs(sc))
+    # Nothing pri sent after the cut can be newer than what bak acked before it: pri
+    # released only epochs acked before cut_at (+ the ACKs in flight at that moment).
+    assert all(f.time < cut_at + 0.2 for f in from_pri), [f.text for f in from_pri
+                                                          if f.time >= cut_at + 0.2][:5]
+    print(f"\nstall: cut at 0, bak live at {bak['failover']['address_up'] - cut_at:.3f} s, "
+          f"first frame from bak at {first_bak - cut_at:.3f} s, last from pri at "
+          f"{from_pri[-1].time - cut_at:.3f} s; healed at {healed_at - cut_at:.1f} s, old primary "
+          f"exited {rc} at {fenced_at - cut_at:.1f} s; client gap {res['max_gap_s']:.3f} s, "
+          f"{res['acked']} acked, 0 missing")
+
+
+def test_partition_continue_primary_runs_unprotected(scenario: Any, wire: Any) -> None:
+    part, cap = wire
+    sc = scenario(server="redis", extra_primary=["--on-peer-loss", "continue"])
+    pri_mac, bak_mac = macs(sc.lab)
+    sc.start_backup()
+    time.sleep(0.5)
+    sc.start_primary()
+    sc.wait_protected(timeout=30)
+    cap.start()
+    client = sc.start_client(10, "client.json", stall_timeout=15)
+    time.sleep(CUT_AFTER)
+    cut_at = part.cut()
+
+    pri = wait_status(sc, "pri", lambda s: not s["protected"], 5)
+    assert pri and not pri["protected"], f"primary still protected 5 s after the cut: {pri}{logs(sc)}"
+    assert "UNPROTECTED" in pri["last"], pri["last"]
+    bak = wait_status(sc, "bak", lambda s: s["state"] != "replicating", 5)
+    assert bak and bak["state"] == "primary-lost", f"{bak}{logs(sc)}"
+    res = sc.wait_client(client, "client.json", timeout=60)
+    bak = sc.status("bak")
+    assert bak is not None and bak["state"] == "primary-lost", bak
+    cap.stop()
+    part.heal()
+
+    assert res["connection_survived"] and res["verified"], res["error"]
+    assert res["missing"] == 0 and res["wrong_values"] == 0
+    frames = cap.frames()
+    assert frames and all(f.src_mac == pri_mac for f in frames), \
+        {f.src_mac for f in frames} - {pri_mac}
+    served = [t for t in res["reply_times"] if t > cut_at + 1.0]
+    assert len(served) > 100, f"pri did not go on serving after the cut ({len(served)} replies)"
+    print(f"\ncontinue: pri unprotected, bak {bak['state']}; client gap {res['max_gap_s']:.3f} s, "
+          f"{len(served)} replies from pri more than 1 s after the cut, {bak_mac} never seen")
