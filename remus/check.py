@@ -181,7 +181,7 @@ _NO_BUFFER = "no output buffer: remus cannot hold output until the backup acks"
 _CONSEQUENCES: dict[str, tuple[str, str]] = {  # name -> (when ok, when not ok)
     "root": ("CRIU, namespaces and netfilter are usable", "remus cannot run: it needs root"),
     "soft_dirty": (
-        "memory deltas from CRIU memory tracking (dirty pages only)",
+        "available, but CRIU memory tracking is not wired in yet: deltas still come from a page-content diff",
         "memory deltas by page-content diff instead of CRIU memory tracking",
     ),
     "userfaultfd": (

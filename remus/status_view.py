@@ -26,7 +26,7 @@ def render(s: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("role", f"{s.get('role')}" + (f" ({s['state']})" if s.get("state") else "")),
         ("agent pid", str(s.get("pid"))),
-        ("unit", f"{s.get('unit')} (pid {s.get('unit_pid')})"),
+        ("unit", f"{s.get('unit')}" + (f" (pid {s['unit_pid']})" if s.get("unit_pid") else "")),
         ("generation", str(s.get("generation"))),
         ("epoch / acked", f"{s.get('epoch')} / {s.get('acked_epoch')}"),
     ]
@@ -53,8 +53,12 @@ def render(s: dict[str, Any]) -> str:
             ("bytes/epoch p50", _bytes((s.get("bytes_per_epoch") or {}).get("p50"))),
             ("receive ms last/p50/p99", _ms(s.get("ack_latency_ms"))),
         ]
-        if s.get("failover"):
-            rows.append(("failover", ", ".join(f"{k}={v}" for k, v in s["failover"].items())))
+        fo = s.get("failover")
+        if fo and fo.get("detected"):
+            t0 = fo["detected"]
+            steps = [f"{k} +{(v - t0) * 1000:.0f} ms" for k, v in fo.items()
+                     if k not in ("detected", "unit_pid") and isinstance(v, int | float)]
+            rows.append(("failover", "detected, " + ", ".join(steps)))
     rows.append(("last", str(s.get("last"))))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
