@@ -17,6 +17,7 @@ from typing import Any
 
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
+from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
@@ -175,13 +176,24 @@ def takeover(b: Backup, why: str) -> None:
     cg = UnitCgroup(spec.name)
     cg.create()
     criu = Criu(netns=spec.netns_path)
-    images = b.store.images_dir()
-    tl["restore_start"] = time.time()
-    pid = criu.restore(images, cgroup_procs=cg.procs_file)
-    tl["restored"] = time.time()
+    images, queues = restore_prep.prepare(b.store.images_dir(), b.cfg.workdir / "restore")
+    # The address comes up before the restore so that the unit's queued output
+    # leaves the moment CRIU restores it; packets towards the unit are dropped
+    # until its sockets exist (else its kernel answers them with RST).
+    container.hold_inbound(True)
+    try:
+        container.activate(announce=True)
+        tl["address_up"] = time.time()
+        tl["restore_start"] = time.time()
+        pid = criu.restore(images, cgroup_procs=cg.procs_file)
+        tl["restored"] = time.time()
+    except BaseException:
+        container.deactivate()  # do not claim an address with nothing behind it
+        raise
+    finally:
+        container.hold_inbound(False)
     tl["unit_pid"] = pid
-    container.activate(announce=True)
-    tl["address_up"] = time.time()
+    log.info("restore: %d TCP send queue(s) marked for immediate transmission", queues)
     threading.Thread(target=_reap, args=(pid,), daemon=True).start()
     log.warning("unit %s restored from epoch %d as pid %d; %s is live on %s",
                 spec.name, b.epoch, pid, spec.vip, spec.dev)

@@ -139,6 +139,16 @@ class Container:
         if active:
             self.activate(announce=False)
 
+    def hold_inbound(self, on: bool) -> None:
+        """Drop packets towards the unit (while a restore runs: its kernel would RST them)."""
+        rule = ["FORWARD", "-o", self.spec.host_if, "-j", "DROP", "-m", "comment",
+                "--comment", f"remus-restore-{self.spec.name}"]
+        if on:
+            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+        else:
+            while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
+                pass
+
     def activate(self, announce: bool = True) -> None:
         """Route the VIP to the unit and claim it on the LAN (idempotent)."""
         s = self.spec
