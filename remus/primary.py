@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remus.checkpoint.criu import Criu, DumpResult
+from remus.checkpoint.criu import Criu, DumpResult, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
 from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
@@ -106,6 +106,7 @@ class Primary:
     # -- public -------------------------------------------------------------
     def run(self) -> None:
         self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
+        clear_stale_parasite_dir(self.cfg.pid)
         threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
                    threading.Thread(target=self._guard(self._heartbeat_loop), name="heartbeat",
                                     daemon=True)]
@@ -188,6 +189,7 @@ class Primary:
                                  freeze_cgroup=self.cfg.freeze_cgroup)
         except CheckpointError as err:
             shutil.rmtree(d, ignore_errors=True)
+            clear_stale_parasite_dir(self.cfg.pid)
             if not _alive(self.cfg.pid):
                 raise FatalError(f"the unit (pid {self.cfg.pid}) has exited") from err
             log.error("checkpoint of epoch %d failed: %s", e, err)

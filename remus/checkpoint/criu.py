@@ -238,6 +238,24 @@ def _dump_result(images_dir: Path, wall_ms: float) -> DumpResult:
     )
 
 
+def clear_stale_parasite_dir(pid: int) -> bool:
+    """Remove `proc.crtools` left in the unit's cwd by a dump that was killed.
+
+    CRIU's parasite mounts a private /proc at the fixed name `proc.crtools` in
+    the dumped task's working directory when the task is in its own PID
+    namespace. A dump killed half-way (power cut, kill -9) leaves the empty
+    directory behind, and every later dump then fails ("Can't get proc fd").
+    rmdir only removes an empty directory that is not a mount point.
+    """
+    try:
+        os.rmdir(f"/proc/{pid}/cwd/proc.crtools")
+    except OSError:
+        return False
+    log.warning("removed a stale proc.crtools directory in the cwd of pid %d "
+                "(left by an interrupted dump)", pid)
+    return True
+
+
 def read_dump_stats(images_dir: Path) -> dict[str, int]:
     """CRIU's `stats-dump` image as a dict (times in microseconds)."""
     p = images_dir / "stats-dump"
