@@ -199,3 +199,22 @@ def test_status_json_keys(scenario: Any) -> None:
     assert "epoch / acked" in human.stdout and "pause ms" in human.stdout
     assert json.loads(sc.lab.run("bak", [*REMUS, "status", "--json"], capture_output=True,
                                  text=True, cwd=str(REPO)).stdout)["role"] == "backup"
+
+
+def test_stale_parasite_dir_is_cleared(scenario: Any) -> None:
+    """A dump killed mid-way leaves proc.crtools in the unit's cwd; protection must recover."""
+    sc = scenario(server="redis")
+    sc.start_backup()
+    sc.start_primary()
+    p = sc.wait_protected()
+    stale = f"/proc/{p['unit_pid']}/cwd/proc.crtools"
+    os.mkdir(stale, 0o700)
+    try:
+        time.sleep(1.0)
+        after = sc.status("pri")
+        assert after is not None and after["acked_epoch"] > p["acked_epoch"] + 5
+        assert not os.path.exists(stale)
+        assert "stale proc.crtools" in _agent_log(sc, "primary.log")
+    finally:
+        if os.path.isdir(stale):
+            os.rmdir(stale)
