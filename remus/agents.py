@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from remus import netdesc
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
@@ -22,7 +22,7 @@ from remus.checkpoint.criu import Criu
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
 from remus.primary import Primary, PrimaryConfig
-from remus.unit import Container, UnitSpec, netns_of, start_unit
+from remus.unit import Container, UnitSpec, hold_inbound, netns_of, start_unit
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
         released = True  # stopped cleanly: the unit continues unprotected
     finally:
         ctl.close()
-        p.close(release_output=released)
+        # Never protected (no checkpoint acknowledged): the backup cannot take over,
+        # so blocking the unit's output would only take the service down.
+        p.close(release_output=released or p.acked < 0)
         for s, h in prev.items():
             signal.signal(s, h)
         if on_stop is not None:
@@ -102,7 +104,7 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
 
 
 def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) -> tuple[Primary, Any]:
-    """`remus protect PID`: the process must already have its own netns."""
+    """`remus protect PID`: the process must already have its own netns (a container)."""
     own = netns_of(os.getpid())
     theirs = netns_of(pid)
     if own == theirs:
@@ -110,14 +112,24 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
             f"pid {pid} shares this host's network namespace: remus cannot hold its output or "
             "move its connections (transparent TCP failover needs the service in its own network "
             "namespace). Start it with `remus run -- CMD` instead, or put it in a container.")
-    host_if = opts.get("host_if") or _find_host_veth(pid)
-    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if}
-    buffer = buffer_factory(host_if)
+    desc = netdesc.describe(pid)
+    host_if = desc["host_if"]
+    if opts.get("host_if") and opts["host_if"] != host_if:
+        raise ConfigError(f"--host-if {opts['host_if']}: pid {pid}'s veth peer on this host is "
+                          f"{host_if}")
+    for w in desc.get("warnings", []):
+        log.warning("container of pid %d: %s", pid, w)
+    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if, "netdesc": desc}
+    buffer = buffer_factory(host_if, bridged=desc.get("bridge") is not None)
+
+    def fence() -> None:
+        netdesc.deactivate(desc)
+        _kill(pid)
+
     cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
                         timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
                         dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
-                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"),
-                        fence=lambda: _kill(pid))
+                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence)
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None
@@ -136,26 +148,15 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _find_host_veth(pid: int) -> str:
-    """The host-side peer of the container's veth (by the peer's ifindex)."""
-    out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link", "show",
-                          "type", "veth"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        name = line.split(":")[1].strip()
-        if "@if" in name:
-            idx = name.split("@if")[1]
-            for path in Path("/sys/class/net").iterdir():
-                if (path / "ifindex").read_text().strip() == idx:
-                    return path.name
-    raise ConfigError(f"pid {pid}: no veth linking its network namespace to this host "
-                      "(give the host side with --host-if)")
-
-
 # -- backup side -----------------------------------------------------------------
 def prepare_standby(spec_json: dict[str, Any]) -> None:
     """Build the container a restore will need (host side of the veth down)."""
     if spec_json.get("mode") == "protect":
-        return  # the operator prepares the container for `protect` units
+        # Rebuilt on every HELLO: the standby follows the newest description.
+        netdesc.build(spec_json["netdesc"], f"remus-{spec_json['name']}", active=False)
+        log.info("standby container remus-%s rebuilt from the primary's description",
+                 spec_json["name"])
+        return
     spec = UnitSpec.from_json(spec_json)
     c = Container(spec)
     if not c.exists():
@@ -169,18 +170,25 @@ def takeover(b: Backup, why: str) -> None:
     b.store.apply_pending()
     tl["applied"] = time.time()
     assert b.unit is not None
-    spec = UnitSpec.from_json(b.unit["spec"])
-    container = Container(spec)
+    sj = b.unit["spec"]
+    container: Any
+    if sj.get("mode") == "protect":
+        container = netdesc.DescribedContainer(sj["netdesc"], f"remus-{sj['name']}")
+        name, where = sj["name"], ", ".join(sj["netdesc"].get("ipv4", []))
+    else:
+        spec = UnitSpec.from_json(sj)
+        container = Container(spec)
+        name, where = spec.name, f"{spec.vip} on {spec.dev}"
     if not container.exists():
         container.create(active=False)
-    cg = UnitCgroup(spec.name)
+    cg = UnitCgroup(name)
     cg.create()
-    criu = Criu(netns=spec.netns_path)
+    criu = Criu(netns=container.netns_path)
     images, queues = restore_prep.prepare(b.store.images_dir(), b.cfg.workdir / "restore")
     # The address comes up before the restore so that the unit's queued output
     # leaves the moment CRIU restores it; packets towards the unit are dropped
     # until its sockets exist (else its kernel answers them with RST).
-    container.hold_inbound(True)
+    hold_inbound(container.host_if, True)
     try:
         container.activate(announce=True)
         tl["address_up"] = time.time()
@@ -191,12 +199,11 @@ def takeover(b: Backup, why: str) -> None:
         container.deactivate()  # do not claim an address with nothing behind it
         raise
     finally:
-        container.hold_inbound(False)
+        hold_inbound(container.host_if, False)
     tl["unit_pid"] = pid
     log.info("restore: %d TCP send queue(s) marked for immediate transmission", queues)
     threading.Thread(target=_reap, args=(pid,), daemon=True).start()
-    log.warning("unit %s restored from epoch %d as pid %d; %s is live on %s",
-                spec.name, b.epoch, pid, spec.vip, spec.dev)
+    log.warning("unit %s restored from epoch %d as pid %d; %s is live", name, b.epoch, pid, where)
 
 
 def _reap(pid: int) -> None:

@@ -141,8 +141,8 @@ def _buffer_factory(netbuf: str, no_netbuf: bool) -> Any:
         click.echo("remus: WARNING: --no-netbuf: output is released before the backup has it; "
                    "clients can see state that a failover loses. Measurement only.", err=True)
 
-    def make(host_if: str) -> Any:
-        return make_buffer(kind, host_if)
+    def make(host_if: str, **kw: Any) -> Any:
+        return make_buffer(kind, host_if, **({} if kind == "none" else kw))
 
     return make
 

@@ -472,7 +472,10 @@ def describe(pid: int) -> Desc:
 def _iptables_warnings(netns: str) -> list[str]:
     out = []
     for tool in ("iptables-save", "ip6tables-save"):
-        res = run_cmd([tool], netns=netns, check=False)
+        try:
+            res = run_cmd([tool], netns=netns, check=False)
+        except HostError:  # no such tool here: then nobody made such rules either
+            continue
         if any(line.startswith("-A ") for line in res.stdout.splitlines()):
             out.append(f"the unit's namespace has {tool.split('-')[0]} rules: the backup does "
                        "not rebuild them")
@@ -594,3 +597,28 @@ def _announce_inside(netns_path: str, dev: str, mac: str, addr: str, count: int 
 def netns_path(netns_name: str) -> str:
     """Where build() puts the namespace (CRIU's --net target on the backup)."""
     return f"/run/netns/{netns_name}"
+
+
+class DescribedContainer:
+    """A described container with remus.unit.Container's interface, for agents
+    that handle both `remus run` and `remus protect` units the same way."""
+
+    def __init__(self, desc: Desc, netns_name: str, dev: str | None = None) -> None:
+        self.desc, self.netns, self.dev = desc, netns_name, dev
+        self.netns_path = netns_path(netns_name)
+        self.host_if: str = desc["host_if"]
+
+    def exists(self) -> bool:
+        return os.path.exists(self.netns_path)
+
+    def create(self, active: bool) -> None:
+        build(self.desc, self.netns, active)
+
+    def activate(self, announce: bool = True) -> None:
+        activate(self.desc, self.netns, self.dev, announce)
+
+    def deactivate(self) -> None:
+        deactivate(self.desc)
+
+    def remove(self) -> None:
+        remove(self.desc, self.netns)

@@ -40,6 +40,7 @@ from remus.stats import Series
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+MAX_FAILED_DUMPS = 10  # in a row: the unit cannot be checkpointed; stop saying why
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Primary:
         self.epochs_done = 0
         self.bytes_total = 0
         self.lease_until = 0.0
+        self.failed_dumps = 0
         self.last_sentence = "starting"
         self.boundary_at: dict[int, float] = {}
         self.sent_at_wall: dict[int, float] = {}
@@ -195,10 +197,15 @@ class Primary:
             log.error("checkpoint of epoch %d failed: %s", e, err)
             if boundary:
                 self.epoch = e + 1
+            self.failed_dumps += 1
+            if self.failed_dumps >= MAX_FAILED_DUMPS:
+                raise FatalError(f"{self.failed_dumps} checkpoints in a row failed; the last: "
+                                 f"{err}") from err
             return
         finally:
             self.buffer.hold_inbound(False)
         self.epoch = e + 1
+        self.failed_dumps = 0
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
         self.sendq.put((e, d, res))

@@ -114,6 +114,8 @@ class Container:
 
     def __init__(self, spec: UnitSpec) -> None:
         self.spec = spec
+        self.netns_path = spec.netns_path
+        self.host_if = spec.host_if
 
     def exists(self) -> bool:
         return Path(self.spec.netns_path).exists()
@@ -139,16 +141,6 @@ class Container:
         if active:
             self.activate(announce=False)
 
-    def hold_inbound(self, on: bool) -> None:
-        """Drop packets towards the unit (while a restore runs: its kernel would RST them)."""
-        rule = ["FORWARD", "-o", self.spec.host_if, "-j", "DROP", "-m", "comment",
-                "--comment", f"remus-restore-{self.spec.name}"]
-        if on:
-            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
-        else:
-            while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
-                pass
-
     def activate(self, announce: bool = True) -> None:
         """Route the VIP to the unit and claim it on the LAN (idempotent)."""
         s = self.spec
@@ -170,6 +162,19 @@ class Container:
         _ip("link", "del", s.host_if, check=False)
         if Path(s.netns_path).exists():
             _ip("netns", "del", s.netns, check=False)
+
+
+def hold_inbound(host_if: str, on: bool) -> None:
+    """Drop packets towards a unit behind host_if (during a restore its kernel would RST them)."""
+    rule = ["FORWARD", "-o", host_if, "-j", "DROP", "-m", "comment", "--comment",
+            f"remus-restore-{host_if}"]
+    if on:
+        p = subprocess.run(["iptables", "-I", *rule], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise HostError(f"iptables: {p.stderr.strip()}")
+    else:
+        while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
+            pass
 
 
 def gratuitous_arp(dev: str, addr: str, count: int = 3) -> None:

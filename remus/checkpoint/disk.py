@@ -523,15 +523,16 @@ class DiskTracker:
         content = {n for n in ev.content.get(i, ()) if n.kind == "f" and _attached(n, top)}
         for n in list(content):
             content |= self._other_links(i, top, n)
-        for n in content:
-            self._reread(i, n, rd, delta)
-        tree = rd.tree
-        for n in ev.meta.get(i, set()) | ev.dirty.get(i, set()) | content:
+        # The backup's apply changes the mtime of every file it writes and every
+        # directory it touches, so those get their attributes even if unchanged
+        # (mmap writes, coarse timestamps).
+        forced = {n for n in content if self._reread(i, n, rd, delta)} | ev.dirty.get(i, set())
+        for n in ev.meta.get(i, set()) | forced:
             if n.old is not None and _attached(n, top):
-                self._check_attrs(i, n, tree)
+                self._check_attrs(i, n, rd.tree, n in forced)
         moved = [n for n in dict.fromkeys(ev.moved) if n.old is not None and _attached(n, top)]
-        tree["moves"] = [[n.old, n.path()] for n in moved if n.old != n.path()]
-        tree["deletes"] = _topmost(self._deleted(i, top, ev))
+        rd.tree["moves"] = [[n.old, n.path()] for n in moved if n.old != n.path()]
+        rd.tree["deletes"] = _topmost(self._deleted(i, top, ev))
         for n in moved:
             for m in n.walk():
                 m.old = m.path()
@@ -559,21 +560,23 @@ class DiskTracker:
                 d.children[name] = child
                 self._add_entry(i, child, rd, None, delta)
 
-    def _reread(self, i: int, n: Node, rd: RootDelta, delta: DiskDelta) -> None:
+    def _reread(self, i: int, n: Node, rd: RootDelta, delta: DiskDelta) -> bool:
+        """Compare n's blocks with the last capture; True if anything is sent."""
         path = n.path()
         st = os.lstat(self.roots[i] / path)
         if st.st_ino != n.ino:
             raise CheckpointError(f"{self.roots[i] / path} changed identity without an event")
         old_size = n.size
         n.size = st.st_size
-        self._read_file(self.roots[i], n, path, n.hashes, rd, delta)
+        sent = self._read_file(self.roots[i], n, path, n.hashes, rd, delta)
         if n.size != old_size:
             rd.tree["sizes"].append([path, n.size])
+        return sent or n.size != old_size
 
-    def _check_attrs(self, i: int, n: Node, tree: dict[str, Any]) -> None:
+    def _check_attrs(self, i: int, n: Node, tree: dict[str, Any], force: bool) -> None:
         path = n.path()
         a = attrs_of(os.lstat(self.roots[i] / path))
-        if a != n.attrs:
+        if a != n.attrs or force:
             n.attrs = a
             if path:  # the root's attributes are always sent (see _finish)
                 tree["attrs"].append([path, *a])
@@ -652,11 +655,14 @@ class DiskTracker:
             rd.claimed.add(path)
         else:
             tree["creates"].append([path, n.kind, n.target])
+        written = False
         if n.kind == "f":
-            self._read_file(root, n, path, prev.hashes if same and prev else None, rd, delta)
+            written = self._read_file(root, n, path, prev.hashes if same and prev else None,
+                                      rd, delta)
             if not same or (prev is not None and prev.size != n.size):
                 tree["sizes"].append([path, n.size])
-        if not same or (prev is not None and prev.attrs != n.attrs):
+                written = True
+        if not same or written or (prev is not None and prev.attrs != n.attrs):
             tree["attrs"].append([path, *n.attrs])
         n.old = path
         if n.kind == "d":
@@ -675,8 +681,11 @@ class DiskTracker:
         delta.roots.append(rd)
 
     def _read_file(self, root: Path, n: Node, path: str, old: array[int] | None,
-                   rd: RootDelta, delta: DiskDelta) -> None:
-        """Hash n's blocks; copy the ones that differ from ``old`` into the delta."""
+                   rd: RootDelta, delta: DiskDelta) -> bool:
+        """Hash n's blocks; copy the ones that differ from ``old`` into the delta.
+
+        True if any range is sent."""
+        before = len(rd.data)
         fd = os.open(root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             size = n.size = os.fstat(fd).st_size
@@ -696,6 +705,7 @@ class DiskTracker:
             self.stats.files_changed += 1
         finally:
             os.close(fd)
+        return len(rd.data) > before
 
     # ---- small helpers ---------------------------------------------------------------------
 

@@ -14,14 +14,17 @@ epoch's, in five phases:
    full checkpoint instead wipes the root.
 2. place: stashed entries go to their new paths and new entries are
    created, shallowest new path first (parents before children).
-3. write: changed byte ranges are written (holes punched where the
+3. truncate: files get their final sizes (first, so that a shrunk file's
+   old tail is gone and a punch at the new EOF can free the last block).
+4. write: changed byte ranges are written (holes punched where the
    primary has holes).
-4. truncate: files get their final sizes.
 5. finish: the stash is removed and attributes (mode, owner, mtime) set
    last, since every earlier phase changes directory mtimes.
 
 Deletes run in phase 1 rather than last: a path deleted and recreated in
 one epoch needs its old occupant gone before the new one is placed.
+Truncates run before writes: writes never reach past the final size, so
+either order ends in the same bytes, and this one keeps holes holes.
 
 Each phase is idempotent on its own (renames check whether they already
 happened; writes put the same bytes at the same offsets), but not across
@@ -57,7 +60,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
 PROGRESS = "disk-progress"
-_PHASES = ("vacate", "place", "write", "truncate", "finish")
+_PHASES = ("vacate", "place", "truncate", "write", "finish")
+#: punches that reach EOF are rounded up to this, so the file's last block can become a hole
+_FS_BLOCK = 4096
 
 
 @dataclass
@@ -264,7 +269,7 @@ class DiskApplier:
                     fd = fds[op.path] = os.open(t.root / op.path,
                                                 os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 self._hook(f"write {op.path}@{op.off}+{op.span}")
-                self._write_range(fd, op)
+                self._write_range(fd, op, os.fstat(fd).st_size)
             for fd in fds.values():
                 if self._fsync:
                     os.fsync(fd)
@@ -272,9 +277,12 @@ class DiskApplier:
             for fd in fds.values():
                 os.close(fd)
 
-    def _write_range(self, fd: int, op: DataOp) -> None:
+    def _write_range(self, fd: int, op: DataOp, size: int) -> None:
         if op.ext != [(0, op.span)] and op.span:
-            if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, op.off, op.span):
+            n = op.span
+            if op.off + n >= size:  # the tail: past EOF nothing is lost, and partial blocks stay
+                n = -(-n // _FS_BLOCK) * _FS_BLOCK
+            if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, op.off, n):
                 err = ctypes.get_errno()
                 if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise CheckpointError(f"punching {op.path}: {os.strerror(err)}")
