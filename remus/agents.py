@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from remus import netdesc
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
@@ -81,11 +83,13 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
         container.remove()
         raise
     buffer = buffer_factory(spec.host_if)
-    cfg = PrimaryConfig(unit_id=spec.name, spec=spec.to_json(), backup=opts["backup"],
+    spec_json = spec.to_json() | {"state_dirs": [str(x) for x in opts.get("state_dirs", [])]}
+    cfg = PrimaryConfig(unit_id=spec.name, spec=spec_json, backup=opts["backup"],
                         psk=opts["psk"], timing=opts["timing"], pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
                         compress=opts.get("compress", False), on_peer_loss=opts["on_peer_loss"],
-                        trace=opts.get("trace"), fence=lambda: _fence(container, pid))
+                        trace=opts.get("trace"), fence=lambda: _fence(container, pid),
+                        state_dirs=opts.get("state_dirs", []), unit_pids=cg.pids)
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -119,7 +123,8 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
                           f"{host_if}")
     for w in desc.get("warnings", []):
         log.warning("container of pid %d: %s", pid, w)
-    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if, "netdesc": desc}
+    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if, "netdesc": desc,
+            "state_dirs": [str(x) for x in opts.get("state_dirs", [])]}
     buffer = buffer_factory(host_if, bridged=desc.get("bridge") is not None)
 
     def fence() -> None:
@@ -129,10 +134,19 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
     cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
                         timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
                         dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
-                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence)
+                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence,
+                        state_dirs=opts.get("state_dirs", []), unit_pids=lambda: _tree(pid))
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        root = psutil.Process(pid)
+        return [pid] + [c.pid for c in root.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _fence(container: Container, pid: int) -> None:
@@ -248,6 +262,7 @@ def serve_backup(b: Backup) -> None:
 def make_backup(opts: dict[str, Any]) -> Backup:
     cfg = BackupConfig(listen=opts["listen"], psk=opts["psk"], workdir=opts["workdir"],
                        timing=opts["timing"], auto_failover=opts.get("auto_failover", True),
+                       state_dirs=opts.get("state_dirs", []),
                        extra={"name": opts.get("name", "default")})
     try:
         cfg.workdir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.store import CheckpointStore
 from remus.config import Timing
 from remus.errors import RemusError
@@ -41,6 +42,7 @@ class BackupConfig:
     workdir: Path
     timing: Timing
     auto_failover: bool = True
+    state_dirs: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +55,9 @@ class Backup:
         self.takeover_fn = takeover
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(cfg.workdir / "store")
+        if cfg.state_dirs:
+            # Before recover(): a committed epoch may carry disk records to redo.
+            DiskApplier(cfg.state_dirs).register(self.store)
         self.generation, self.epoch = self.store.recover()
         self.unit_file = cfg.workdir / "unit.json"
         self.unit: dict[str, Any] | None = (json.loads(self.unit_file.read_text())
@@ -181,6 +186,13 @@ class Backup:
             log.error("primary reports an error: %s", ev.reason)
 
     def _on_hello(self, link: Link, ev: m.Hello) -> None:
+        theirs = sorted(str(Path(x)) for x in ev.spec.get("state_dirs", []))
+        ours = sorted(str(x) for x in self.cfg.state_dirs)
+        if theirs != ours:
+            reason = (f"state directories differ: the primary replicates {theirs or 'none'}, this "
+                      f"backup accepts {ours or 'none'} (start it with the same --state-dir)")
+            link.send(m.Error(reason=reason))
+            raise RemusError(reason)
         if self.unit is not None and self.unit.get("unit_id") != ev.unit_id and self.epoch >= 0:
             reason = (f"this backup holds unit {self.unit.get('unit_id')!r}, not {ev.unit_id!r};"
                       " use another --workdir")

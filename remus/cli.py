@@ -123,6 +123,10 @@ def primary_options(f: Any) -> Any:
                      show_default=True, help="When the backup is gone and the lease lapsed: hold "
                      "output and let the backup take over (stall), or run unprotected and keep "
                      "serving (continue; the backup then never takes over by itself)."),
+        click.option("--state-dir", "state_dirs", multiple=True, type=click.Path(file_okay=False),
+                     help="A directory whose contents belong to the unit (repeatable): its "
+                     "changes are captured with each checkpoint and applied on the backup only "
+                     "when that checkpoint commits. The backup needs the same --state-dir."),
         click.option("--trace", type=click.Path(dir_okay=False), default=None,
                      help="Append one JSON line per acknowledged epoch (boundary, sent, released "
                      "times, pause, bytes) to this file."),
@@ -156,7 +160,18 @@ def _primary_opts(kw: dict[str, Any], name: str) -> dict[str, Any]:
         "compress": kw["compress"],
         "on_peer_loss": kw["on_peer_loss"],
         "trace": Path(kw["trace"]) if kw.get("trace") else None,
+        "state_dirs": _state_dirs(kw.get("state_dirs", ())),
     }
+
+
+def _state_dirs(dirs: tuple[str, ...]) -> list[Path]:
+    out = []
+    for d in dirs:
+        p = Path(d).resolve()
+        if not p.is_dir():
+            raise CliError(f"--state-dir {d}: not a directory")
+        out.append(p)
+    return out
 
 
 def _default_name(argv: list[str]) -> str:
@@ -221,8 +236,12 @@ def protect(pid: int, host_if: str | None, **kw: Any) -> None:
               type=click.Path(file_okay=False), help="Committed checkpoints live here.")
 @click.option("--no-auto-failover", is_flag=True,
               help="Do not take over on primary silence; wait for `remus failover`.")
+@click.option("--state-dir", "state_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A state directory of the unit (repeatable); same paths as the primary's. "
+              "Created if missing; its contents are replaced by the primary's.")
 @timing_options
-def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool, **kw: Any) -> None:
+def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
+           state_dirs: tuple[str, ...], **kw: Any) -> None:
     """Run the backup agent: receive checkpoints, take over when the primary dies.
 
     Crash-only: kill it at any moment and start it again; it resumes with its
@@ -232,9 +251,13 @@ def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool, **k
     from remus.agents import make_backup, serve_backup
 
     addr = parse_addr(listen, DEFAULT_PORT)
-    opts = {"listen": addr, "psk": _load_key(key_file), "workdir": Path(workdir),
+    dirs = [Path(d).resolve() for d in state_dirs]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    opts: dict[str, Any] = {"listen": addr, "psk": _load_key(key_file), "workdir": Path(workdir),
             "timing": _timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
-            "auto_failover": not no_auto_failover, "name": str(addr[1])}
+            "auto_failover": not no_auto_failover, "name": str(addr[1]),
+            "state_dirs": dirs}
     try:
         b = make_backup(opts)
         click.echo(f"remus: backup listening on {addr[0]}:{addr[1]}; {b.last_sentence}", err=True)

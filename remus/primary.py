@@ -14,6 +14,8 @@ Output of epoch e (packets tagged e by the buffer) leaves only after ACK(e).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ from typing import Any
 
 from remus.checkpoint.criu import Criu, DumpResult, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
+from remus.checkpoint.disk import DiskDelta, DiskTracker
 from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
@@ -59,6 +62,8 @@ class PrimaryConfig:
     on_peer_loss: str = "stall"
     connect_timeout: float = 2.0
     trace: Path | None = None  # JSON lines, one per acked epoch (tests, plots)
+    state_dirs: list[Path] = field(default_factory=list)  # replicated with each checkpoint
+    unit_pids: Callable[[], list[int]] | None = None  # for files the unit has mmapped
     fence: Callable[[], None] | None = None  # kills our copy of the unit
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +78,8 @@ class Primary:
         self.criu = criu or Criu(netns=cfg.netns_path)
         self.clock = clock
         self.encoder = DeltaEncoder(compress=cfg.compress)
+        self.disk = (DiskTracker(cfg.state_dirs, pids=cfg.unit_pids) if cfg.state_dirs
+                     else None)
         self.link: Link | None = None
         self.generation = -1
         self.epoch = 0  # the epoch the unit is running in now
@@ -81,7 +88,8 @@ class Primary:
         self.need_full = True
         self.inflight: dict[int, float] = {}  # epoch -> time its END was sent
         self.cond = threading.Condition()
-        self.sendq: queue.Queue[tuple[int, Path, DumpResult] | None] = queue.Queue(maxsize=1)
+        self.sendq: queue.Queue[tuple[int, Path, DumpResult, DiskDelta | None] | None] = (
+            queue.Queue(maxsize=1))
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.fatal: BaseException | None = None
@@ -109,6 +117,8 @@ class Primary:
     def run(self) -> None:
         self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
         clear_stale_parasite_dir(self.cfg.pid)
+        if self.disk is not None:
+            self.disk.start()
         threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
                    threading.Thread(target=self._guard(self._heartbeat_loop), name="heartbeat",
                                     daemon=True)]
@@ -175,22 +185,27 @@ class Primary:
         d = self.cfg.dump_root / f"e{e}"
         shutil.rmtree(d, ignore_errors=True)
         boundary = False
+        disk: DiskDelta | None = None
 
         def notify(script: str) -> None:
-            nonlocal boundary
+            nonlocal boundary, disk
             if script == "pre-dump":
                 self.buffer.hold_inbound(True)
             elif script == "post-dump":
-                # The unit is frozen: everything it has sent so far is tagged <= e.
+                # The unit is frozen: everything it has sent so far is tagged <= e,
+                # and its state directories are as its memory image says.
                 self.buffer.begin_epoch(e + 1)
                 boundary = True
                 self.boundary_at[e] = time.time()
+                if self.disk is not None:
+                    disk = self.disk.capture(full=self.need_full)
 
         try:
             res = self.criu.dump(self.cfg.pid, d, notify=notify,
                                  freeze_cgroup=self.cfg.freeze_cgroup)
         except CheckpointError as err:
             shutil.rmtree(d, ignore_errors=True)
+            self._drop_disk(disk)
             clear_stale_parasite_dir(self.cfg.pid)
             if not _alive(self.cfg.pid):
                 raise FatalError(f"the unit (pid {self.cfg.pid}) has exited") from err
@@ -208,7 +223,7 @@ class Primary:
         self.failed_dumps = 0
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
-        self.sendq.put((e, d, res))
+        self.sendq.put((e, d, res, disk))
 
     # -- sender ---------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -216,30 +231,45 @@ class Primary:
             item = self.sendq.get()
             if item is None:
                 return
-            e, d, res = item
+            e, d, res, disk = item
             try:
-                self._send_epoch(e, d)
+                self._send_epoch(e, d, disk)
             except (RemusError, OSError) as err:  # link gone or closed under us
                 log.warning("epoch %d not sent: %s", e, err)
                 self.need_full = True
                 self.encoder.reset()
+                self._drop_disk(disk)
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             if self.prev_dir is not None:
                 shutil.rmtree(self.prev_dir, ignore_errors=True)
             self.prev_dir = d
 
-    def _send_epoch(self, e: int, d: Path) -> None:
+    def _drop_disk(self, disk: DiskDelta | None) -> None:
+        """A disk delta that will not be sent: the next capture must be full."""
+        if disk is not None:
+            disk.close()
+        if self.disk is not None:
+            self.disk.reset()
+
+    def _send_epoch(self, e: int, d: Path, disk: DiskDelta | None) -> None:
         link = self.link
         if link is None or link.closed:
             raise LinkClosed("no backup connection")
         full = self.need_full
+        if full and disk is not None and not disk.full:
+            # A new generation needs a full disk copy; this delta was captured before
+            # we knew. Skip the epoch (its output goes out with the next one).
+            raise LinkClosed("disk delta captured before the generation changed; retrying full")
         if full:
             self.encoder.reset()
         base = -1 if full else self.last_sent
         link.send(m.EpochBegin(generation=self.generation, epoch=e, base_epoch=base, full=full))
         n = 0
-        for kind, name, meta, data in self.encoder.encode(d, full=full):
+        disk_chunks = disk.chunks() if disk is not None else iter(())
+        # Disk records first: the store refuses anything after the memory manifest.
+        for kind, name, meta, data in itertools.chain(disk_chunks,
+                                                      self.encoder.encode(d, full=full)):
             link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
             n += len(meta) + len(data)
         with link.lock:
@@ -439,6 +469,8 @@ class Primary:
         else:
             log.error("protection ended abnormally: the unit's output stays blocked (fail "
                       "closed); `remus lab`/operator must remove the REMUS iptables chain")
+        if self.disk is not None:
+            self.disk.close()
         shutil.rmtree(self.cfg.dump_root, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
@@ -471,6 +503,7 @@ class Primary:
             "epochs_acked": self.epochs_done,
             "lease_ms_left": round(max(0.0, self.lease_until - now) * 1000, 1),
             "netbuf": self.buffer.counters(),
+            "disk": dataclasses.asdict(self.disk.stats) if self.disk is not None else None,
             "guarantee": self.protected and bool(self.buffer.counters().get("guarantee", True)),
             "protected": self.protected,
             "on_peer_loss": self.cfg.on_peer_loss,

@@ -44,6 +44,11 @@ def render(s: dict[str, Any]) -> str:
             ("released / dropped", f"{nb.get('released_packets', 0)} / {nb.get('dropped_packets', 0)} pkts"),
             ("guarantee", "ON" if s.get("guarantee") else "OFF (--no-netbuf)"),
         ]
+        disk = s.get("disk")
+        if disk:
+            rows.append(("disk last epoch", f"{disk.get('files_changed', 0)} files, "
+                         f"{_bytes(disk.get('bytes', 0))}, capture {disk.get('capture_ms', 0):.1f} ms "
+                         f"(frozen), rescans {disk.get('rescans', 0)}"))
     else:
         rows += [
             ("primary", str(s.get("primary") or "-")),
