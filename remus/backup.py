@@ -133,14 +133,22 @@ class Backup:
                         type(first).__name__)
             link.close()
             return
+        stale: Link | None = None
         with self.lock:
+            current = self.link if self.link is not None and not self.link.closed else None
             if self.state in ("taking-over", "active"):
                 busy = f"this backup has taken over (state {self.state})"
-            elif self.link is not None and not self.link.closed:
+            elif current is not None and not self._supersedes(first):
                 busy = f"another primary ({self.peer}) is connected"
             else:
-                busy = ""
+                # The same unit reconnecting with a newer generation (it dropped a link
+                # we still think is alive, e.g. after we were stalled): the old one is stale.
+                busy, stale = "", current
                 self.link, self.peer = link, peer
+        if stale is not None:
+            log.warning("primary of unit %s reconnected (generation %d): dropping the stale "
+                        "link from %s", first.unit_id, first.generation, stale.peer)
+            stale.close()
         if busy:
             log.warning("rejected connection from %s (unit %s): %s", peer, first.unit_id, busy)
             try:
@@ -158,8 +166,14 @@ class Backup:
         except (LinkClosed, RemusError) as err:
             log.warning("primary %s: %s", peer, err)
         finally:
-            self._abort_staged()
+            if self.link is link:  # a superseded link must not touch its successor's epoch
+                self._abort_staged()
             link.close()
+
+    def _supersedes(self, hello: m.Hello) -> bool:
+        """An authenticated HELLO from our unit's primary with a newer generation."""
+        unit = (self.unit or {}).get("unit_id")
+        return unit == hello.unit_id and hello.generation > self.generation
 
     # -- events ------------------------------------------------------------------
     def _on_event(self, link: Link, ev: Any) -> None:

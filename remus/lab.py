@@ -345,7 +345,11 @@ class Lab:
         # A half pair cannot exist, but a stale name on either side can.
         for ns, name in ((SWITCH_NETNS, spec.name), (netns, DEV)):
             if name in _links(ns):
-                _run(["ip", "-n", ns, "link", "del", name])
+                # It may vanish by itself meanwhile: a deleted namespace takes its
+                # veth peer along asynchronously.
+                subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
+                if name in _links(ns):
+                    _run(["ip", "-n", ns, "link", "del", name])
         _run(["ip", "-n", SWITCH_NETNS, "link", "add", spec.name, "address", spec.port_mac,
               "type", "veth", "peer", "name", DEV, "address", spec.mac,
               "netns", netns])  # fmt: skip

@@ -43,7 +43,10 @@ from remus.stats import Series
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-MAX_FAILED_DUMPS = 10  # in a row: the unit cannot be checkpointed; stop saying why
+# The unit cannot be checkpointed: give up (saying why) after this many failures
+# in a row spanning at least this long. Output stays held meanwhile.
+MAX_FAILED_DUMPS = 10
+MAX_FAILING_S = 10.0
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Primary:
         self.bytes_total = 0
         self.lease_until = 0.0
         self.failed_dumps = 0
+        self.failing_since = 0.0
         self.last_sentence = "starting"
         self.boundary_at: dict[int, float] = {}
         self.sent_at_wall: dict[int, float] = {}
@@ -213,9 +217,12 @@ class Primary:
             if boundary:
                 self.epoch = e + 1
             self.failed_dumps += 1
-            if self.failed_dumps >= MAX_FAILED_DUMPS:
-                raise FatalError(f"{self.failed_dumps} checkpoints in a row failed; the last: "
-                                 f"{err}") from err
+            if self.failed_dumps == 1:
+                self.failing_since = self.clock()
+            if (self.failed_dumps >= MAX_FAILED_DUMPS
+                    and self.clock() - self.failing_since > MAX_FAILING_S):
+                raise FatalError(f"checkpoints failed for {MAX_FAILING_S:.0f} s "
+                                 f"({self.failed_dumps} in a row); the last: {err}") from err
             return
         finally:
             self.buffer.hold_inbound(False)
@@ -381,7 +388,7 @@ class Primary:
         except OSError as e:
             self.last_sentence = f"backup {host}:{port} unreachable: {e.strerror or e}"
             log.warning("%s; retrying", self.last_sentence)
-            self.stop_event.wait(0.5)
+            self.stop_event.wait(self._retry_delay())
             return
         gen = max(time.time_ns() // 1_000_000, self.generation + 1)
         spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss}
@@ -396,7 +403,7 @@ class Primary:
             link.close()
             self.last_sentence = f"handshake with {host}:{port} failed: {e}"
             log.error("%s", self.last_sentence)
-            self.stop_event.wait(1.0)
+            self.stop_event.wait(self._retry_delay())
             return
         if not isinstance(ev, m.Welcome):
             link.close()
@@ -406,7 +413,7 @@ class Primary:
                 return
             self.last_sentence = f"backup {host}:{port} refused: {reason}"
             log.error("%s", self.last_sentence)
-            self.stop_event.wait(1.0)
+            self.stop_event.wait(self._retry_delay())
             return
         sk.settimeout(None)
         link.set_user_timeout(max(1.0, 5 * self.cfg.timing.lease))
@@ -418,6 +425,10 @@ class Primary:
                  host, port, gen, ev.generation, ev.committed_epoch)
         threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
                          daemon=True).start()
+
+    def _retry_delay(self) -> float:
+        """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
+        return min(0.5, max(0.02, self.cfg.timing.heartbeat))
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(self.cfg.timing.heartbeat):
