@@ -157,7 +157,12 @@ def pause_series(lab: Lab, quick: bool, work: Path) -> list[dict[str, Any]]:
     for mib in sizes:
         # 50 % of 1 GiB per 50 ms is more than this 2-core machine can write.
         for pct in (0, 1, 10, 50) if mib < 1024 else (0, 1, 10):
-            rows.append(one_series_point(lab, mib, pct, work))
+            try:
+                rows.append(one_series_point(lab, mib, pct, work))
+            except Exception as e:  # one bad point must not lose the run
+                log(f"{mib} MiB dirty {pct}%: FAILED: {e}")
+                rows.append({"mib": mib, "dirty_pct_per_50ms": pct, "error": str(e)[:500]})
+                continue
             r = rows[-1]
             log(f"{mib} MiB dirty {pct}%: pause {r['pause_ms_p50']} ms vs bare "
                 f"{r['bare_pause_ms_p50']} ms; sent {r['bytes_per_epoch_p50']} B/epoch vs "
@@ -231,18 +236,26 @@ def main() -> int:
                 r["added_latency_p50_ms"] = round(r["latency_p50_ms"] - base["latency_p50_ms"], 2)
                 r["added_over_floor"] = round(r["added_latency_p50_ms"] / r["latency_floor_ms"], 3)
                 out["results"][iv] = r
+        save(out)
         if "failover" not in skip:
             out["failover"] = failover_series(lab, 3 if a.quick else a.failovers, work)
+            save(out)
         if "series" not in skip:
             out["pause_series"] = pause_series(lab, a.quick, work)
     finally:
         lab.down()
-    path = RESULTS / "latest.json"
-    path.write_text(json.dumps(out, indent=2))
+        path = save(out)
     report(out)
     plots(out)
     log(f"wrote {path}")
     return 0
+
+
+def save(out: dict[str, Any]) -> Path:
+    """Written after every stage, so a failure later keeps what was measured."""
+    path = RESULTS / "latest.json"
+    path.write_text(json.dumps(out, indent=2))
+    return path
 
 
 def report(out: dict[str, Any]) -> None:
@@ -263,6 +276,9 @@ def report(out: dict[str, Any]) -> None:
         print(f"\nfailover: median {fo['median_s'] * 1000:.0f} ms, max {fo['max_s'] * 1000:.0f} ms "
               f"over {fo['runs']} power cuts; acked writes lost {fo['acked_writes_lost']}")
     for r in out.get("pause_series", []):
+        if "error" in r:
+            print(f"series {r['mib']:>5} MiB dirty {r['dirty_pct_per_50ms']:>2}%: FAILED")
+            continue
         print(f"series {r['mib']:>5} MiB dirty {r['dirty_pct_per_50ms']:>2}%: pause p50 "
               f"{r['pause_ms_p50']} ms (bare {r['bare_pause_ms_p50']}), sent "
               f"{r['bytes_per_epoch_p50']:.0f} B/epoch, dirtied {r['dirtied_bytes_per_epoch']}")
@@ -280,7 +296,7 @@ def plots(out: dict[str, Any]) -> None:
     if series:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for mib in sorted({r["mib"] for r in series}):
-            rs = [r for r in series if r["mib"] == mib]
+            rs = [r for r in series if r["mib"] == mib and "error" not in r]
             x = [r["dirty_pct_per_50ms"] for r in rs]
             a1.plot(x, [r["pause_ms_p50"] for r in rs], "o-", label=f"remus {mib} MiB")
             a1.plot(x, [r["bare_pause_ms_p50"] or 0 for r in rs], "x--", label=f"bare {mib} MiB")

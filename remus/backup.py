@@ -157,6 +157,8 @@ class Backup:
                 pass
             link.close()
             return
+        threading.Thread(target=self._heartbeat_loop, args=(link,), name="heartbeat",
+                         daemon=True).start()
         try:
             self.last_heard = self.clock()
             self._on_event(link, first)
@@ -169,6 +171,21 @@ class Backup:
             if self.link is link:  # a superseded link must not touch its successor's epoch
                 self._abort_staged()
             link.close()
+
+    def _heartbeat_loop(self, link: Link) -> None:
+        """Our own heartbeats, on a timer: they renew the primary's lease even while
+        its heartbeats wait in the stream behind a large epoch (the reverse direction
+        is free), so a busy link is never mistaken for a dead backup."""
+        period = self.cfg.timing.heartbeat
+        while not link.closed and not self.stop_event.wait(period):
+            if self.state != "replicating" or self.generation < 0:
+                continue
+            try:
+                link.send(m.Heartbeat(generation=self.generation, epoch=self.epoch,
+                                      acked=self.epoch, sent_ns=time.time_ns(),
+                                      lease_ms=int(self.cfg.timing.lease * 1000)))
+            except (LinkClosed, RemusError):
+                return
 
     def _supersedes(self, hello: m.Hello) -> bool:
         """An authenticated HELLO from our unit's primary with a newer generation."""
