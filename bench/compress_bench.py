@@ -7,7 +7,6 @@ Reports bytes on the wire per epoch, encode time per epoch and acked epochs/s.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import sys
 import time
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from remus.lab import Lab  # noqa: E402
-from remus.scenario import Scenario  # noqa: E402
+from remus.scenario import Scenario, exclusive_lab  # noqa: E402
 
 
 def one(lab: Lab, compress: bool, seconds: float) -> dict[str, object]:
@@ -43,15 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
     a = ap.parse_args()
-    lock = open("/run/remus-lab-tests.lock", "w")  # noqa: SIM115
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    lab = Lab()
-    lab.down()
-    lab.up()
-    try:
+    with exclusive_lab() as lab:
         rows = [one(lab, False, a.seconds), one(lab, True, a.seconds)]
-    finally:
-        lab.down()
     for r in rows:
         print(json.dumps(r))
     out = ROOT / "bench" / "results" / "compress.json"

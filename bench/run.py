@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import io
 import json
 import os
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from remus.lab import Lab  # noqa: E402
-from remus.scenario import SERVERS, Scenario  # noqa: E402
+from remus.scenario import SERVERS, Scenario, exclusive_lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -219,32 +218,27 @@ def main() -> int:
     work = Path("/tmp/remus-bench")
     work.mkdir(exist_ok=True)
     out: dict[str, Any] = {"machine": machine(), "results": {}}
-    lock = open("/run/remus-lab-tests.lock", "w")  # noqa: SIM115
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    lab = Lab()
-    lab.down()
-    lab.up()
-    try:
-        if "load" not in skip:
-            log("redis unprotected")
-            base = unprotected(lab, a.quick)
-            out["unprotected"] = base
-            for iv in ("25ms", "50ms", "100ms"):
-                log(f"redis protected at {iv}")
-                r = protected(lab, iv, a.quick, work)
-                r["throughput_ratio"] = round(r["throughput_rps"] / base["throughput_rps"], 3)
-                r["added_latency_p50_ms"] = round(r["latency_p50_ms"] - base["latency_p50_ms"], 2)
-                r["added_over_floor"] = round(r["added_latency_p50_ms"] / r["latency_floor_ms"], 3)
-                out["results"][iv] = r
-        save(out)
-        if "failover" not in skip:
-            out["failover"] = failover_series(lab, 3 if a.quick else a.failovers, work)
+    with exclusive_lab() as lab:
+        try:
+            if "load" not in skip:
+                log("redis unprotected")
+                base = unprotected(lab, a.quick)
+                out["unprotected"] = base
+                for iv in ("25ms", "50ms", "100ms"):
+                    log(f"redis protected at {iv}")
+                    r = protected(lab, iv, a.quick, work)
+                    r["throughput_ratio"] = round(r["throughput_rps"] / base["throughput_rps"], 3)
+                    r["added_latency_p50_ms"] = round(r["latency_p50_ms"] - base["latency_p50_ms"], 2)
+                    r["added_over_floor"] = round(r["added_latency_p50_ms"] / r["latency_floor_ms"], 3)
+                    out["results"][iv] = r
             save(out)
-        if "series" not in skip:
-            out["pause_series"] = pause_series(lab, a.quick, work)
-    finally:
-        lab.down()
-        path = save(out)
+            if "failover" not in skip:
+                out["failover"] = failover_series(lab, 3 if a.quick else a.failovers, work)
+                save(out)
+            if "series" not in skip:
+                out["pause_series"] = pause_series(lab, a.quick, work)
+        finally:
+            path = save(out)
     report(out)
     plots(out)
     log(f"wrote {path}")

@@ -7,6 +7,8 @@ and can pull the plug on `pri`. Everything it starts, it stops (by pid).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,24 @@ SERVERS: dict[str, tuple[list[str], int]] = {
                "--protected-mode", "no", "--daemonize", "no", "--dir", "/tmp"], 6379),
     "memcached": (["memcached", "-u", "root", "-p", "11211", "-U", "0", "-t", "1"], 11211),
 }
+
+
+LAB_LOCK = Path("/run/remus-lab-tests.lock")
+
+
+@contextlib.contextmanager
+def exclusive_lab() -> Iterator[Lab]:
+    """A fresh lab for a demo or benchmark: waits for any test run using the lab
+    (the names are global), brings it up clean, and takes it down afterwards."""
+    with open(LAB_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lab = Lab()
+        lab.down()
+        lab.up()
+        try:
+            yield lab
+        finally:
+            lab.down()
 
 
 @dataclass

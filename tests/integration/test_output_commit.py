@@ -107,30 +107,7 @@ json.dump({"sent": sent, "replies": replies, "error": err}, open(out, "w"))
 """
 
 
-@pytest.fixture
-def scenario(lab: Any, tmp_path: Path) -> Iterator[Any]:
-    """tests/conftest.py's factory, with a reset that survives a known race: the
-    kernel tears a deleted netns down asynchronously, so Lab.up() can find the old
-    veth peer in the switch and fail deleting it ("Cannot find device")."""
-    from remus.errors import HostError
-    from remus.scenario import Scenario
-
-    made: list[Scenario] = []
-
-    def make(**kw: Any) -> Scenario:
-        sc = Scenario(lab, tmp_path / f"sc{len(made)}", **kw)
-        made.append(sc)
-        return sc
-
-    try:
-        yield make
-    finally:
-        for sc in made:
-            try:
-                sc.reset()
-            except HostError:
-                time.sleep(1.0)
-                lab.up()
+# `scenario` comes from tests/conftest.py (the lab's veth race is fixed in Lab.up).
 
 
 # -- client and capture ---------------------------------------------------------
