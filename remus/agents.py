@@ -215,9 +215,30 @@ def takeover(b: Backup, why: str) -> None:
     finally:
         hold_inbound(container.host_if, False)
     tl["unit_pid"] = pid
+    threading.Thread(target=_first_packet_out, args=(tl, pid), daemon=True).start()
     log.info("restore: %d TCP send queue(s) marked for immediate transmission", queues)
     threading.Thread(target=_reap, args=(pid,), daemon=True).start()
     log.warning("unit %s restored from epoch %d as pid %d; %s is live", name, b.epoch, pid, where)
+
+
+def _tcp_out_segs(pid: int) -> int:
+    """TCP segments sent in pid's network namespace (a fresh standby netns starts at 0)."""
+    lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+             if ln.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("OutSegs")])
+
+
+def _first_packet_out(tl: dict[str, float], pid: int, limit: float = 10.0) -> None:
+    """Stamp the timeline when the restored unit has sent its first TCP segment."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            if _tcp_out_segs(pid) > 0:
+                tl["first_packet_out"] = time.time()
+                return
+        except (OSError, ValueError, IndexError):
+            return
+        time.sleep(0.001)
 
 
 def _reap(pid: int) -> None:
