@@ -20,7 +20,7 @@ from remus.scenario import Scenario, exclusive_lab  # noqa: E402
 
 
 def one(lab: Lab, compress: bool, seconds: float) -> dict[str, object]:
-    extra = ["--compress"] if compress else []
+    extra = ["--compress"] if compress else ["--no-compress"]
     sc = Scenario(lab, Path(f"/tmp/remus-compress-{int(compress)}"), extra_primary=extra)
     try:
         sc.start_backup()

@@ -118,7 +118,9 @@ def primary_options(f: Any) -> Any:
                      show_default=True, help="Output buffer backend."),
         click.option("--no-netbuf", is_flag=True,
                      help="MEASUREMENT ONLY: release output at once. The guarantee is OFF."),
-        click.option("--compress", is_flag=True, help="lz4-compress page deltas."),
+        click.option("--compress/--no-compress", default=True, show_default=True,
+                     help="lz4-compress page deltas (measured on redis: 5x fewer bytes per epoch, "
+                     "no extra encode time; see bench/results/compress.json)."),
         click.option("--on-peer-loss", type=click.Choice(["stall", "continue"]), default="stall",
                      show_default=True, help="When the backup is gone and the lease lapsed: hold "
                      "output and let the backup take over (stall), or run unprotected and keep "
