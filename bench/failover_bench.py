@@ -18,7 +18,6 @@ writes every run to bench/results/failover.json.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import random
 import statistics
@@ -32,8 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from remus.lab import Lab  # noqa: E402
-from remus.scenario import Scenario  # noqa: E402
-from tests.conftest import LAB_TEST_LOCK  # noqa: E402
+from remus.scenario import Scenario, exclusive_lab  # noqa: E402
 from tests.reliability import test_failover as fo  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "failover.json"
@@ -86,22 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     runs: list[dict[str, Any]] = []
-    with open(LAB_TEST_LOCK, "w") as lock, tempfile.TemporaryDirectory(prefix="remus-fobench-") as td:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # never share the lab with a test run
-        lab = Lab()
-        lab.down()
-        lab.up()
-        try:
-            for i in range(a.runs):
-                rng = random.Random(f"{a.seed}-bench-{i}")
-                rec = one_run(lab, Path(td) / f"run{i}", a.server, a.interval, rng,
-                              "aimed" if a.aimed else "random")
-                runs.append(rec)
-                steps = " ".join(f"{k} {_s(v)}" for k, v in rec["timeline_s"].items())
-                print(f"run {i}: crash -> first reply {_s(rec['failover_s'])} (gap {_s(rec['gap_s'])};"
-                      f" {steps}){'' if rec['ok'] else '  FAILED: ' + str(rec['error'])}", flush=True)
-        finally:
-            lab.down()
+    with exclusive_lab() as lab, tempfile.TemporaryDirectory(prefix="remus-fobench-") as td:
+        for i in range(a.runs):
+            rng = random.Random(f"{a.seed}-bench-{i}")
+            rec = one_run(lab, Path(td) / f"run{i}", a.server, a.interval, rng,
+                          "aimed" if a.aimed else "random")
+            runs.append(rec)
+            steps = " ".join(f"{k} {_s(v)}" for k, v in rec["timeline_s"].items())
+            print(f"run {i}: crash -> first reply {_s(rec['failover_s'])} (gap {_s(rec['gap_s'])};"
+                  f" {steps}){'' if rec['ok'] else '  FAILED: ' + str(rec['error'])}", flush=True)
     summary = report(runs)
     doc = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "server": a.server,
            "interval": a.interval, "seed": a.seed, "summary": summary, "runs": runs}

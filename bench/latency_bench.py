@@ -22,7 +22,6 @@ does not disturb) lab tests. Run:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import subprocess
 import sys
@@ -35,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from remus.errors import HostError  # noqa: E402
 from remus.lab import Lab  # noqa: E402
-from remus.scenario import SERVERS, Scenario  # noqa: E402
+from remus.scenario import SERVERS, Scenario, exclusive_lab  # noqa: E402
 
-LAB_TEST_LOCK = Path("/run/remus-lab-tests.lock")  # as tests/conftest.py
 RESULTS = ROOT / "bench" / "results" / "latency.json"
 WORKDIR = Path("/tmp/remus-latency-bench")
 PORT = SERVERS["redis"][1]
@@ -225,17 +223,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="per set-up")
     ap.add_argument("--no-netbuf-bench", action="store_true", help="skip bench/netbuf_bench.py")
     args = ap.parse_args()
-    with open(LAB_TEST_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lab = Lab()
-        lab.down()
-        lab.up()
-        try:
-            runs = [run_plain(lab, args.seconds),
-                    run_remus(lab, args.seconds, 50, netbuf=False),
-                    *(run_remus(lab, args.seconds, ms, netbuf=True) for ms in (25, 50, 100))]
-        finally:
-            lab.down()
+    with exclusive_lab() as lab:
+        runs = [run_plain(lab, args.seconds),
+                run_remus(lab, args.seconds, 50, netbuf=False),
+                *(run_remus(lab, args.seconds, ms, netbuf=True) for ms in (25, 50, 100))]
     rows = summarize(runs)
     print(table(rows))
     out: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": args.seconds,

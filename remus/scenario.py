@@ -38,9 +38,10 @@ LAB_LOCK = Path("/run/remus-lab-tests.lock")
 
 
 @contextlib.contextmanager
-def exclusive_lab() -> Iterator[Lab]:
+def exclusive_lab(keep: bool = False) -> Iterator[Lab]:
     """A fresh lab for a demo or benchmark: waits for any test run using the lab
-    (the names are global), brings it up clean, and takes it down afterwards."""
+    (the names are global), brings it up clean, and takes it down afterwards
+    (unless `keep`)."""
     with open(LAB_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         lab = Lab()
@@ -49,7 +50,8 @@ def exclusive_lab() -> Iterator[Lab]:
         try:
             yield lab
         finally:
-            lab.down()
+            if not keep:
+                lab.down()
 
 
 @dataclass

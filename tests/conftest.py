@@ -1,13 +1,12 @@
 import fcntl
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 # Tests that use the lab (global names) take this lock for a whole module, so
-# two test runs on one machine wait for each other instead of colliding.
-LAB_TEST_LOCK = Path("/run/remus-lab-tests.lock")
+# two test runs on one machine (and the demo and benchmarks) wait for each other.
+from remus.scenario import LAB_LOCK as LAB_TEST_LOCK  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
