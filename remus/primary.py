@@ -489,6 +489,7 @@ class Primary:
         t = self.epoch_times[-50:]
         eps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
         elapsed = max(now - self.started, 1e-9)
+        nb = self.buffer.counters()  # one snapshot (it takes the buffer's lock)
         return {
             "role": "primary",
             "pid": os.getpid(),
@@ -513,9 +514,9 @@ class Primary:
             "bytes_per_s": round(self.bytes_total / elapsed, 1),
             "epochs_acked": self.epochs_done,
             "lease_ms_left": round(max(0.0, self.lease_until - now) * 1000, 1),
-            "netbuf": self.buffer.counters(),
+            "netbuf": nb,
             "disk": dataclasses.asdict(self.disk.stats) if self.disk is not None else None,
-            "guarantee": self.protected and bool(self.buffer.counters().get("guarantee", True)),
+            "guarantee": self.protected and bool(nb.get("guarantee", True)),
             "protected": self.protected,
             "on_peer_loss": self.cfg.on_peer_loss,
             "last": self.last_sentence,
