@@ -87,7 +87,8 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
     cfg = PrimaryConfig(unit_id=spec.name, spec=spec_json, backup=opts["backup"],
                         psk=opts["psk"], timing=opts["timing"], pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
-                        compress=opts.get("compress", False), on_peer_loss=opts["on_peer_loss"],
+                        compress=opts.get("compress", False),
+                        dirty_tracking=opts.get("dirty_tracking", "diff"), on_peer_loss=opts["on_peer_loss"],
                         trace=opts.get("trace"), fence=lambda: _fence(container, pid),
                         state_dirs=opts.get("state_dirs", []), unit_pids=cg.pids)
     p = Primary(cfg, buffer)
@@ -134,6 +135,7 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
     cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
                         timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
                         dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
+                        dirty_tracking=opts.get("dirty_tracking", "diff"),
                         on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence,
                         state_dirs=opts.get("state_dirs", []), unit_pids=lambda: _tree(pid))
     p = Primary(cfg, buffer)

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import json
 import logging
-import mmap
 import os
 import platform
 import re
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 import click
 
+from remus.checkpoint.tracking import kernel_soft_dirty
 from remus.paths import criu_binary
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,10 @@ _NO_BUFFER = "no output buffer: remus cannot hold output until the backup acks"
 _CONSEQUENCES: dict[str, tuple[str, str]] = {  # name -> (when ok, when not ok)
     "root": ("CRIU, namespaces and netfilter are usable", "remus cannot run: it needs root"),
     "soft_dirty": (
-        "available, but CRIU memory tracking is not wired in yet: deltas still come from a page-content diff",
-        "memory deltas by page-content diff instead of CRIU memory tracking",
+        "remus uses CRIU memory tracking (--dirty-tracking auto): the freeze and the delta grow "
+        "with the pages dirtied, not with the unit's size",
+        "no CRIU memory tracking: every dump copies all memory and deltas come from a page-content "
+        "diff (the freeze grows with the unit's size)",
     ),
     "userfaultfd": (
         "available for lazy restore / write tracking (not required)",
@@ -336,28 +338,9 @@ def probe_root() -> Feature:
     return feature("root", "ok" if euid == 0 else "missing", f"euid {euid}")
 
 
-def _pagemap_soft_dirty() -> bool:
-    """Write a fresh page after clearing soft-dirty bits; is bit 55 set again?"""
-    page = mmap.PAGESIZE
-    buf = mmap.mmap(-1, page, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf[0] = 1
-        cell = ctypes.c_char.from_buffer(buf)
-        addr = ctypes.addressof(cell)
-        del cell  # release the buffer export so the mmap can close
-        Path("/proc/self/clear_refs").write_text("4")
-        buf[0] = 2
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // page * 8)
-            (entry,) = struct.unpack("<Q", f.read(8))
-        return bool(entry >> 55 & 1)
-    finally:
-        buf.close()
-
-
 def probe_soft_dirty(criu_says: bool | None) -> Feature:
     try:
-        kernel = _pagemap_soft_dirty()
+        kernel = kernel_soft_dirty()
     except OSError as e:
         return feature("soft_dirty", "missing", f"pagemap probe failed: {e}")
     kdesc = "pagemap bit 55 " + ("set after a write" if kernel else "never set")

@@ -121,6 +121,12 @@ def primary_options(f: Any) -> Any:
         click.option("--compress/--no-compress", default=True, show_default=True,
                      help="lz4-compress page deltas (measured on redis: 5x fewer bytes per epoch, "
                      "no extra encode time; see bench/results/compress.json)."),
+        click.option("--dirty-tracking", type=click.Choice(["auto", "soft-dirty", "diff"]),
+                     default="auto", show_default=True,
+                     help="How changed memory is found. soft-dirty: CRIU memory tracking, the "
+                     "freeze and the delta grow with the pages written (needs a kernel with "
+                     "soft-dirty; `remus check`). diff: full dumps compared page by page. auto: "
+                     "soft-dirty when the kernel has it."),
         click.option("--on-peer-loss", type=click.Choice(["stall", "continue"]), default="stall",
                      show_default=True, help="When the backup is gone and the lease lapsed: hold "
                      "output and let the backup take over (stall), or run unprotected and keep "
@@ -160,6 +166,7 @@ def _primary_opts(kw: dict[str, Any], name: str) -> dict[str, Any]:
         "psk": _load_key(kw["key_file"]),
         "timing": _timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
         "compress": kw["compress"],
+        "dirty_tracking": kw["dirty_tracking"],
         "on_peer_loss": kw["on_peer_loss"],
         "trace": Path(kw["trace"]) if kw.get("trace") else None,
         "state_dirs": _state_dirs(kw.get("state_dirs", ())),

@@ -33,6 +33,7 @@ from typing import Any
 from remus.checkpoint.criu import Criu, DumpResult, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
 from remus.checkpoint.disk import DiskDelta, DiskTracker
+from remus.checkpoint.tracking import DumpChain, resolve
 from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
@@ -61,6 +62,7 @@ class PrimaryConfig:
     dump_root: Path
     freeze_cgroup: str | None = None
     compress: bool = False
+    dirty_tracking: str = "diff"  # auto | soft-dirty | diff (remus.checkpoint.tracking)
     max_inflight: int = 2
     on_peer_loss: str = "stall"
     connect_timeout: float = 2.0
@@ -81,6 +83,7 @@ class Primary:
         self.criu = criu or Criu(netns=cfg.netns_path)
         self.clock = clock
         self.encoder = DeltaEncoder(compress=cfg.compress)
+        self.chain = DumpChain(resolve(cfg.dirty_tracking))
         self.disk = (DiskTracker(cfg.state_dirs, pids=cfg.unit_pids) if cfg.state_dirs
                      else None)
         self.link: Link | None = None
@@ -204,10 +207,13 @@ class Primary:
                 if self.disk is not None:
                     disk = self.disk.capture(full=self.need_full)
 
+        parent = self.chain.parent(self.need_full)
         try:
             res = self.criu.dump(self.cfg.pid, d, notify=notify,
-                                 freeze_cgroup=self.cfg.freeze_cgroup)
+                                 freeze_cgroup=self.cfg.freeze_cgroup,
+                                 track_mem=self.chain.track, parent=parent)
         except CheckpointError as err:
+            self.chain.failed(str(err))
             shutil.rmtree(d, ignore_errors=True)
             self._drop_disk(disk)
             clear_stale_parasite_dir(self.cfg.pid)
@@ -226,6 +232,7 @@ class Primary:
             return
         finally:
             self.buffer.hold_inbound(False)
+        self.chain.dumped(d)
         self.epoch = e + 1
         self.failed_dumps = 0
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
@@ -244,6 +251,7 @@ class Primary:
             except (RemusError, OSError) as err:  # link gone or closed under us
                 log.warning("epoch %d not sent: %s", e, err)
                 self.need_full = True
+                self.chain.broken()  # dumps tracked against this one are no deltas now
                 self.encoder.reset()
                 self._drop_disk(disk)
                 shutil.rmtree(d, ignore_errors=True)
@@ -503,6 +511,7 @@ class Primary:
             "acked_epoch": self.acked,
             "inflight": len(self.inflight),
             "interval_ms": round(self.cfg.timing.interval * 1000, 3),
+            "dirty_tracking": "soft-dirty" if self.chain.track else "diff",
             "pause_ms": self.pause.summary(),
             "dump_ms": self.dump_wall.summary(),
             "ack_latency_ms": self.ack_latency.summary(),

@@ -87,8 +87,19 @@ class Criu:
         *,
         notify: Notify | None = None,
         freeze_cgroup: str | None = None,
+        track_mem: bool = False,
+        parent: Path | None = None,
         log_level: int = 1,
     ) -> DumpResult:
+        """Dump pid's tree into images_dir and leave it running.
+
+        track_mem: CRIU clears the soft-dirty bits after the dump, so the next
+        tracked dump can tell which pages were written since. parent: the
+        previous tracked dump's directory; pages not written since then are
+        recorded as PE_PARENT holes (no data) instead of being copied, which is
+        what makes the freeze proportional to the pages dirtied. Needs a kernel
+        with soft-dirty (CONFIG_MEM_SOFT_DIRTY).
+        """
         req = _request("DUMP", "dump.log", log_level, notify)
         o = req.opts
         o.pid = pid
@@ -99,6 +110,11 @@ class Criu:
         o.network_lock = NETWORK_LOCK_SKIP
         if freeze_cgroup:
             o.freeze_cgroup = freeze_cgroup
+        if track_mem:
+            o.track_mem = True
+        if parent is not None:
+            # relative to the images directory, like --prev-images-dir
+            o.parent_img = os.path.relpath(parent, images_dir)
         t0 = time.perf_counter()
         self._call(req, images_dir, notify, cgroup_procs=None)
         wall = (time.perf_counter() - t0) * 1000

@@ -1,9 +1,14 @@
 """Memory deltas: what changed between two CRIU dumps of the same unit.
 
-This kernel has no soft-dirty, so CRIU cannot tell which pages were written
-since the last dump. Instead, each epoch's full dump is compared by content
-with the previous epoch's dump, page by page, keyed by virtual address
-(VMAs come and go between epochs, so page offsets in pages-*.img shift).
+Each epoch's dump is compared by content with the previous epoch's dump,
+page by page, keyed by virtual address (VMAs come and go between epochs, so
+page offsets in pages-*.img shift). Without soft-dirty the dumps are full.
+With soft-dirty, the primary dumps with CRIU memory tracking and the previous
+dump as parent: only pages written since are in the pages file, the others
+are PE_PARENT holes. The encoder then sends the present pages (still diffed,
+which drops pages rewritten with the same bytes) and the *flattened*
+pagemap (every page present), so the backup's image set never needs a
+parent; the holes' content is what the backup already has from the base.
 
 A delta is a sequence of chunks ``(kind, name, meta, data)``:
 
@@ -248,12 +253,19 @@ class DeltaEncoder:
         files: dict[str, FileInfo] = {}
         maps: dict[str, _Prev] = {}
         parsed = {n: images.read_pagemap(dump_dir / n) for n in names if images.is_pagemap(n)}
-        pagemaps = {n: PagemapInfo(pm.pages_name, pm.nr_present) for n, pm in parsed.items()}
+        full_layouts = {n: pm.full_layout() for n, pm in parsed.items() if pm.has_parent}
+        if full_layouts:
+            self._check_parent(dump_dir, full)
+        pagemaps = {
+            n: PagemapInfo(pm.pages_name, full_layouts[n].size if n in full_layouts else pm.nr_present)
+            for n, pm in parsed.items()
+        }
         pages_names = {info.pages for info in pagemaps.values()}
         for name in names:
             if name in pages_names:
                 continue
-            data = (dump_dir / name).read_bytes()
+            # A tracked dump's pagemap goes out flattened (see module doc).
+            data = parsed[name].flattened() if name in full_layouts else (dump_dir / name).read_bytes()
             info = FileInfo(len(data), xxhash.xxh3_64_hexdigest(data))
             files[name] = info
             if full or self._prev_files.get(name) != info:
@@ -265,6 +277,12 @@ class DeltaEncoder:
             layout = parsed[name].layout()
             pages_path = dump_dir / pinfo.pages
             files[pinfo.pages] = yield from self._encode_pagemap(name, layout, pages_path, full)
+            if name in full_layouts:
+                # The holes' data is in older dumps: size known, digest not.
+                holes = full_layouts[name].size - layout.size
+                stats.pages_total += holes
+                stats.image_bytes += holes * PAGE_SIZE
+                files[pinfo.pages] = FileInfo(full_layouts[name].size * PAGE_SIZE, "")
             maps[name] = _Prev(layout, images.sorted_index(layout), pages_path)
         for name in names:
             if images.is_pages(name) and name not in files:
@@ -277,6 +295,19 @@ class DeltaEncoder:
             dump_dir, stats.pages_changed, stats.pages_total, stats.files_sent,
             stats.seconds * 1e3,
         )
+
+    def _check_parent(self, dump_dir: Path, full: bool) -> None:
+        """A dump with PE_PARENT holes is only a delta against its own parent."""
+        if full:
+            raise CheckpointError(f"{dump_dir}: a tracked dump (with parent holes) cannot be "
+                                  "sent as a full checkpoint; dump again without a parent")
+        link = dump_dir / "parent"
+        base = self._prev_dir
+        if base is None or not link.is_symlink() or \
+                os.path.normpath(dump_dir / os.readlink(link)) != os.path.normpath(base):
+            raise CheckpointError(f"{dump_dir}: tracked against "
+                                  f"{os.readlink(link) if link.is_symlink() else 'nothing'}, but the "
+                                  f"delta base is {base}; dump again without a parent")
 
     def _encode_pagemap(
         self, name: str, layout: Vaddrs, pages_path: Path, full: bool

@@ -18,6 +18,11 @@ criu/image.c, images/pagemap.proto, criu/include/magic.h):
 
 A pagemap's *layout* is the array of vaddrs of its present pages, in pages
 file order: page ``i`` of the pages file holds the page at ``layout[i]``.
+A dump made with memory tracking against a parent (``--track-mem
+--prev-images-dir``) also has PE_PARENT entries: pages the task still has
+but did not write since the parent dump, whose data is in the parent.
+``flattened()`` turns such a pagemap into the one of a full dump (every page
+present), which is what the backup keeps.
 Everything here is pure (files in, arrays out) and never writes.
 """
 
@@ -89,6 +94,22 @@ class Pagemap:
     @property
     def nr_present(self) -> int:
         return sum(e.nr_pages for e in self.entries if e.present)
+
+    @property
+    def has_parent(self) -> bool:
+        """True when some pages are PE_PARENT holes (data in the parent dump)."""
+        return any(e.flags & PE_PARENT and not e.present for e in self.entries)
+
+    def full_layout(self) -> Vaddrs:
+        """Vaddrs of every page the task has (present or in the parent), in order."""
+        return layout_of(tuple(
+            PagemapEntry(e.vaddr, e.nr_pages, PE_PRESENT) for e in self.entries
+            if e.present or e.flags & PE_PARENT
+        ))
+
+    def flattened(self) -> bytes:
+        """Bytes of this pagemap as a full dump would have it: all pages present."""
+        return encode_pagemap(self.pages_id, entries_of(self.full_layout()))
 
 
 def is_pagemap(name: str) -> bool:

@@ -8,6 +8,11 @@ encoded against the previous one and applied to a store, and the store's
 image set must hold exactly the dump. Finally the original is killed, the
 store's images are restored, and the restored process must report the
 memory digest the original had at the last dump, then keep working.
+
+The same runs with CRIU memory tracking (soft-dirty, `--track-mem` with the
+previous dump as parent) on kernels that have it; on this project's CI
+kernel (no soft-dirty) tests/integration/test_vm_soft_dirty.py runs this
+file inside a VM with Debian's stock kernel.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ from remus import paths
 from remus.checkpoint import images
 from remus.checkpoint.delta import DeltaEncoder
 from remus.checkpoint.store import CheckpointStore
+from remus.checkpoint.tracking import kernel_soft_dirty
 
 pytestmark = pytest.mark.root
+SOFT_DIRTY = kernel_soft_dirty()
 
 # The unit. ``ctl`` holds a target step; on any change of ctl the unit runs
 # the steps up to it and writes ``ack`` = "<ctl> <step> <digest> <pid>".
 # With --simulate N it runs steps 1..N and prints the digest (a reference).
 UNIT = r"""
-import hashlib, mmap, os, sys, time
+import ctypes, hashlib, mmap, os, sys, time
+# No transparent huge pages: soft-dirty marks a whole 2 MiB THP when one byte
+# of it is written, and the tracked test counts 4 KiB pages.
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
 PAGE = 4096
 buf = bytearray(6 << 20)
 for i in range(0, len(buf), PAGE):
@@ -168,11 +178,11 @@ def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         proc.wait(timeout=10)
 
 
-def dump(pid: int, d: Path) -> None:
+def dump(pid: int, d: Path, *extra: str) -> None:
     d.mkdir()
     r = subprocess.run(
         [criu(), "dump", "-t", str(pid), "-D", str(d), "--leave-running", "--shell-job",
-         "-v1", "-o", "dump.log"],
+         "-v1", "-o", "dump.log", *extra],
         capture_output=True, text=True, timeout=60,
     )
     log = (d / "dump.log").read_text() if (d / "dump.log").exists() else r.stderr
@@ -187,7 +197,27 @@ def assert_same_images(store_images: Path, dump_dir: Path) -> None:
     assert images.pages_by_vaddr(store_images) == images.pages_by_vaddr(dump_dir)
 
 
-def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path) -> None:
+def assert_tracked_applied(store_images: Path, dump_dir: Path,
+                           before: dict[str, dict[int, bytes]]) -> None:
+    """The store holds the dump's flattened pagemap, its present pages, and for
+    every PE_PARENT hole the page it had before."""
+    after = images.pages_by_vaddr(store_images)
+    present = images.pages_by_vaddr(dump_dir)
+    for name in images.list_images(dump_dir):
+        if not images.is_pagemap(name):
+            continue
+        pm = images.read_pagemap(dump_dir / name)
+        assert (store_images / name).read_bytes() == pm.flattened(), name
+        assert set(after[name]) == {int(v) for v in pm.full_layout()}, name
+        for vaddr, page in after[name].items():
+            want = present[name].get(vaddr, before.get(name, {}).get(vaddr))
+            assert page == want, (name, hex(vaddr))
+
+
+@pytest.mark.parametrize("tracked", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not SOFT_DIRTY, reason="no soft-dirty on this kernel (test_vm_soft_dirty runs it in a VM)"))],
+    ids=["diff", "soft-dirty"])
+def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path, tracked: bool) -> None:
     pid, ctl = unit
     store = CheckpointStore(tmp_path / "store", verify_pages=True)
     store.recover()
@@ -198,14 +228,27 @@ def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path) ->
         step, digest, inner = command(ctl, str(epoch))
         assert (step, inner) == (epoch, 1)
         d = tmp_path / f"dump{epoch}"
-        dump(pid, d)
         full = epoch == 0
+        track = ("--track-mem",) + (() if full else ("--prev-images-dir", f"../dump{epoch - 1}"))
+        dump(pid, d, *(track if tracked else ()))
+        before = images.pages_by_vaddr(store.images_dir())
         staged = store.begin(1, epoch, epoch - 1, full)
         for chunk in enc.encode(d, full):
             staged.add(*chunk)
         staged.commit()
         store.apply_pending()
-        assert_same_images(store.images_dir(), d)
+        if tracked and not full:
+            # CRIU copied only the pages written since the parent dump
+            maps = [images.read_pagemap(d / n) for n in images.list_images(d) if images.is_pagemap(n)]
+            written = sum(pm.nr_present for pm in maps)
+            total = sum(pm.full_layout().size for pm in maps)
+            # the step's pages (up to 448 in a new region), the shared mapping
+            # (shmem is not tracked) and what the interpreter touched: not all
+            assert written < total // 2, (written, total)
+            assert any(pm.has_parent for pm in maps)
+            assert_tracked_applied(store.images_dir(), d, before)
+        else:
+            assert_same_images(store.images_dir(), d)
         sent.append(enc.stats.page_bytes)
     # deltas carry a small part of the memory: 40 dirty pages + a new region
     assert sent[0] > 6 << 20
