@@ -91,14 +91,22 @@ def pct(xs: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
 
 
-def measure(sc: Scenario, seconds: float, gap: float) -> list[float]:
-    p = sc.lab.run("client", [sys.executable, "-c", CLIENT, sc.lab.vip_addr, str(PORT),
-                              str(seconds), str(gap)], capture_output=True, text=True,
-                   timeout=seconds + 30)
+def client_latencies(lab: Lab, seconds: float, gap: float) -> list[float]:
+    """Run CLIENT on the lab's `client` host against redis on the VIP for
+    `seconds`: one request in flight, a random pause uniform in [0, gap] after
+    each reply (so requests land at a random phase of an epoch of length gap).
+    Returns the latencies in ms. Also used by bench/run.py (`make bench`)."""
+    p = lab.run("client", [sys.executable, "-c", CLIENT, lab.vip_addr, str(PORT),
+                           str(seconds), str(gap)], capture_output=True, text=True,
+                timeout=seconds + 30)
     if p.returncode != 0:
         raise RuntimeError(f"latency client failed: {p.stderr.strip()}")
     lat: list[float] = json.loads(p.stdout)
     return lat
+
+
+def measure(sc: Scenario, seconds: float, gap: float) -> list[float]:
+    return client_latencies(sc.lab, seconds, gap)
 
 
 def wait_port(sc: Scenario, timeout: float = 20.0) -> None:

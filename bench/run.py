@@ -2,16 +2,25 @@
 
 Runs in the lab on this machine:
   1. redis-server unprotected (same container, no agent), then protected at
-     25, 50 and 100 ms: throughput under a saturating load (redis-benchmark,
-     many connections, pipelined) and latency with one request in flight;
-     pause, ack latency, bytes per epoch/second and agents' CPU from status.
+     25, 50 and 100 ms:
+     - latency with one request in flight at a random phase of the epoch
+       (bench/latency_bench.py's client), against the floor
+       interval/2 + pause + ack;
+     - throughput (redis-benchmark SET) at a sweep of in-flight levels
+       (connections x pipeline): the fixed load 200x32 and the peak over the
+       sweep; per level p50/p99, epochs/s, commit latency (epoch boundary to
+       output released, from `--trace`) and the primary agent's CPU split into
+       its own threads and its CRIU children;
+     - at 50 ms, a py-spy profile of the primary agent while it runs the level
+       that reached the peak (`profile_50ms`).
   2. failover: power cuts of pri under a one-connection client; the gap from
      the last reply before the cut to the first after (median of N).
   3. pause scaling: a unit of 16/128/1024 MiB, idle and dirtying 1/10/50 % of
      its memory per epoch: remus pause vs a bare `criu dump --leave-running`
      of the same process, and bytes sent per epoch vs bytes dirtied.
-Writes bench/results/latest.json (with the machine and git revision) and PNG
-plots next to it, and prints tables.  `--quick` for a short smoke run.
+Writes bench/results/latest.json (with the machine, git revision and a
+`definitions` block explaining the fields) and PNG plots next to it, and
+prints tables.  `--quick` for a short smoke run.
 """
 
 from __future__ import annotations
@@ -26,11 +35,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from latency_bench import client_latencies  # noqa: E402
+from latency_bench import pct as quantile  # noqa: E402
+from profile_agent import AgentWatch, profile  # noqa: E402
+from report import config, plots, report  # noqa: E402
 
 from remus.lab import Lab  # noqa: E402
 from remus.scenario import SERVERS, Scenario, exclusive_lab  # noqa: E402
@@ -38,43 +54,143 @@ from remus.scenario import SERVERS, Scenario, exclusive_lab  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 FILLER = ROOT / "bench" / "filler.py"
+FIXED_LOAD = (200, 32)  # connections x pipeline of the historical `throughput_ratio`
+SATURATION_TOLERANCE = 0.15  # an unprotected level within 15 % of the peak saturates redis
+
+DEFINITIONS = {
+    "throughput_ratio": "HEADLINE: protected peak SET/s / unprotected peak SET/s, each the best "
+                        "over the same sweep of in-flight levels (connections x pipeline).",
+    "throughput_ratio_fixed_load": "protected / unprotected SET/s at the one load 200x32 (6,400 in "
+                                   "flight); protected it is bound by in-flight / commit latency.",
+    "levels": "one redis-benchmark -t set -r 100000 run per level; unprotected levels record "
+              "rps_over_peak and saturated (within 15 % of the unprotected peak).",
+    "latency_p50_ms": "one INCR in flight, a pause uniform in [0, interval] after each reply: "
+                      "requests land at a random phase of the epoch (bench/latency_bench.py).",
+    "latency_floor_ms": "interval/2 + pause p50 + ack p50 (ack: END sent -> output released), "
+                        "from the trace rows of the latency phase.",
+    "latency_floor_incl_transfer_ms": "interval/2 + (boundary -> END sent) p50 + ack p50. The "
+                                      "boundary is CRIU's post-dump point (memory already copied, "
+                                      "output cut), so this replaces the pause by what follows the "
+                                      "cut: end of the dump, diff, compression, streaming.",
+    "added_over_floor": "(protected p50 - unprotected p50) / floor; _incl_transfer: same with "
+                        "the transfer-inclusive floor.",
+    "commit_ms": "epoch boundary -> that epoch's output released (`remus run --trace`).",
+    "cpu": "cores used in a window: primary own = agent utime+stime (its threads), children = "
+           "its CRIU processes (cutime+cstime and live descendants); backup = total. CRIU's "
+           "parasite code runs in (and is charged to) the unit.",
+    "profile_50ms": "py-spy on the primary agent during a re-run of the 50 ms peak level: share of "
+                    "busy samples per thread, top module:function inclusive and self.",
+}
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
-def redis_benchmark(lab: Lab, clients: int, pipeline: int, n: int) -> dict[str, float]:
-    argv = ["redis-benchmark", "-h", lab.vip_addr, "-p", "6379", "-c", str(clients),
+@dataclass(frozen=True)
+class Plan:
+    """How long and how wide the load measurements are."""
+
+    levels: tuple[tuple[int, int], ...]
+    level_seconds: float  # target duration of one redis-benchmark run
+    latency_seconds: float
+    profile_seconds: int = 8
+
+    @staticmethod
+    def make(quick: bool) -> Plan:
+        if quick:
+            return Plan(levels=((200, 32), (1000, 100)), level_seconds=3.0, latency_seconds=6.0)
+        return Plan(levels=((200, 32), (500, 64), (1000, 100)), level_seconds=8.0,
+                    latency_seconds=15.0)
+
+
+# -- load -------------------------------------------------------------------------------------
+def bench_argv(lab: Lab, clients: int, pipeline: int, n: int) -> list[str]:
+    return ["redis-benchmark", "-h", lab.vip_addr, "-p", "6379", "-c", str(clients),
             "-P", str(pipeline), "-n", str(n), "-t", "set", "--csv", "-r", "100000"]
-    p = lab.run("client", argv, capture_output=True, text=True, timeout=300)
-    rows = list(csv.reader(io.StringIO(p.stdout)))
+
+
+def parse_bench(stdout: str, stderr: str) -> dict[str, float]:
+    rows = list(csv.reader(io.StringIO(stdout)))
     if len(rows) < 2:
-        raise RuntimeError(f"redis-benchmark failed: {p.stdout[-500:]} {p.stderr[-500:]}")
-    head, vals = rows[0], rows[1]
-    d = dict(zip(head, vals, strict=False))
+        raise RuntimeError(f"redis-benchmark failed: {stdout[-500:]} {stderr[-500:]}")
+    d = dict(zip(rows[0], rows[1], strict=False))
     return {"rps": float(d["rps"]), "p50_ms": float(d.get("p50_latency_ms", "nan")),
             "p99_ms": float(d.get("p99_latency_ms", "nan"))}
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")
-    except (FileNotFoundError, IndexError):
-        return float("nan")
+def requests_for(inflight: int, est_rps: float, seconds: float) -> int:
+    # At least 5 full rounds of the in-flight window, so connection set-up and
+    # the pipeline's ramp are a small part of the run.
+    return int(max(est_rps * seconds, 5 * inflight))
 
 
-def measure_load(lab: Lab, quick: bool) -> dict[str, Any]:
-    n_tp, n_lat = (50_000, 200) if quick else (300_000, 400)
-    tp = redis_benchmark(lab, 200, 32, n_tp)
-    lat = redis_benchmark(lab, 1, 1, n_lat)
-    return {"throughput_rps": tp["rps"], "saturating_p50_ms": tp["p50_ms"],
-            "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
-            "latency_bound_rps": lat["rps"]}
+def run_level(lab: Lab, clients: int, pipeline: int, est_rps: float, seconds: float) -> dict[str, Any]:
+    n = requests_for(clients * pipeline, est_rps, seconds)
+    t0 = time.monotonic()
+    p = lab.run("client", bench_argv(lab, clients, pipeline, n), capture_output=True, text=True,
+                timeout=max(60.0, 5 * n / max(est_rps, 1.0)))
+    wall = time.monotonic() - t0
+    r = parse_bench(p.stdout, p.stderr)
+    return {"clients": clients, "pipeline": pipeline, "inflight": clients * pipeline,
+            "requests": n, "wall_s": round(wall, 2), **r}
 
 
-def unprotected(lab: Lab, quick: bool) -> dict[str, Any]:
+Probe = Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]
+
+
+def sweep(lab: Lab, plan: Plan, est_rps: float, probe: Probe | None = None) -> list[dict[str, Any]]:
+    """One run per in-flight level; `probe` wraps each run to add what the agents
+    did meanwhile (CPU, trace statistics)."""
+    levels = []
+    for clients, pipeline in plan.levels:
+        def one(c: int = clients, p: int = pipeline, e: float = est_rps) -> dict[str, Any]:
+            return run_level(lab, c, p, e, plan.level_seconds)
+
+        try:
+            r = probe(one) if probe else one()
+        except (subprocess.TimeoutExpired, RuntimeError) as e:
+            # Typically protection ended (e.g. a takeover on a starved machine):
+            # the next levels would only time out too.
+            why = (f"redis-benchmark timed out after {e.timeout:.0f} s"
+                   if isinstance(e, subprocess.TimeoutExpired) else str(e)[-300:])
+            log(f"  {clients}x{pipeline}: FAILED: {why}")
+            levels.append({"clients": clients, "pipeline": pipeline, "inflight": clients * pipeline,
+                           "rps": None, "error": why})
+            break
+        log(f"  {clients}x{pipeline}: {r['rps']:.0f} SET/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+        levels.append(r)
+        # The next level takes the best rate seen so far as its estimate; sizing
+        # runs by rate keeps each near plan.level_seconds.
+        est_rps = max(est_rps, r["rps"])
+    return levels
+
+
+def peak(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    done = [r for r in levels if r["rps"] is not None]
+    if not done:
+        raise RuntimeError(f"no load level completed: {levels[-1].get('error')}")
+    return max(done, key=lambda r: float(r["rps"]))
+
+
+def fixed_rps(levels: list[dict[str, Any]]) -> float | None:
+    return next((r["rps"] for r in levels if (r["clients"], r["pipeline"]) == FIXED_LOAD), None)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def latency(lab: Lab, seconds: float, gap: float) -> dict[str, Any]:
+    lat = client_latencies(lab, seconds, gap)
+    if not lat:
+        raise RuntimeError("latency client got no replies")
+    return {"latency_p50_ms": quantile(lat, 0.5), "latency_p99_ms": quantile(lat, 0.99),
+            "latency_mean_ms": round(sum(lat) / len(lat), 2), "latency_requests": len(lat)}
+
+
+# -- the set-ups --------------------------------------------------------------------------------
+def unprotected(lab: Lab, plan: Plan) -> dict[str, Any]:
     argv, _ = SERVERS["redis"]
     p = lab.popen("pri", [PY, str(ROOT / "bench" / "plain_unit.py"), "plain", lab.vip, lab.dev,
                           "--", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -85,40 +201,161 @@ def unprotected(lab: Lab, quick: bool) -> dict[str, Any]:
         raise RuntimeError(f"unprotected unit did not start: {line!r}")
     time.sleep(0.5)
     try:
-        return measure_load(lab, quick)
+        # Random spacing up to 50 ms, like latency_bench's `plain`: without an
+        # epoch the phase does not matter, the pauses only keep the rate low.
+        res = latency(lab, plan.latency_seconds, 0.05)
+        levels = sweep(lab, plan, est_rps=500_000)
     finally:
         p.stdin.close()
         p.wait(10)
         lab.run("client", ["ip", "neigh", "flush", "dev", lab.dev])
+    top = peak(levels)
+    for r in levels:
+        r["rps_over_peak"] = ratio(r["rps"], top["rps"])
+        r["saturated"] = (r["rps_over_peak"] or 0) >= 1 - SATURATION_TOLERANCE
+        if not r["saturated"]:
+            log(f"  WARNING: unprotected {r['clients']}x{r['pipeline']} reached only "
+                f"{r['rps_over_peak']:.0%} of the unprotected peak: this level does not saturate redis")
+    return {**res, "levels": levels, "peak_rps": top["rps"], "peak_config": config(top),
+            "throughput_rps": top["rps"], "throughput_rps_fixed_load": fixed_rps(levels),
+            "all_levels_saturate": all(r["saturated"] for r in levels)}
 
 
-def protected(lab: Lab, interval: str, quick: bool, work: Path) -> dict[str, Any]:
-    sc = Scenario(lab, work / f"p{interval}", interval=interval)
+def protected(lab: Lab, interval: str, plan: Plan, work: Path, with_profile: bool) -> dict[str, Any]:
+    wd = work / f"p{interval}"
+    trace = wd / "trace.jsonl"
+    trace.unlink(missing_ok=True)
+    sc = Scenario(lab, wd, interval=interval, extra_primary=["--trace", str(trace)])
     try:
+        pri, bak = start_agents(sc)
+        watch = AgentWatch(int(pri["pid"]), int(bak["pid"]), trace)
+        iv_s = float(interval.rstrip("ms")) / 1000
+        lat = watch(lambda: latency(lab, plan.latency_seconds, iv_s))
+        st = sc.status("pri")
+        assert st
+        lat["status"] = {k: st[k]["p50"] for k in ("pause_ms", "dump_ms", "encode_ms",
+                                                     "ack_latency_ms")}
+        levels = sweep(lab, plan, est_rps=40_000, probe=watch)
+        prof = None
+        if with_profile:
+            st = sc.status("pri")
+            prof = (safe_profile(lab, peak(levels), int(pri["pid"]), plan, wd / "py-spy.raw")
+                    if st and st.get("protected") and "error" not in levels[-1] else
+                    {"error": "skipped: protection ended during the sweep (see its levels)"})
+    finally:
+        sc.reset()
+    res = summarize_protected(iv_s * 1000, lat, levels)
+    if prof is not None:
+        res["profile"] = prof
+    return res
+
+
+def start_agents(sc: Scenario, tries: int = 2) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Backup, then primary; their status once protecting. One retry after a
+    power cycle: on this shared machine an agent now and then fails to come up
+    (its exit status is logged) and one bad start must not lose the run."""
+    for attempt in range(1, tries + 1):
+        t0 = time.monotonic()
         sc.start_backup()
         time.sleep(0.3)
         sc.start_primary()
-        sc.wait_protected()
+        try:
+            # Generous: after a heavy run the backup first applies the redo log
+            # it left behind, which took ~20 s here.
+            sc.wait_protected(timeout=90)
+        except TimeoutError as e:
+            codes = [p.poll() for p in sc.procs]  # backup, primary (None: still running)
+            log(f"  agents did not start (attempt {attempt}; exit codes {codes}): {str(e)[:160]}")
+            if attempt == tries:
+                raise
+            sc.reset()
+            continue
         pri, bak = sc.status("pri"), sc.status("bak")
-        assert pri and bak
-        cpu0 = (cpu_seconds(pri["pid"]), cpu_seconds(bak["pid"]), time.monotonic())
-        res = measure_load(lab, quick)
-        cpu1 = (cpu_seconds(pri["pid"]), cpu_seconds(bak["pid"]), time.monotonic())
-        st = sc.status("pri")
-        assert st
-        wall = cpu1[2] - cpu0[2]
-        floor = float(interval.rstrip("ms")) / 2 + st["pause_ms"]["p50"] + st["ack_latency_ms"]["p50"]
-        res.update({
-            "pause_ms_p50": st["pause_ms"]["p50"], "pause_ms_p99": st["pause_ms"]["p99"],
-            "ack_ms_p50": st["ack_latency_ms"]["p50"], "epochs_per_s": st["epochs_per_s"],
-            "bytes_per_epoch_p50": st["bytes_per_epoch"]["p50"], "bytes_per_s": st["bytes_per_s"],
-            "cpu_primary_agent": round((cpu1[0] - cpu0[0]) / wall, 3),
-            "cpu_backup_agent": round((cpu1[1] - cpu0[1]) / wall, 3),
-            "latency_floor_ms": round(floor, 2),
-        })
-        return res
+        if pri and bak:
+            log(f"  protecting after {time.monotonic() - t0:.1f} s")
+            return pri, bak
+    raise RuntimeError("agents did not report status")
+
+
+def summarize_protected(iv_ms: float, lat: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]:
+    # With no level done (protection ended at once) keep the latency phase.
+    top: dict[str, Any] = peak(levels) if any(r["rps"] is not None for r in levels) else {
+        "rps": None, "clients": 0, "pipeline": 0, "p50_ms": None, "p99_ms": None, "trace": {},
+        "cpu": {"primary_own": None, "primary_children": None, "primary_total": None,
+                "backup_total": None}}
+    tr, ltr = top["trace"], lat["trace"]
+    # Floor terms from the latency phase's own epochs; status (a window over the
+    # whole run) only if the trace has nothing.
+    pause = ltr.get("pause_ms_p50") or lat["status"]["pause_ms"]
+    ack = ltr.get("ack_ms_p50") or lat["status"]["ack_latency_ms"]
+    floor = iv_ms / 2 + pause + ack
+    to_sent = ltr.get("boundary_to_sent_ms_p50")
+    eps = ltr.get("epochs_per_s")
+    period = round(1000 / eps, 2) if eps else None
+    return {
+        "throughput_rps": top["rps"], "peak_rps": top["rps"],
+        "peak_config": config(top) if top["rps"] is not None else None,
+        "peak_p50_ms": top["p50_ms"], "peak_p99_ms": top["p99_ms"],
+        "throughput_rps_fixed_load": fixed_rps(levels), "levels": levels,
+        "all_levels_done": all(r["rps"] is not None for r in levels),
+        "latency_p50_ms": lat["latency_p50_ms"], "latency_p99_ms": lat["latency_p99_ms"],
+        "latency_requests": lat["latency_requests"],
+        "latency_phase": {"trace": ltr, "cpu": lat["cpu"], "status_p50": lat["status"],
+                          "period_ms": period, "dump_wall_over_period": (
+                              round(lat["status"]["dump_ms"] / period, 3)
+                              if period and lat["status"]["dump_ms"] else None)},
+        "latency_floor_ms": round(floor, 2),
+        "latency_floor_incl_transfer_ms": (round(iv_ms / 2 + to_sent + ack, 2)
+                                           if to_sent is not None else None),
+        "pause_ms_p50": tr.get("pause_ms_p50"), "pause_ms_p99": tr.get("pause_ms_p99"),
+        "ack_ms_p50": tr.get("ack_ms_p50"), "commit_ms_p50": tr.get("commit_ms_p50"),
+        "commit_ms_p90": tr.get("commit_ms_p90"), "epochs_per_s": tr.get("epochs_per_s"),
+        "bytes_per_epoch_p50": tr.get("bytes_per_epoch_p50"),
+        "cpu_primary_agent_own": top["cpu"]["primary_own"],
+        "cpu_primary_agent_children": top["cpu"]["primary_children"],
+        "cpu_primary_agent": top["cpu"]["primary_total"],
+        "cpu_backup_agent": top["cpu"]["backup_total"],
+    }
+
+
+def safe_profile(lab: Lab, level: dict[str, Any], pid: int, plan: Plan, raw: Path) -> dict[str, Any]:
+    try:
+        return profiled_run(lab, level, pid, plan, raw)
+    except Exception as e:  # the profile is an extra: losing it must not lose the run
+        why = (f"redis-benchmark timed out after {e.timeout:.0f} s"
+               if isinstance(e, subprocess.TimeoutExpired) else str(e)[:300])
+        log(f"  profile failed: {why}")
+        return {"error": why}
+
+
+def profiled_run(lab: Lab, level: dict[str, Any], pid: int, plan: Plan, raw: Path) -> dict[str, Any]:
+    """Re-run the peak level with py-spy on the primary agent for plan.profile_seconds
+    (started once the benchmark's connections are up). The rate during the
+    profile is recorded: py-spy takes CPU on this 2-core machine too."""
+    lead_in = 1.5
+    n = requests_for(level["inflight"], level["rps"], plan.profile_seconds + 2 * lead_in + 1)
+    start = time.monotonic()
+    p = lab.popen("client", bench_argv(lab, level["clients"], level["pipeline"], n),
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(lead_in)
+        t0 = time.monotonic()
+        prof = profile(pid, plan.profile_seconds, 200, raw)
+        spy_s = time.monotonic() - t0
+        out, err = p.communicate(timeout=120 + 6 * n / max(level["rps"], 1.0))
+        bench_s = time.monotonic() - start
     finally:
-        sc.reset()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    r: dict[str, Any]
+    try:
+        r = parse_bench(out, err)
+    except RuntimeError as e:
+        r = {"error": str(e)[:300]}
+    prof["during"] = {"config": config(level), "requests": n, "py_spy_wall_s": round(spy_s, 2),
+                      "bench_wall_s": round(bench_s, 2), **r}
+    return prof
 
 
 def failover_series(lab: Lab, n: int, work: Path) -> dict[str, Any]:
@@ -207,6 +444,41 @@ def machine() -> dict[str, Any]:
             "git_rev": rev.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def load_stage(lab: Lab, plan: Plan, work: Path, out: dict[str, Any]) -> None:
+    log("redis unprotected")
+    base = unprotected(lab, plan)
+    out["unprotected"] = base
+    save(out)
+    for iv in ("25ms", "50ms", "100ms"):
+        log(f"redis protected at {iv}")
+        try:
+            r = protected(lab, iv, plan, work, with_profile=iv == "50ms")
+        except Exception as e:  # one failed set-up must not lose the others
+            log(f"protected at {iv}: FAILED: {e}")
+            out["results"][iv] = {"error": str(e)[-500:]}
+            continue
+        if "profile" in r:
+            out["profile_50ms"] = r.pop("profile")
+        compare(r, base)
+        out["results"][iv] = r
+        save(out)
+
+
+def compare(r: dict[str, Any], base: dict[str, Any]) -> None:
+    """Add the protected-vs-unprotected ratios to a protected result `r`."""
+    by_cfg = {config(b): b["rps"] for b in base["levels"]}
+    for lv in r["levels"]:
+        lv["ratio_same_level"] = ratio(lv["rps"], by_cfg.get(config(lv)))
+    r["throughput_ratio"] = ratio(r["peak_rps"], base["peak_rps"])
+    r["throughput_ratio_fixed_load"] = ratio(r["throughput_rps_fixed_load"],
+                                             base["throughput_rps_fixed_load"])
+    added = r["latency_p50_ms"] - base["latency_p50_ms"]
+    r["added_latency_p50_ms"] = round(added, 2)
+    r["added_over_floor"] = round(added / r["latency_floor_ms"], 3)
+    r["added_over_floor_incl_transfer"] = ratio(added, r["latency_floor_incl_transfer_ms"])
+
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -214,24 +486,16 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of: load,failover,series")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    plan = Plan.make(a.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/remus-bench")
     work.mkdir(exist_ok=True)
-    out: dict[str, Any] = {"machine": machine(), "results": {}}
+    out: dict[str, Any] = {"machine": machine(), "quick": a.quick, "definitions": DEFINITIONS,
+                           "results": {}}
     with exclusive_lab() as lab:
         try:
             if "load" not in skip:
-                log("redis unprotected")
-                base = unprotected(lab, a.quick)
-                out["unprotected"] = base
-                for iv in ("25ms", "50ms", "100ms"):
-                    log(f"redis protected at {iv}")
-                    r = protected(lab, iv, a.quick, work)
-                    r["throughput_ratio"] = round(r["throughput_rps"] / base["throughput_rps"], 3)
-                    r["added_latency_p50_ms"] = round(r["latency_p50_ms"] - base["latency_p50_ms"], 2)
-                    r["added_over_floor"] = round(r["added_latency_p50_ms"] / r["latency_floor_ms"], 3)
-                    out["results"][iv] = r
-            save(out)
+                load_stage(lab, plan, work, out)
             if "failover" not in skip:
                 out["failover"] = failover_series(lab, 3 if a.quick else a.failovers, work)
                 save(out)
@@ -252,67 +516,7 @@ def save(out: dict[str, Any]) -> Path:
     return path
 
 
-def report(out: dict[str, Any]) -> None:
-    base = out.get("unprotected")
-    if base:
-        print(f"\nunprotected redis: {base['throughput_rps']:.0f} SET/s saturating; "
-              f"p50 {base['latency_p50_ms']} ms one in flight")
-        print(f"{'epoch':>6} {'tput ratio':>10} {'p50 ms':>7} {'p99 ms':>7} {'added':>6} "
-              f"{'floor':>6} {'add/floor':>9} {'pause p50/p99':>14} {'B/epoch':>9} {'cpu p/b':>9}")
-        for iv, r in out["results"].items():
-            print(f"{iv:>6} {r['throughput_ratio']:>10} {r['latency_p50_ms']:>7} "
-                  f"{r['latency_p99_ms']:>7} {r['added_latency_p50_ms']:>6} "
-                  f"{r['latency_floor_ms']:>6} {r['added_over_floor']:>9} "
-                  f"{r['pause_ms_p50']:>6}/{r['pause_ms_p99']:<7} {r['bytes_per_epoch_p50']:>9.0f} "
-                  f"{r['cpu_primary_agent']:>4}/{r['cpu_backup_agent']:<4}")
-    fo = out.get("failover")
-    if fo and fo["median_s"] is not None:
-        print(f"\nfailover: median {fo['median_s'] * 1000:.0f} ms, max {fo['max_s'] * 1000:.0f} ms "
-              f"over {fo['runs']} power cuts; acked writes lost {fo['acked_writes_lost']}")
-    for r in out.get("pause_series", []):
-        if "error" in r:
-            print(f"series {r['mib']:>5} MiB dirty {r['dirty_pct_per_50ms']:>2}%: FAILED")
-            continue
-        print(f"series {r['mib']:>5} MiB dirty {r['dirty_pct_per_50ms']:>2}%: pause p50 "
-              f"{r['pause_ms_p50']} ms (bare {r['bare_pause_ms_p50']}), sent "
-              f"{r['bytes_per_epoch_p50']:.0f} B/epoch, dirtied {r['dirtied_bytes_per_epoch']}")
-
-
-def plots(out: dict[str, Any]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    series = out.get("pause_series") or []
-    if series:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for mib in sorted({r["mib"] for r in series}):
-            rs = [r for r in series if r["mib"] == mib and "error" not in r]
-            x = [r["dirty_pct_per_50ms"] for r in rs]
-            a1.plot(x, [r["pause_ms_p50"] for r in rs], "o-", label=f"remus {mib} MiB")
-            a1.plot(x, [r["bare_pause_ms_p50"] or 0 for r in rs], "x--", label=f"bare {mib} MiB")
-            a2.plot([r["dirtied_bytes_per_epoch"] / 2**20 for r in rs],
-                    [r["bytes_per_epoch_p50"] / 2**20 for r in rs], "o-", label=f"{mib} MiB")
-        a1.set_xlabel("% of memory dirtied per 50 ms")
-        a1.set_ylabel("pause p50 (ms)")
-        a1.legend(fontsize=7)
-        a2.set_xlabel("MiB dirtied per epoch")
-        a2.set_ylabel("MiB sent per epoch")
-        a2.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "pause_series.png", dpi=100)
-    if out.get("results"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ivs = list(out["results"])
-        ax.bar(ivs, [out["results"][i]["throughput_ratio"] for i in ivs])
-        ax.axhline(0.75, color="red", ls="--", label="target 0.75")
-        ax.set_ylabel("throughput protected / unprotected")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / "throughput.png", dpi=100)
+# -- report -------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

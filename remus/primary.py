@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remus.checkpoint.criu import Criu, DumpResult, clear_stale_parasite_dir
+from remus.checkpoint.criu import Criu, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
 from remus.checkpoint.disk import DiskDelta, DiskTracker
 from remus.checkpoint.tracking import DumpChain, resolve
@@ -94,7 +94,7 @@ class Primary:
         self.need_full = True
         self.inflight: dict[int, float] = {}  # epoch -> time its END was sent
         self.cond = threading.Condition()
-        self.sendq: queue.Queue[tuple[int, Path, DumpResult, DiskDelta | None] | None] = (
+        self.sendq: queue.Queue[tuple[int, Path, Path | None, DiskDelta | None] | None] = (
             queue.Queue(maxsize=1))
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -108,6 +108,7 @@ class Primary:
         self.full_bytes = Series()
         self.encode_ms = Series()
         self.dirty_pages = Series()
+        self.dumped_pages = Series()  # pages CRIU copied while the unit was frozen
         self.epoch_times: list[float] = []
         self.epochs_done = 0
         self.bytes_total = 0
@@ -237,7 +238,8 @@ class Primary:
         self.failed_dumps = 0
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
-        self.sendq.put((e, d, res, disk))
+        self.dumped_pages.add(float(res.pages_written))
+        self.sendq.put((e, d, parent, disk))
 
     # -- sender ---------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -245,9 +247,9 @@ class Primary:
             item = self.sendq.get()
             if item is None:
                 return
-            e, d, res, disk = item
+            e, d, parent, disk = item
             try:
-                self._send_epoch(e, d, disk)
+                self._send_epoch(e, d, parent, disk)
             except (RemusError, OSError) as err:  # link gone or closed under us
                 log.warning("epoch %d not sent: %s", e, err)
                 self.need_full = True
@@ -267,7 +269,7 @@ class Primary:
         if self.disk is not None:
             self.disk.reset()
 
-    def _send_epoch(self, e: int, d: Path, disk: DiskDelta | None) -> None:
+    def _send_epoch(self, e: int, d: Path, parent: Path | None, disk: DiskDelta | None) -> None:
         link = self.link
         if link is None or link.closed:
             raise LinkClosed("no backup connection")
@@ -278,17 +280,26 @@ class Primary:
             raise LinkClosed("disk delta captured before the generation changed; retrying full")
         if full:
             self.encoder.reset()
+        # A dump tracked against another parent than our base is no delta: skip it
+        # before announcing anything (the chain restarts with an untracked dump).
+        self.encoder.check_base(d, full, parent)
         base = -1 if full else self.last_sent
         link.send(m.EpochBegin(generation=self.generation, epoch=e, base_epoch=base, full=full))
-        n = 0
-        disk_chunks = disk.chunks() if disk is not None else iter(())
-        # Disk records first: the store refuses anything after the memory manifest.
-        for kind, name, meta, data in itertools.chain(disk_chunks,
-                                                      self.encoder.encode(d, full=full)):
-            link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
-            n += len(meta) + len(data)
-        with link.lock:
-            link.send_raw(link.conn.end_epoch())
+        try:
+            n = 0
+            disk_chunks = disk.chunks() if disk is not None else iter(())
+            # Disk records first: the store refuses anything after the memory manifest.
+            for kind, name, meta, data in itertools.chain(
+                    disk_chunks, self.encoder.encode(d, full=full, parent=parent)):
+                link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
+                n += len(meta) + len(data)
+            with link.lock:
+                link.send_raw(link.conn.end_epoch())
+        except BaseException:
+            # The protocol has no way to abandon an announced epoch: drop the link
+            # (the backup discards the partial epoch; the reconnect sends a full one).
+            link.close()
+            raise
         with self.cond:
             self.inflight[e] = self.clock()
             self.sent_at_wall[e] = time.time()
@@ -519,6 +530,7 @@ class Primary:
             "checkpoint_bytes": self.full_bytes.last,
             "encode_ms": self.encode_ms.summary(),
             "changed_pages": self.dirty_pages.summary(0),
+            "dumped_pages": self.dumped_pages.summary(0),
             "epochs_per_s": round(eps, 2),
             "bytes_per_s": round(self.bytes_total / elapsed, 1),
             "epochs_acked": self.epochs_done,

@@ -64,6 +64,7 @@ class Scenario:
     extra_primary: list[str] = field(default_factory=list)
     extra_backup: list[str] = field(default_factory=list)
     command: list[str] | None = None  # overrides the server's command line
+    status_timeout: float = 5.0  # per `remus status` call (more in an emulated VM)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -95,9 +96,9 @@ class Scenario:
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
                                    self.interval, *self.extra_primary, "--", *argv], "primary.log")
 
-    def status(self, host: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    def status(self, host: str, timeout: float | None = None) -> dict[str, Any] | None:
         p = self.lab.run(host, [*REMUS, "status", "--json"], capture_output=True, text=True,
-                         timeout=timeout, cwd=str(REPO))
+                         timeout=timeout or self.status_timeout, cwd=str(REPO))
         if p.returncode != 0:
             return None
         doc = json.loads(p.stdout)

@@ -89,7 +89,7 @@ class Criu:
         freeze_cgroup: str | None = None,
         track_mem: bool = False,
         parent: Path | None = None,
-        log_level: int = 1,
+        log_level: int | None = None,
     ) -> DumpResult:
         """Dump pid's tree into images_dir and leave it running.
 
@@ -100,6 +100,8 @@ class Criu:
         what makes the freeze proportional to the pages dirtied. Needs a kernel
         with soft-dirty (CONFIG_MEM_SOFT_DIRTY).
         """
+        if log_level is None:  # REMUS_CRIU_DUMP_LOG_LEVEL=4 to debug dumps (logs stay in the dump dir)
+            log_level = int(os.environ.get("REMUS_CRIU_DUMP_LOG_LEVEL", "1"))
         req = _request("DUMP", "dump.log", log_level, notify)
         o = req.opts
         o.pid = pid
@@ -113,8 +115,7 @@ class Criu:
         if track_mem:
             o.track_mem = True
         if parent is not None:
-            # relative to the images directory, like --prev-images-dir
-            o.parent_img = os.path.relpath(parent, images_dir)
+            o.parent_img = link_parent(parent, images_dir)
         t0 = time.perf_counter()
         self._call(req, images_dir, notify, cgroup_procs=None)
         wall = (time.perf_counter() - t0) * 1000
@@ -252,6 +253,29 @@ def _dump_result(images_dir: Path, wall_ms: float) -> DumpResult:
         pages_written=stats.get("pages_written", 0),
         stats=stats,
     )
+
+
+#: the subdirectory of a tracked dump that holds its parent's files
+PARENT_DIR = "parent-images"
+
+
+def link_parent(parent: Path, images_dir: Path) -> str:
+    """Hard-link the parent dump's files CRIU reads into images_dir/PARENT_DIR.
+
+    CRIU opens the parent while it dumps memory, after it has moved into other
+    namespaces: from a lab host (own mount namespace) a sibling directory was
+    not found there, by relative or by absolute path (ENOENT, and CRIU then
+    silently copies every page). A subdirectory always resolves, and the
+    primary may delete the parent directory meanwhile. Links are free on
+    tmpfs. CRIU reads the inventory (pid-reuse check) and the pagemaps and
+    pages files.
+    """
+    sub = images_dir / PARENT_DIR
+    sub.mkdir(parents=True, exist_ok=True)
+    for f in parent.iterdir():
+        if f.name == "inventory.img" or f.name.startswith(("pagemap-", "pages-")):
+            os.link(f, sub / f.name)
+    return PARENT_DIR
 
 
 def clear_stale_parasite_dir(pid: int) -> bool:

@@ -242,7 +242,26 @@ class DeltaEncoder:
         self._prev_files = {}
         self._prev_maps = {}
 
-    def encode(self, dump_dir: Path, full: bool) -> Iterator[Chunk]:
+    def check_base(self, dump_dir: Path, full: bool, parent: Path | None) -> None:
+        """CheckpointError unless encode(dump_dir, full, parent) can produce a delta.
+
+        ``parent``: the dump that ``dump_dir`` was tracked against (CRIU
+        --track-mem with parent images), None for an untracked dump. A
+        tracked dump's PE_PARENT holes are only known to the backup if the
+        parent is exactly the delta base, and never in a full checkpoint.
+        Cheap; call it before announcing the epoch.
+        """
+        if parent is None:
+            return
+        if full:
+            raise CheckpointError(f"{dump_dir}: a tracked dump (with parent holes) cannot be "
+                                  "sent as a full checkpoint; dump again without a parent")
+        base = self._prev_dir
+        if base is None or os.path.normpath(parent) != os.path.normpath(base):
+            raise CheckpointError(f"{dump_dir}: tracked against {parent}, but the delta base is "
+                                  f"{base}; dump again without a parent")
+
+    def encode(self, dump_dir: Path, full: bool, parent: Path | None = None) -> Iterator[Chunk]:
         """Yield the chunks of the checkpoint in ``dump_dir`` (see module doc)."""
         if not full and self._prev_dir is None:
             raise CheckpointError("no previous dump to diff against: encode a full checkpoint")
@@ -254,8 +273,9 @@ class DeltaEncoder:
         maps: dict[str, _Prev] = {}
         parsed = {n: images.read_pagemap(dump_dir / n) for n in names if images.is_pagemap(n)}
         full_layouts = {n: pm.full_layout() for n, pm in parsed.items() if pm.has_parent}
-        if full_layouts:
-            self._check_parent(dump_dir, full)
+        if full_layouts and parent is None:
+            raise CheckpointError(f"{dump_dir}: has parent holes, but no parent was given")
+        self.check_base(dump_dir, full, parent)
         pagemaps = {
             n: PagemapInfo(pm.pages_name, full_layouts[n].size if n in full_layouts else pm.nr_present)
             for n, pm in parsed.items()
@@ -295,19 +315,6 @@ class DeltaEncoder:
             dump_dir, stats.pages_changed, stats.pages_total, stats.files_sent,
             stats.seconds * 1e3,
         )
-
-    def _check_parent(self, dump_dir: Path, full: bool) -> None:
-        """A dump with PE_PARENT holes is only a delta against its own parent."""
-        if full:
-            raise CheckpointError(f"{dump_dir}: a tracked dump (with parent holes) cannot be "
-                                  "sent as a full checkpoint; dump again without a parent")
-        link = dump_dir / "parent"
-        base = self._prev_dir
-        if base is None or not link.is_symlink() or \
-                os.path.normpath(dump_dir / os.readlink(link)) != os.path.normpath(base):
-            raise CheckpointError(f"{dump_dir}: tracked against "
-                                  f"{os.readlink(link) if link.is_symlink() else 'nothing'}, but the "
-                                  f"delta base is {base}; dump again without a parent")
 
     def _encode_pagemap(
         self, name: str, layout: Vaddrs, pages_path: Path, full: bool

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,7 +158,9 @@ class CheckpointStore:
     """Crash-only store of the last committed checkpoint (backup side).
 
     Call recover() before anything else, on every start. Positions are
-    (generation, epoch); (-1, -1) means empty. Not thread-safe.
+    (generation, epoch); (-1, -1) means empty. Not thread-safe, except that
+    apply_pending may be called from several threads (the backup's apply loop
+    and a takeover): applies are serialized.
     ``on_write`` (None by default) is called with a description before
     every mutation of images/ or pages/ while applying; fault-injection
     tests raise from it to simulate a crash at that point.
@@ -181,6 +184,7 @@ class CheckpointStore:
         self._staged: StagedEpoch | None = None
         self._files: dict[str, _PagesFile] = {}
         self._recovered = False
+        self._apply_lock = threading.Lock()
 
     # ---- public API -------------------------------------------------
 
@@ -240,6 +244,10 @@ class CheckpointStore:
     def apply_pending(self) -> int:
         """Apply every committed redo log in order; the applied epoch."""
         self._require_recovered()
+        with self._apply_lock:
+            return self._apply_all()
+
+    def _apply_all(self) -> int:
         for header, path in self._redo_logs():
             if header.position <= self._applied:
                 path.unlink()  # applied before a crash that came before its removal

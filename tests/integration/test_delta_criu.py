@@ -233,7 +233,8 @@ def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path, tr
         dump(pid, d, *(track if tracked else ()))
         before = images.pages_by_vaddr(store.images_dir())
         staged = store.begin(1, epoch, epoch - 1, full)
-        for chunk in enc.encode(d, full):
+        parent = tmp_path / f"dump{epoch - 1}" if tracked and not full else None
+        for chunk in enc.encode(d, full, parent=parent):
             staged.add(*chunk)
         staged.commit()
         store.apply_pending()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,6 +236,44 @@ def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
         ship(store, enc, d, 1, epoch)
     assert len(list((tmp_path / "store" / "redo").iterdir())) == len(dumps)
     assert store.apply_pending() == len(dumps) - 1
+    assert_same(store, dumps[-1])
+
+
+def test_concurrent_apply_pending_is_serialized(tmp_path: Path) -> None:
+    """The backup's apply loop and a takeover may both call apply_pending."""
+    dumps = evolution(tmp_path)
+    store = new_store(tmp_path / "store")
+    enc = DeltaEncoder()
+    for epoch, d in enumerate(dumps):
+        ship(store, enc, d, 1, epoch)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(what: str) -> None:  # hold the first apply open while the second starts
+        if not inside.is_set():
+            inside.set()
+            release.wait(5)
+
+    store.on_write = slow
+    errors: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            store.apply_pending()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    first = threading.Thread(target=apply)
+    first.start()
+    assert inside.wait(5)
+    second = threading.Thread(target=apply)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # waits for the first instead of applying alongside it
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert errors == []
     assert_same(store, dumps[-1])
 
 
