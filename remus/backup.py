@@ -109,6 +109,9 @@ class Backup:
                              name="receiver", daemon=True).start()
         sk.close()
 
+    def _heard(self) -> None:
+        self.last_heard = self.clock()
+
     def stop(self) -> None:
         self.stop_event.set()
         if self.link is not None:
@@ -159,6 +162,7 @@ class Backup:
             return
         threading.Thread(target=self._heartbeat_loop, args=(link,), name="heartbeat",
                          daemon=True).start()
+        link.on_rx = self._heard  # authenticated and current: its bytes mean it is alive
         try:
             self.last_heard = self.clock()
             self._on_event(link, first)

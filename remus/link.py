@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from remus.errors import ProtocolError, RemusError
@@ -34,6 +34,9 @@ class Link:
         self.lock = threading.Lock()
         self.closed = False
         self.bytes_sent = 0
+        # Called on every non-empty recv: bytes still arriving (a big epoch on a
+        # slow or busy link) prove the peer alive before a whole frame is in.
+        self.on_rx: Callable[[], None] | None = None
         sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def set_user_timeout(self, seconds: float) -> None:
@@ -72,6 +75,8 @@ class Link:
             except OSError as e:
                 self.close()
                 raise LinkClosed(f"receive from {self.peer}: {e}") from e
+            if data and self.on_rx is not None:
+                self.on_rx()
             with self.lock:
                 try:
                     self.conn.receive_data(data)
