@@ -406,14 +406,18 @@ def pause_series(lab: Lab, quick: bool, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def one_series_point(lab: Lab, mib: int, pct: int, work: Path) -> dict[str, Any]:
+def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] | None = None,
+                     slow: float = 1.0) -> dict[str, Any]:
+    """One unit size and dirty rate. `extra`: more `remus run` options; `slow`:
+    how much slower than this machine the host is (an emulated VM), for timeouts."""
     sc = Scenario(lab, work / f"s{mib}-{pct}", server="filler",
-                  command=[PY, str(FILLER), str(mib), str(pct), "0.05"])
+                  command=[PY, str(FILLER), str(mib), str(pct), "0.05"],
+                  extra_primary=list(extra or []), status_timeout=5.0 * slow)
     try:
         sc.start_backup()
         time.sleep(0.3)
         sc.start_primary()
-        sc.wait_protected(timeout=60 + mib / 10)
+        sc.wait_protected(timeout=(60 + mib / 10) * slow)
         time.sleep(3)
         st = sc.status("pri")
         assert st
@@ -432,7 +436,10 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path) -> dict[str, Any]
                 "epochs_per_s": st["epochs_per_s"],
                 "bytes_per_epoch_p50": st["bytes_per_epoch"]["p50"],
                 "dirtied_bytes_per_epoch": int(dirtied),
-                "encode_ms_p50": st.get("encode_ms", {}).get("p50")}
+                "encode_ms_p50": st.get("encode_ms", {}).get("p50"),
+                "dirty_tracking": st.get("dirty_tracking"),
+                "dumped_pages_p50": (st.get("dumped_pages") or {}).get("p50"),
+                "checkpoint_pages": int((st.get("checkpoint_bytes") or 0) / 4096) or None}
     finally:
         sc.reset()
 
