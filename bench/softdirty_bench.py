@@ -44,12 +44,16 @@ def inside(sizes: list[int], pcts: list[int]) -> list[dict[str, Any]]:
                 for mode in ("soft-dirty", "diff"):
                     t0 = time.monotonic()
                     try:
-                        r = one_series_point(lab, mib, pct, Path("/tmp/sdb"),
+                        r = one_series_point(lab, mib, pct, Path("/tmp/sdb") / mode,
                                              extra=["--dirty-tracking", mode, "--heartbeat", "100ms",
                                                     "--lease", "1500ms", "--takeover-timeout", "3s"],
                                              slow=SLOW)
                     except Exception as e:  # one bad point must not lose the run
-                        r = {"mib": mib, "dirty_pct_per_50ms": pct, "error": str(e)[:300]}
+                        logs = Path("/tmp/sdb") / mode / f"s{mib}-{pct}"
+                        tail = "".join((logs / n).read_text(errors="replace")[-600:]
+                                       for n in ("primary.log", "backup.log") if (logs / n).exists())
+                        r = {"mib": mib, "dirty_pct_per_50ms": pct, "error": str(e)[:300],
+                             "log_tail": tail}
                     r["mode"] = mode
                     r["seconds"] = round(time.monotonic() - t0, 1)
                     print("ROW " + json.dumps(r), flush=True)

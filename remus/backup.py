@@ -109,6 +109,21 @@ class Backup:
                              name="receiver", daemon=True).start()
         sk.close()
 
+    def _save_unit(self) -> None:
+        tmp = self.unit_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.unit))
+        os.replace(tmp, self.unit_file)
+
+    def checkpoint_is_current(self) -> bool:
+        """Is the committed checkpoint from the agent run that last connected?
+
+        A checkpoint left by an earlier run (stopped, or replaced by a new `remus
+        run` of the same unit) must not be restored: that run may have released
+        output after it. Runs without an instance id (older agents) are trusted."""
+        unit = self.unit or {}
+        instance = (unit.get("spec") or {}).get("instance")
+        return self.epoch >= 0 and (instance is None or unit.get("checkpoint_instance") == instance)
+
     def _heard(self) -> None:
         self.last_heard = self.clock()
 
@@ -233,10 +248,11 @@ class Backup:
                       " use another --workdir")
             link.send(m.Error(reason=reason))
             raise RemusError(reason)
-        self.unit = {"unit_id": ev.unit_id, "spec": ev.spec}
-        tmp = self.unit_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.unit))
-        os.replace(tmp, self.unit_file)
+        # The checkpoint we hold belongs to the agent run that produced it; a new run
+        # (after `remus stop` or a restart) has not vouched for it yet.
+        held = (self.unit or {}).get("checkpoint_instance") if self.epoch >= 0 else None
+        self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held}
+        self._save_unit()
         if self.prepare is not None:
             self.prepare(ev.spec)
         link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
@@ -257,6 +273,10 @@ class Backup:
             return
         staged.commit()  # the commit point: durable before the ACK leaves
         self.generation, self.epoch = ev.generation, ev.epoch
+        instance = ((self.unit or {}).get("spec") or {}).get("instance")
+        if self.unit is not None and self.unit.get("checkpoint_instance") != instance:
+            self.unit["checkpoint_instance"] = instance  # once per agent run
+            self._save_unit()
         link.send(m.Ack(generation=ev.generation, epoch=ev.epoch))
         self.ack_time.add((self.clock() - self._began) * 1000)
         self.epoch_bytes.add(self._cur_bytes)
@@ -296,6 +316,12 @@ class Backup:
                 continue
             silent = self.clock() - self.last_heard
             if silent <= self.cfg.timing.takeover_timeout or self.epoch < 0:
+                continue
+            if not self.checkpoint_is_current():
+                self.state = "primary-lost"
+                self.last_sentence = ("primary silent before its first checkpoint; the checkpoint "
+                                      "held is from an earlier run: not restoring it")
+                log.error("%s", self.last_sentence)
                 continue
             policy = ((self.unit or {}).get("spec") or {}).get("on_peer_loss", "stall")
             if not self.cfg.auto_failover or policy == "continue":

@@ -120,6 +120,7 @@ class Primary:
         self.sent_at_wall: dict[int, float] = {}
         self.trace_f = open(cfg.trace, "a") if cfg.trace else None  # noqa: SIM115
         self.protected = True
+        self.instance = secrets.token_hex(8)
 
     # -- public -------------------------------------------------------------
     def run(self) -> None:
@@ -410,7 +411,9 @@ class Primary:
             self.stop_event.wait(self._retry_delay())
             return
         gen = max(time.time_ns() // 1_000_000, self.generation + 1)
-        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss}
+        # "instance": this agent run. A backup may fail over only to a checkpoint of
+        # the instance that last connected (not to one a stopped run left behind).
+        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss, "instance": self.instance}
         conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec,
                                  nonce=secrets.token_bytes(16))
         link = Link(sk, conn, f"{host}:{port}")

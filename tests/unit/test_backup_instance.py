@@ -1,0 +1,67 @@
+"""The backup fails over only to a checkpoint of the agent run that last connected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from remus.backup import Backup, BackupConfig
+from remus.config import Timing
+from remus.protocol import messages as m
+
+
+class FakeLink:
+    peer = "10.0.0.1:1234"
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.conn = SimpleNamespace(our_nonce=b"n" * 16)
+
+    def send(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+
+def backup(workdir: Path) -> Backup:
+    timing = Timing(interval=0.05, heartbeat=0.05, lease=0.2, takeover_timeout=0.3)
+    return Backup(BackupConfig(listen=("127.0.0.1", 0), psk=b"k" * 32, workdir=workdir, timing=timing))
+
+
+def hello(instance: str | None, generation: int) -> m.Hello:
+    spec: dict[str, Any] = {"name": "kv"} | ({"instance": instance} if instance else {})
+    return m.Hello(version=1, unit_id="kv", generation=generation, nonce=b"x" * 16, spec=spec)
+
+
+def commit(b: Backup, generation: int, epoch: int) -> None:
+    b.staged = SimpleNamespace(commit=lambda: None)  # type: ignore[assignment]
+    b._on_complete(FakeLink(), SimpleNamespace(ok=True, generation=generation, epoch=epoch))  # type: ignore[arg-type]
+
+
+def test_checkpoint_of_an_earlier_run_is_not_current(tmp_path: Path) -> None:
+    b = backup(tmp_path)
+    b._on_hello(FakeLink(), hello("run-a", 1))  # type: ignore[arg-type]
+    assert not b.checkpoint_is_current()  # nothing committed yet
+    commit(b, 1, 0)
+    assert b.checkpoint_is_current()
+    # the same run reconnecting (a stale link): its checkpoint is still the one to restore
+    b._on_hello(FakeLink(), hello("run-a", 2))  # type: ignore[arg-type]
+    assert b.checkpoint_is_current()
+    # a new run of the unit (after `remus stop`): the old checkpoint must not be restored ...
+    b._on_hello(FakeLink(), hello("run-b", 3))  # type: ignore[arg-type]
+    assert not b.checkpoint_is_current()
+    # ... also after a backup restart, before the new run's first commit
+    b = backup(tmp_path)
+    b.epoch = 0
+    assert not b.checkpoint_is_current()
+    commit(b, 3, 1)
+    assert b.checkpoint_is_current()
+    b = backup(tmp_path)  # and its commit is remembered across a restart
+    b.epoch = 1
+    assert b.checkpoint_is_current()
+
+
+def test_agents_without_instance_are_trusted(tmp_path: Path) -> None:
+    b = backup(tmp_path)
+    b._on_hello(FakeLink(), hello(None, 1))  # type: ignore[arg-type]
+    commit(b, 1, 0)
+    assert b.checkpoint_is_current()
