@@ -53,7 +53,10 @@ exec switch_root /newroot /bin/sh /mnt/vmx/guest-init
 GUEST_INIT = """#!/bin/sh
 mount -t proc proc /proc 2>/dev/null; mount -t sysfs sys /sys 2>/dev/null
 mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+# fresh /run and /tmp, but keep the project visible when it lives under them
+mkdir -p /mnt/repo; mount --bind {cwd} /mnt/repo
 mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+mkdir -p {cwd}; mount --bind /mnt/repo {cwd}
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 hostname remus-vm
 ip link set lo up

@@ -19,14 +19,19 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 REMUS = [sys.executable, "-m", "remus.cli"]
 
 
-def sample(sc: Any, seconds: float, every: float = 0.5) -> list[tuple[float, dict, dict]]:
+def sample(sc: Any, seconds: float, every: float = 0.5) -> list[tuple[float, dict, dict, dict]]:
+    """(time, primary status, backup status, primary status read after the backup's).
+
+    The two agents are asked one after the other (a `remus status` process each,
+    ~0.1-0.3 s): the backup's answer lies between the two primary answers."""
     out = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         p = sc.status("pri")
         b = sc.status("bak")
-        assert p is not None and b is not None, "an agent stopped answering"
-        out.append((time.monotonic(), p, b))
+        p2 = sc.status("pri")
+        assert p is not None and b is not None and p2 is not None, "an agent stopped answering"
+        out.append((time.monotonic(), p, b, p2))
         time.sleep(every)
     return out
 
@@ -42,14 +47,14 @@ def test_protected_redis_30s(scenario: Any) -> None:
     res = sc.wait_client(client, "load.json")
     assert res["connection_survived"] and res["verified"] and res["missing"] == 0
 
-    for _, p, b in samples:
+    for _, p, b, p2 in samples:
         assert p["epoch"] - p["acked_epoch"] <= 2, p
         assert b["generation"] == p["generation"]
         assert b["unit"] == p["unit"] == "kv"
         assert b["state"] == "replicating"
         # The backup commits before it ACKs, and cannot be ahead of what was taken.
-        assert p["acked_epoch"] - 1 <= b["epoch"] <= p["epoch"] + 3
-    (t0, p0, _), (t1, p1, _) = samples[0], samples[-1]
+        assert p["acked_epoch"] - 1 <= b["epoch"] <= p2["epoch"] + 1
+    (t0, p0, _, _), (t1, p1, _, _) = samples[0], samples[-1]
     eps = (p1["epoch"] - p0["epoch"]) / (t1 - t0)
     dump_ms = p1["dump_ms"]["p50"]
     possible = 1000 / max(50.0, dump_ms)
@@ -208,7 +213,14 @@ def test_stale_parasite_dir_is_cleared(scenario: Any) -> None:
     sc.start_primary()
     p = sc.wait_protected()
     stale = f"/proc/{p['unit_pid']}/cwd/proc.crtools"
-    os.mkdir(stale, 0o700)
+    for _ in range(200):  # a running dump has its own proc.crtools there for a moment
+        try:
+            os.mkdir(stale, 0o700)
+            break
+        except FileExistsError:
+            time.sleep(0.005)
+    else:
+        raise AssertionError(f"{stale} never free")
     try:
         time.sleep(1.0)
         after = sc.status("pri")
