@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -29,9 +31,41 @@ from remus.unit import Container, UnitSpec, hold_inbound, netns_of, start_unit
 log = logging.getLogger(__name__)
 
 
+DUMP_PARENT = Path("/dev/shm")
+_DUMP_ROOT_RE = re.compile(r"^remus-.+-(\d+)$")
+
+
 def _dump_root(name: str) -> Path:
     # tmpfs: the dump is a memory copy; a disk would add its latency to the pause.
-    return Path("/dev/shm") / f"remus-{name}-{os.getpid()}"
+    clean_stale_dump_roots()
+    return DUMP_PARENT / f"remus-{name}-{os.getpid()}"
+
+
+def clean_stale_dump_roots(parent: Path = DUMP_PARENT) -> list[Path]:
+    """Remove the dump directories of primary agents that are gone.
+
+    A killed agent (kill -9, a crash) cannot remove its tmpfs dumps, which hold
+    one or two copies of its unit's memory. A directory is stale when its pid
+    no longer runs a remus agent."""
+    removed = []
+    for d in parent.glob("remus-*-*"):
+        m = _DUMP_ROOT_RE.match(d.name)
+        if m is None or not d.is_dir() or _is_remus_agent(int(m.group(1))):
+            continue
+        if not all(re.fullmatch(r"e\d+", c.name) for c in d.iterdir()):
+            continue  # not an agent's dump root (epoch directories only)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    if removed:
+        log.info("removed %d dump directories of agents that are gone", len(removed))
+    return removed
+
+
+def _is_remus_agent(pid: int) -> bool:
+    try:
+        return b"remus" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
