@@ -120,9 +120,13 @@ class Backup:
         A checkpoint left by an earlier run (stopped, or replaced by a new `remus
         run` of the same unit) must not be restored: that run may have released
         output after it. Runs without an instance id (older agents) are trusted."""
-        unit = self.unit or {}
-        instance = (unit.get("spec") or {}).get("instance")
-        return self.epoch >= 0 and (instance is None or unit.get("checkpoint_instance") == instance)
+        instance = self._spec().get("instance")
+        return self.epoch >= 0 and (instance is None
+                                    or (self.unit or {}).get("checkpoint_instance") == instance)
+
+    def _spec(self) -> dict[str, Any]:
+        """The spec the connected (or last) primary sent in its HELLO."""
+        return (self.unit or {}).get("spec") or {}
 
     def _heard(self) -> None:
         self.last_heard = self.clock()
@@ -273,7 +277,7 @@ class Backup:
             return
         staged.commit()  # the commit point: durable before the ACK leaves
         self.generation, self.epoch = ev.generation, ev.epoch
-        instance = ((self.unit or {}).get("spec") or {}).get("instance")
+        instance = self._spec().get("instance")
         if self.unit is not None and self.unit.get("checkpoint_instance") != instance:
             self.unit["checkpoint_instance"] = instance  # once per agent run
             self._save_unit()
@@ -323,7 +327,7 @@ class Backup:
                                       "held is from an earlier run: not restoring it")
                 log.error("%s", self.last_sentence)
                 continue
-            policy = ((self.unit or {}).get("spec") or {}).get("on_peer_loss", "stall")
+            policy = self._spec().get("on_peer_loss", "stall")
             if not self.cfg.auto_failover or policy == "continue":
                 self.state = "primary-lost"
                 why = ("--no-auto-failover" if not self.cfg.auto_failover else

@@ -27,6 +27,7 @@ import logging
 import mmap
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from remus.errors import ConfigError
@@ -58,20 +59,18 @@ def kernel_soft_dirty() -> bool:
         buf.close()
 
 
-def resolve(mode: str, probe: object = None) -> bool:
+def resolve(mode: str, probe: Callable[[], bool] | None = None) -> bool:
     """True when dumps should use soft-dirty tracking.
 
     ConfigError for an unknown mode, or for ``soft-dirty`` on a kernel
-    without it. ``probe`` (a callable returning bool) replaces the kernel
-    probe in tests.
+    without it. ``probe`` replaces the kernel probe in tests.
     """
     if mode not in MODES:
         raise ConfigError(f"--dirty-tracking must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "diff":
         return False
-    check = probe if callable(probe) else kernel_soft_dirty
     try:
-        have = bool(check())
+        have = (probe or kernel_soft_dirty)()
     except OSError as e:
         log.warning("soft-dirty probe failed (%s): using page diff", e)
         have = False

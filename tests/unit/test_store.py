@@ -228,12 +228,18 @@ def test_committed_epoch_survives_before_apply(tmp_path: Path) -> None:
     assert_same(store, dumps[2])
 
 
-def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
+def ship_all_unapplied(tmp_path: Path) -> tuple[CheckpointStore, list[Path]]:
+    """A store with every dump of the evolution committed and none applied."""
     dumps = evolution(tmp_path)
     store = new_store(tmp_path / "store")
     enc = DeltaEncoder()
     for epoch, d in enumerate(dumps):
         ship(store, enc, d, 1, epoch)
+    return store, dumps
+
+
+def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
+    store, dumps = ship_all_unapplied(tmp_path)
     assert len(list((tmp_path / "store" / "redo").iterdir())) == len(dumps)
     assert store.apply_pending() == len(dumps) - 1
     assert_same(store, dumps[-1])
@@ -241,11 +247,7 @@ def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
 
 def test_concurrent_apply_pending_is_serialized(tmp_path: Path) -> None:
     """The backup's apply loop and a takeover may both call apply_pending."""
-    dumps = evolution(tmp_path)
-    store = new_store(tmp_path / "store")
-    enc = DeltaEncoder()
-    for epoch, d in enumerate(dumps):
-        ship(store, enc, d, 1, epoch)
+    store, dumps = ship_all_unapplied(tmp_path)
     inside = threading.Event()
     release = threading.Event()
 
