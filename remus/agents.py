@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -199,19 +200,35 @@ def _kill(pid: int) -> None:
 
 
 # -- backup side -----------------------------------------------------------------
-def prepare_standby(spec_json: dict[str, Any]) -> None:
-    """Build the container a restore will need (host side of the veth down)."""
+def prepare_standby(spec_json: dict[str, Any], rebuild: bool = False) -> None:
+    """Build the container a restore will need (host side of the veth down).
+
+    `rebuild`: the last build did not finish in this agent (or there was none):
+    whatever container exists may be half-built, so it is built afresh."""
     if spec_json.get("mode") == "protect":
         # Rebuilt on every HELLO: the standby follows the newest description.
+        _refuse_busy_standby(f"remus-{spec_json['name']}")
         netdesc.build(spec_json["netdesc"], f"remus-{spec_json['name']}", active=False)
         log.info("standby container remus-%s rebuilt from the primary's description",
                  spec_json["name"])
         return
     spec = UnitSpec.from_json(spec_json)
     c = Container(spec)
-    if not c.exists():
+    if rebuild or not c.exists():
+        _refuse_busy_standby(spec.netns)
         c.create(active=False)
         log.info("standby container %s ready (address %s, link down)", spec.netns, spec.vip)
+
+
+def _refuse_busy_standby(netns: str) -> None:
+    """A standby container with processes in it is a unit restored here earlier and
+    still running: rebuilding its network would cut it off."""
+    p = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    pids = p.stdout.split() if p.returncode == 0 else []
+    if pids:
+        raise RemusError(f"network namespace {netns} on this host still runs pid(s) "
+                         f"{', '.join(pids)} (a unit restored here earlier?): stop them "
+                         "before this host can be a backup again")
 
 
 def takeover(b: Backup, why: str) -> None:
@@ -229,7 +246,8 @@ def takeover(b: Backup, why: str) -> None:
         spec = UnitSpec.from_json(sj)
         container = Container(spec)
         name, where = spec.name, f"{spec.vip} on {spec.dev}"
-    if not container.exists():
+    if not b.standby_ready or not container.exists():
+        # never built, or a build was cut short (its netns may lack the veth or routes)
         container.create(active=False)
     cg = UnitCgroup(name)
     cg.create()

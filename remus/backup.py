@@ -47,11 +47,12 @@ class BackupConfig:
 
 
 class Backup:
-    def __init__(self, cfg: BackupConfig, prepare: Callable[[dict[str, Any]], None] | None = None,
+    def __init__(self, cfg: BackupConfig,
+                 prepare: Callable[[dict[str, Any], bool], None] | None = None,
                  takeover: TakeoverFn | None = None, clock: Clock = time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.prepare = prepare  # builds the standby container from the unit spec
+        self.prepare = prepare  # (spec, rebuild) builds the standby container from the unit spec
         self.takeover_fn = takeover
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(cfg.workdir / "store")
@@ -69,6 +70,14 @@ class Backup:
         self.apply_event = threading.Event()
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
+        # Standby container: one builder at a time (a primary that reconnects while
+        # we still build for its previous link must not race it), and a takeover
+        # waits for a build in progress. `standby_ready` is true only after a build
+        # finished; a takeover rebuilds a standby that is not.
+        self.standby_lock = threading.Lock()
+        self._unit_lock = threading.Lock()
+        self.standby_ready = False
+        self.preparing = 0  # HELLOs being answered: the primary is alive
         self.staged: Any = None
         self.ack_time = Series()
         self.epoch_bytes = Series()
@@ -110,9 +119,10 @@ class Backup:
         sk.close()
 
     def _save_unit(self) -> None:
-        tmp = self.unit_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.unit))
-        os.replace(tmp, self.unit_file)
+        with self._unit_lock:  # two links' handlers may save at once
+            tmp = self.unit_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.unit))
+            os.replace(tmp, self.unit_file)
 
     def checkpoint_is_current(self) -> bool:
         """Is the committed checkpoint from the agent run that last connected?
@@ -258,7 +268,17 @@ class Backup:
         self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held}
         self._save_unit()
         if self.prepare is not None:
-            self.prepare(ev.spec)
+            with self.lock:
+                self.preparing += 1
+            try:
+                with self.standby_lock:
+                    rebuild, self.standby_ready = not self.standby_ready, False
+                    self.prepare(ev.spec, rebuild)
+                    self.standby_ready = True
+            finally:
+                with self.lock:
+                    self.preparing -= 1
+                    self.last_heard = self.clock()  # building took our time, not the primary's
         link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
                             else secrets.token_bytes(16),
                             generation=self.generation, committed_epoch=self.epoch))
@@ -316,7 +336,7 @@ class Backup:
                             "failure detector's count", (now - last_tick) * 1000)
                 self.last_heard = max(self.last_heard, now)
             last_tick = now
-            if self.state != "replicating":
+            if self.state != "replicating" or self.preparing:
                 continue
             silent = self.clock() - self.last_heard
             if silent <= self.cfg.timing.takeover_timeout or self.epoch < 0:
@@ -359,7 +379,8 @@ class Backup:
             self.state = "failed"
             raise RemusError("no takeover action configured")
         try:
-            self.takeover_fn(self, why)
+            with self.standby_lock:
+                self.takeover_fn(self, why)
         except Exception as e:
             self.state = "failed"
             self.last_sentence = f"takeover failed: {e}"

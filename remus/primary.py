@@ -66,6 +66,9 @@ class PrimaryConfig:
     max_inflight: int = 2
     on_peer_loss: str = "stall"
     connect_timeout: float = 2.0
+    # The backup answers HELLO after building its standby container (seconds on a
+    # slow or loaded host): a short wait here made the primary reconnect in a loop.
+    handshake_timeout: float = 15.0
     trace: Path | None = None  # JSON lines, one per acked epoch (tests, plots)
     state_dirs: list[Path] = field(default_factory=list)  # replicated with each checkpoint
     unit_pids: Callable[[], list[int]] | None = None  # for files the unit has mmapped
@@ -419,7 +422,7 @@ class Primary:
         link = Link(sk, conn, f"{host}:{port}")
         try:
             link.send_raw(conn.start())
-            sk.settimeout(self.cfg.connect_timeout)
+            sk.settimeout(self.cfg.handshake_timeout)
             ev = next(link.events())
         except (LinkClosed, RemusError, StopIteration, OSError) as e:
             link.close()

@@ -134,6 +134,14 @@ class Scenario:
         st = self.status(host)
         return int(st["pid"]) if st else None
 
+    def log_tail(self, logname: str, lines: int = 60) -> str:
+        """The last `lines` lines of an agent's or client's log (for failure messages)."""
+        try:
+            text = (self.workdir / logname).read_text(errors="replace")
+        except OSError as e:
+            return f"({logname}: {e})"
+        return f"--- {logname} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
+
     def client_result(self, out: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.workdir / out).read_text())
         return data

@@ -169,11 +169,11 @@ def hold_inbound(host_if: str, on: bool) -> None:
     rule = ["FORWARD", "-o", host_if, "-j", "DROP", "-m", "comment", "--comment",
             f"remus-restore-{host_if}"]
     if on:
-        p = subprocess.run(["iptables", "-I", *rule], capture_output=True, text=True)
+        p = subprocess.run(["iptables", "-w", "-I", *rule], capture_output=True, text=True)
         if p.returncode != 0:
             raise HostError(f"iptables: {p.stderr.strip()}")
     else:
-        while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
+        while subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
             pass
 
 

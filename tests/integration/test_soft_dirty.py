@@ -57,7 +57,8 @@ def test_tracked_protection_survives_a_power_cut(scenario: Any) -> None:
         if bak and bak.get("state") in ("active", "failed"):
             break
         time.sleep(0.2)
-    assert bak is not None and bak.get("state") == "active", bak
+    assert bak is not None and bak.get("state") == "active", (
+        f"{bak}\n{sc.log_tail('backup.log', 120)}\n{sc.log_tail('primary.log', 30)}")
     res = sc.wait_client(client, "client.json", timeout=120)
     assert res["error"] is None, res
     assert res["connection_survived"], res
