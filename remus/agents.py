@@ -253,10 +253,12 @@ def takeover(b: Backup, why: str) -> None:
     cg.create()
     criu = Criu(netns=container.netns_path)
     images, queues = restore_prep.prepare(b.store.images_dir(), b.cfg.workdir / "restore")
+    tl["prepared"] = time.time()
     # The address comes up before the restore so that the unit's queued output
     # leaves the moment CRIU restores it; packets towards the unit are dropped
     # until its sockets exist (else its kernel answers them with RST).
     hold_inbound(container.host_if, True)
+    tl["held"] = time.time()
     try:
         container.activate(announce=True)
         tl["address_up"] = time.time()
@@ -268,6 +270,7 @@ def takeover(b: Backup, why: str) -> None:
         raise
     finally:
         hold_inbound(container.host_if, False)
+    tl["released"] = time.time()
     tl["unit_pid"] = pid
     threading.Thread(target=_first_packet_out, args=(tl, pid), daemon=True).start()
     log.info("restore: %d TCP send queue(s) marked for immediate transmission", queues)

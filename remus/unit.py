@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +174,15 @@ def hold_inbound(host_if: str, on: bool) -> None:
         if p.returncode != 0:
             raise HostError(f"iptables: {p.stderr.strip()}")
     else:
-        while subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
-            pass
+        # One delete releases the hold (it is on the failover path); leftovers of an
+        # earlier takeover that died holding are removed in the background.
+        if subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
+            threading.Thread(target=_delete_all, args=(rule,), daemon=True).start()
+
+
+def _delete_all(rule: list[str]) -> None:
+    while subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
+        pass
 
 
 def gratuitous_arp(dev: str, addr: str, count: int = 3) -> None:
@@ -183,12 +191,25 @@ def gratuitous_arp(dev: str, addr: str, count: int = 3) -> None:
     ip = socket.inet_aton(addr)
     frame = (b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
              + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip)
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sk:
+    sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
         sk.bind((dev, 0))
-        for i in range(count):
-            sk.send(frame)
-            if i + 1 < count:
-                time.sleep(0.005)
+        sk.send(frame)
+    except BaseException:
+        sk.close()
+        raise
+    # The repeats (for a lost first frame) must not delay the takeover.
+    threading.Thread(target=_repeat_frame, args=(sk, frame, count - 1, 0.005), daemon=True).start()
+
+
+def _repeat_frame(sk: socket.socket, frame: bytes, count: int, spacing: float) -> None:
+    with sk:
+        for _ in range(count):
+            time.sleep(spacing)
+            try:
+                sk.send(frame)
+            except OSError:
+                return
 
 
 def start_unit(spec: UnitSpec, argv: list[str], cgroup: UnitCgroup) -> tuple[subprocess.Popen[bytes], int]:

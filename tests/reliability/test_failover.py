@@ -131,9 +131,9 @@ def timeline(crash_at: float, first_after: float | None, fo: dict[str, Any] | No
     """The backup's takeover split into steps, in seconds (None if unknown)."""
     fo = fo or {}
     marks = [("detect", crash_at, fo.get("detected")), ("apply", fo.get("detected"), fo.get("applied")),
-             ("restore", fo.get("applied"), fo.get("restored")),
-             ("address_up", fo.get("restored"), fo.get("address_up")),
-             ("first_reply", fo.get("address_up"), first_after)]
+             ("address_up", fo.get("applied"), fo.get("address_up")),
+             ("restore", fo.get("address_up"), fo.get("restored")),
+             ("first_reply", fo.get("restored"), first_after)]
     return {k: (b - a if a is not None and b is not None else None) for k, a, b in marks}
 
 
@@ -181,6 +181,7 @@ def crash_once(sc: Scenario, rng: random.Random, mode: str, trace: Path) -> dict
         "gap_s": (after - before) if before is not None and after is not None else None,
         "failover_s": (after - crash_at) if after is not None else None,
         "timeline_s": timeline(crash_at, after, bak.get("failover")),
+        "backup_timeline": bak.get("failover"),
         "max_gap_s": res["max_gap_s"], "acked": res["acked"], "missing": res["missing"],
         "wrong_values": res["wrong_values"], "verified": res["verified"],
         "connection_survived": res["connection_survived"], "error": res["error"],
@@ -191,7 +192,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     gaps = sorted(r["gap_s"] for r in runs if r.get("gap_s") is not None)
     fos = sorted(r["failover_s"] for r in runs if r.get("failover_s") is not None)
     steps: dict[str, float] = {}
-    for k in ("detect", "apply", "restore", "address_up", "first_reply"):
+    for k in ("detect", "apply", "address_up", "restore", "first_reply"):
         v = [r["timeline_s"][k] for r in runs if r.get("timeline_s", {}).get(k) is not None]
         if v:
             steps[k] = round(statistics.median(v), 4)
