@@ -260,8 +260,8 @@ def start_agents(sc: Scenario, tries: int = 2) -> tuple[dict[str, Any], dict[str
         time.sleep(0.3)
         sc.start_primary()
         try:
-            # Generous: after a heavy run the backup first applies the redo log
-            # it left behind, which took ~20 s here.
+            # Generous: this machine is shared, and before the backup applied a
+            # heavy run's redo backlog in the background it took ~20 s to listen.
             sc.wait_protected(timeout=90)
         except TimeoutError as e:
             codes = [p.poll() for p in sc.procs]  # backup, primary (None: still running)
@@ -363,10 +363,7 @@ def failover_series(lab: Lab, n: int, work: Path) -> dict[str, Any]:
     for i in range(n):
         sc = Scenario(lab, work / f"fo{i}")
         try:
-            sc.start_backup()
-            time.sleep(0.3)
-            sc.start_primary()
-            sc.wait_protected()
+            start_agents(sc)
             c = sc.start_client(4.0, "c.json", pace=0.001)
             time.sleep(1.5 + (i % 5) * 0.0137)
             cut = time.time()

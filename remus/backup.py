@@ -59,7 +59,12 @@ class Backup:
         if cfg.state_dirs:
             # Before recover(): a committed epoch may carry disk records to redo.
             DiskApplier(cfg.state_dirs).register(self.store)
-        self.generation, self.epoch = self.store.recover()
+        # Committed epochs not applied yet are applied by the apply thread once we
+        # listen (a takeover applies whatever is left first).
+        self.generation, self.epoch = self.store.recover(apply=False)
+        if self.store.pending():
+            log.info("backup store: %d committed epoch(s) to apply in the background",
+                     self.store.pending())
         self.unit_file = cfg.workdir / "unit.json"
         self.unit: dict[str, Any] | None = (json.loads(self.unit_file.read_text())
                                             if self.unit_file.exists() else None)
@@ -104,6 +109,7 @@ class Backup:
         sk.listen(4)
         sk.settimeout(0.2)
         self._sk = sk
+        self.apply_event.set()  # the backlog recover() left, if any
         for fn, name in ((self._apply_loop, "apply"), (self._detector_loop, "detector")):
             threading.Thread(target=fn, name=name, daemon=True).start()
         log.info("listening on %s:%d", host, port)

@@ -194,8 +194,12 @@ class CheckpointStore:
             raise ValueError(f"kind {kind} is reserved")
         self.handlers[kind] = handler
 
-    def recover(self) -> Position:
-        """Discard partial epochs, apply committed ones; the committed position."""
+    def recover(self, apply: bool = True) -> Position:
+        """Discard partial epochs, apply committed ones; the committed position.
+
+        apply=False leaves the committed epochs in redo/ for apply_pending()
+        (the backup agent applies them in the background so that it listens
+        at once, even with a long backlog after a crash under load)."""
         for d in (self._incoming, self._redo, self._images, self._pages):
             d.mkdir(parents=True, exist_ok=True)
         for p in self._incoming.iterdir():
@@ -209,8 +213,13 @@ class CheckpointStore:
         self._load_pages_index()
         self._recovered = True
         self._committed = max([self._applied] + [h.position for h, _ in self._redo_logs()])
-        self.apply_pending()
+        if apply:
+            self.apply_pending()
         return self._committed
+
+    def pending(self) -> int:
+        """Committed epochs not applied yet."""
+        return sum(1 for h, _ in self._redo_logs() if h.position > self._applied)
 
     def committed(self) -> Position:
         """Newest committed (gen, epoch), applied or still in redo/."""
@@ -248,9 +257,14 @@ class CheckpointStore:
             return self._apply_all()
 
     def _apply_all(self) -> int:
-        for header, path in self._redo_logs():
-            if header.position <= self._applied:
-                path.unlink()  # applied before a crash that came before its removal
+        logs = self._redo_logs()
+        # A full epoch replaces the image set: the epochs before it need not be
+        # applied first. Not with disk records, whose earlier deltas must land.
+        last_full = 0 if self.handlers else max(
+            (i for i, (h, _) in enumerate(logs) if h.full and h.position > self._applied), default=0)
+        for i, (header, path) in enumerate(logs):
+            if header.position <= self._applied or i < last_full:
+                path.unlink()  # applied before a crash, or superseded by a later full epoch
                 continue
             redo = RedoLog(path)
             try:

@@ -7,6 +7,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,13 +176,8 @@ def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int) -> Non
 
 
 def new_store_no_apply(workdir: Path) -> CheckpointStore:
-    """recover() without its apply: move the redo logs aside meanwhile."""
-    redo = workdir / "redo"
-    aside = workdir / "aside"
-    redo.rename(aside)
-    store = new_store(workdir)
-    redo.rmdir()
-    aside.rename(redo)
+    store = CheckpointStore(workdir, verify_pages=True)
+    store.recover(apply=False)
     return store
 
 
@@ -243,6 +239,47 @@ def test_several_pending_epochs_apply_in_order(tmp_path: Path) -> None:
     assert len(list((tmp_path / "store" / "redo").iterdir())) == len(dumps)
     assert store.apply_pending() == len(dumps) - 1
     assert_same(store, dumps[-1])
+
+
+def test_recover_without_apply_reports_the_backlog(tmp_path: Path) -> None:
+    """The backup agent listens at once and applies a backlog in the background."""
+    _, dumps = ship_all_unapplied(tmp_path)
+    store = new_store_no_apply(tmp_path / "store")
+    assert store.committed() == (1, len(dumps) - 1)
+    assert store.pending() == len(dumps)
+    assert store.apply_pending() == len(dumps) - 1
+    assert store.pending() == 0
+    assert_same(store, dumps[-1])
+
+
+def test_a_later_full_epoch_supersedes_unapplied_ones(tmp_path: Path, monkeypatch: Any) -> None:
+    store, dumps = ship_all_unapplied(tmp_path)  # epochs 0..5 of generation 1, unapplied
+    ship(store, DeltaEncoder(), dumps[2], 2, 0)  # a new primary's full epoch
+    applied: list[tuple[int, int]] = []
+    real = CheckpointStore._apply
+
+    def spy(self: CheckpointStore, redo: Any) -> None:
+        applied.append((redo.header.generation, redo.header.epoch))
+        real(self, redo)
+
+    monkeypatch.setattr(CheckpointStore, "_apply", spy)
+    assert store.apply_pending() == 0
+    assert applied == [(2, 0)]
+    assert not list((tmp_path / "store" / "redo").iterdir())
+    assert_same(store, dumps[2])
+
+
+def test_with_disk_records_every_epoch_is_applied(tmp_path: Path, monkeypatch: Any) -> None:
+    """Disk deltas of earlier epochs must land even when a full epoch follows."""
+    store, dumps = ship_all_unapplied(tmp_path)
+    store.register_kind(16, DiskHandler())
+    ship(store, DeltaEncoder(), dumps[2], 2, 0)
+    applied: list[int] = []
+    real = CheckpointStore._apply
+    monkeypatch.setattr(CheckpointStore, "_apply",
+                        lambda self, redo: (applied.append(redo.header.epoch), real(self, redo)))
+    store.apply_pending()
+    assert applied == [*range(len(dumps)), 0]
 
 
 def test_concurrent_apply_pending_is_serialized(tmp_path: Path) -> None:
