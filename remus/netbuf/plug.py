@@ -131,8 +131,16 @@ class PlugBuffer(OutputBuffer):
                 ["tc", "qdisc", "add", "dev", v, "root", "plug", "limit", lim],
                 ["tc", "qdisc", "change", "dev", v, "root", "plug", "release_indefinite"],
                 ["tc", "qdisc", "add", "dev", v, "handle", "ffff:", "ingress"],
-                ["tc", "filter", "add", "dev", v, "parent", "ffff:", "matchall",
-                 "action", "mirred", "egress", "redirect", "dev", i]]
+                # Neighbour resolution passes: a held ARP or ND reply would keep the
+                # host from forwarding anything to the unit until the next release.
+                # ARP is neither "ip" nor "ipv6", so only ND needs a filter.
+                *(["tc", "filter", "add", "dev", v, "parent", "ffff:", "protocol", "ipv6",
+                   "prio", "1", "u32", "match", "ip6", "protocol", "58", "0xff",
+                   "match", "u8", nd_type, "0xff", "at", "40", "action", "pass"]
+                  for nd_type in ("135", "136")),  # neighbour solicitation, advertisement
+                *(["tc", "filter", "add", "dev", v, "parent", "ffff:", "protocol", proto,
+                   "prio", prio, "matchall", "action", "mirred", "egress", "redirect", "dev", i]
+                  for proto, prio in (("ip", "2"), ("ipv6", "3")))]
 
     def teardown_commands(self) -> list[list[str]]:
         v, i = self.veth, self.ifb

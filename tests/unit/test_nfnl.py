@@ -309,8 +309,12 @@ def test_plug_setup_redirects_unit_output_through_a_plugged_ifb() -> None:
     assert len(ifb) <= 15
     setup = cmds[cmds.index(f"ip link add {ifb} type ifb"):]
     assert f"tc qdisc add dev {ifb} root plug limit 4096" in setup
-    assert ("tc filter add dev rmh-web parent ffff: matchall action mirred egress redirect "
-            f"dev {ifb}") in setup
+    for proto, prio in (("ip", 2), ("ipv6", 3)):
+        assert (f"tc filter add dev rmh-web parent ffff: protocol {proto} prio {prio} matchall "
+                f"action mirred egress redirect dev {ifb}") in setup
+    # ARP is not redirected (neither ip nor ipv6); ND replies pass before the redirect
+    nd = [c for c in setup if "action pass" in c]
+    assert len(nd) == 2 and all("prio 1 " in c and "protocol ipv6" in c for c in nd)
     # the plug is in place before any traffic is redirected to it
     assert setup.index(f"tc qdisc add dev {ifb} root plug limit 4096") < setup.index(
         next(c for c in setup if "mirred" in c))
