@@ -257,23 +257,31 @@ class CheckpointStore:
             return self._apply_all()
 
     def _apply_all(self) -> int:
-        logs = self._redo_logs()
-        # A full epoch replaces the image set: the epochs before it need not be
-        # applied first. Not with disk records, whose earlier deltas must land.
-        last_full = 0 if self.handlers else max(
-            (i for i, (h, _) in enumerate(logs) if h.full and h.position > self._applied), default=0)
-        for i, (header, path) in enumerate(logs):
-            if header.position <= self._applied or i < last_full:
-                path.unlink()  # applied before a crash, or superseded by a later full epoch
-                continue
-            redo = RedoLog(path)
+        # One log at a time, looking again before each: a full epoch committed
+        # meanwhile (a new primary's first) makes the rest of a backlog moot.
+        while True:
+            logs = self._redo_logs()
+            # A full epoch replaces the image set: the epochs before it need not be
+            # applied first. Not with disk records, whose earlier deltas must land.
+            last_full = 0 if self.handlers else max(
+                (i for i, (h, _) in enumerate(logs) if h.full and h.position > self._applied),
+                default=0)
+            todo = None
+            for i, (header, path) in enumerate(logs):
+                if header.position <= self._applied or i < last_full:
+                    path.unlink()  # applied before a crash, or superseded by a later full epoch
+                    continue
+                todo = path
+                break
+            if todo is None:
+                return self._applied[1]
+            redo = RedoLog(todo)
             try:
                 self._apply(redo)
             finally:
                 redo.close()
-            path.unlink()
+            todo.unlink()
             self._fsync_dir(self._redo)
-        return self._applied[1]
 
     # ---- staging ----------------------------------------------------
 

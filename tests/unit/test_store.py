@@ -269,6 +269,27 @@ def test_a_later_full_epoch_supersedes_unapplied_ones(tmp_path: Path, monkeypatc
     assert_same(store, dumps[2])
 
 
+def test_a_full_epoch_arriving_during_a_backlog_cuts_it_short(tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    """A backup that restarted with a backlog: the new primary's full epoch lands
+    while the backlog is applied; the rest of the backlog is skipped, so a
+    takeover soon after does not wait for it."""
+    store, dumps = ship_all_unapplied(tmp_path)
+    applied: list[tuple[int, int]] = []
+    real = CheckpointStore._apply
+
+    def spy(self: CheckpointStore, redo: Any) -> None:
+        applied.append((redo.header.generation, redo.header.epoch))
+        real(self, redo)
+        if len(applied) == 1:
+            ship(store, DeltaEncoder(), dumps[3], 2, 0)
+
+    monkeypatch.setattr(CheckpointStore, "_apply", spy)
+    store.apply_pending()
+    assert applied == [(1, 0), (2, 0)]
+    assert_same(store, dumps[3])
+
+
 def test_with_disk_records_every_epoch_is_applied(tmp_path: Path, monkeypatch: Any) -> None:
     """Disk deltas of earlier epochs must land even when a full epoch follows."""
     store, dumps = ship_all_unapplied(tmp_path)
