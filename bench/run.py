@@ -13,8 +13,9 @@ Runs in the lab on this machine:
        its own threads and its CRIU children;
      - at 50 ms, a py-spy profile of the primary agent while it runs the level
        that reached the peak (`profile_50ms`).
-  2. failover: power cuts of pri under a one-connection client; the gap from
-     the last reply before the cut to the first after (median of N).
+  2. failover: power cuts of pri at a random moment under a one-connection
+     client: power cut -> first reply on the same connection (median of N),
+     and the backup's takeover timeline (bench/failover_bench.py's runs).
   3. pause scaling: a unit of 16/128/1024 MiB, idle and dirtying 1/10/50 % of
      its memory per epoch: remus pause vs a bare `criu dump --leave-running`
      of the same process, and bytes sent per epoch vs bytes dirtied.
@@ -31,7 +32,7 @@ import io
 import json
 import os
 import platform
-import statistics
+import random
 import subprocess
 import sys
 import time
@@ -43,6 +44,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from failover_bench import fo as failover_tests  # noqa: E402
+from failover_bench import one_run as fo_one_run  # noqa: E402
+from failover_bench import report as fo_report  # noqa: E402
 from latency_bench import client_latencies  # noqa: E402
 from latency_bench import pct as quantile  # noqa: E402
 from profile_agent import AgentWatch, profile  # noqa: E402
@@ -80,6 +84,11 @@ DEFINITIONS = {
            "parasite code runs in (and is charged to) the unit.",
     "profile_50ms": "py-spy on the primary agent during a re-run of the 50 ms peak level: share of "
                     "busy samples per thread, top module:function inclusive and self.",
+    "failover": "median_s/max_s: power cut of pri (at a seeded random moment) -> the client's "
+                "first reply after it on the same TCP connection, default timings (heartbeat "
+                "50 ms, lease 200 ms, takeover timeout 300 ms); gap_median_s: last reply before "
+                "-> first after; timeline: the backup's takeover steps (detect, apply, "
+                "address_up, restore, first_reply = restored -> first reply).",
 }
 
 
@@ -359,29 +368,23 @@ def profiled_run(lab: Lab, level: dict[str, Any], pid: int, plan: Plan, raw: Pat
 
 
 def failover_series(lab: Lab, n: int, work: Path) -> dict[str, Any]:
-    gaps, lost, survived = [], 0, 0
+    """n power cuts, measured like bench/failover_bench.py (power cut -> first
+    reply on the same connection, the backup's takeover timeline per step)."""
+    runs = []
     for i in range(n):
-        sc = Scenario(lab, work / f"fo{i}")
-        try:
-            start_agents(sc)
-            c = sc.start_client(4.0, "c.json", pace=0.001)
-            time.sleep(1.5 + (i % 5) * 0.0137)
-            cut = time.time()
-            lab.crash("pri")
-            r = sc.wait_client(c, "c.json", timeout=60)
-            after = [t for t in r["reply_times"] if t > cut]
-            before = [t for t in r["reply_times"] if t <= cut]
-            if after and before:
-                gaps.append(after[0] - before[-1])
-            lost += r["missing"]
-            survived += int(r["connection_survived"])
-            log(f"failover {i}: gap {gaps[-1] * 1000 if gaps else float('nan'):.0f} ms, "
-                f"missing {r['missing']}, survived {r['connection_survived']}")
-        finally:
-            sc.reset()
-    return {"runs": n, "gaps_s": gaps, "median_s": statistics.median(gaps) if gaps else None,
-            "max_s": max(gaps) if gaps else None, "acked_writes_lost": lost,
-            "connections_survived": survived}
+        rng = random.Random(f"{failover_tests.SEED}-bench-{i}")
+        rec = fo_one_run(lab, work / f"fo{i}", "redis", "50ms", rng, "random")
+        runs.append(rec)
+        ms = rec["failover_s"] * 1000 if rec["failover_s"] is not None else float("nan")
+        log(f"failover {i}: power cut -> first reply {ms:.0f} ms, missing {rec['missing']}, "
+            f"survived {rec['connection_survived']}"
+            f"{'' if rec['ok'] else ', FAILED: ' + str(rec['error'])}")
+    summary = fo_report(runs)
+    return {"runs": n, "ok": summary["ok"], "median_s": summary["failover_median_s"],
+            "max_s": summary["failover_max_s"], "all_s": summary["failover_all_s"],
+            "gap_median_s": summary["gap_median_s"], "timeline": summary["timeline"],
+            "acked_writes_lost": sum(r["missing"] for r in runs),
+            "connections_survived": sum(bool(r["connection_survived"]) for r in runs)}
 
 
 def pause_series(lab: Lab, quick: bool, work: Path) -> list[dict[str, Any]]:
