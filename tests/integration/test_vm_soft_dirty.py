@@ -7,7 +7,7 @@ must not skip: the tracked variant of test_delta_criu (CRIU --track-mem
 dumps -> encoder -> store -> restore) and test_soft_dirty (`remus run`
 with --dirty-tracking soft-dirty in the lab, then a power cut). The same
 kernel has sch_plug, which this host lacks too, so the plug output buffer's
-tests (test_netbuf_plug) run there as well.
+tests (test_netbuf_plug, test_plug_lab) run there as well.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ WANTED = [
     "tests/integration/test_netbuf_plug.py::test_plug_releases_epoch_by_epoch",
     "tests/integration/test_netbuf_plug.py::test_plug_hold_inbound_holds_packets_towards_the_unit",
     "tests/integration/test_netbuf_plug.py::test_plug_close_drops_held_output_and_removes_its_qdiscs",
+    "tests/integration/test_plug_lab.py::test_plug_protection_survives_a_power_cut",
 ]
 
 
@@ -40,7 +41,7 @@ def test_tracked_tests_pass_on_a_soft_dirty_kernel() -> None:
     script = (".venv/bin/python -m remus.cli check\n"
               ".venv/bin/pytest -q -rA -p no:cacheprovider --timeout 900 "
               "tests/integration/test_delta_criu.py tests/integration/test_soft_dirty.py "
-              "tests/integration/test_netbuf_plug.py\n")
+              "tests/integration/test_netbuf_plug.py tests/integration/test_plug_lab.py\n")
     rc, out = run_in_vm(script, timeout=1500)
     assert "soft_dirty        | ok" in out, out[-3000:]
     for test in WANTED:
