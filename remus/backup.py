@@ -285,6 +285,11 @@ class Backup:
                 with self.lock:
                     self.preparing -= 1
                     self.last_heard = self.clock()  # building took our time, not the primary's
+        if self.state in ("taking-over", "active", "failed"):
+            # a takeover ran while we waited to build: this primary is too late
+            reason = f"this backup has taken over (state {self.state})"
+            link.send(m.Error(reason=reason))
+            raise RemusError(reason)
         link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
                             else secrets.token_bytes(16),
                             generation=self.generation, committed_epoch=self.epoch))

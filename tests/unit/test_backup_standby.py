@@ -105,10 +105,55 @@ def test_takeover_waits_for_a_build_in_progress(tmp_path: Path) -> None:
     b = backup(tmp_path, builder, takeover=lambda b, why: seen.append(b.standby_ready))
     b._on_hello(FakeLink(), hello("run-a", 1))  # type: ignore[arg-type]
     commit(b, 1, 0)
-    t = threading.Thread(target=b._on_hello, args=(FakeLink(), hello("run-a", 2)))
+    errors: list[Exception] = []
+
+    def second_hello() -> None:
+        try:
+            b._on_hello(FakeLink(), hello("run-a", 2))  # type: ignore[arg-type]
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=second_hello)
     t.start()
     time.sleep(0.1)  # the second build is under way
     b.failover("test")
     t.join()
     assert seen == [True]
     assert b.state == "active"
+    # and the HELLO whose build the takeover waited for is refused, not welcomed
+    assert errors and "taken over" in str(errors[0])
+
+
+def test_a_hello_that_waited_for_a_takeover_is_refused(tmp_path: Path) -> None:
+    """A primary whose HELLO waited while the backup took over must not turn the
+    active backup back into a replicating one."""
+    builder = SlowBuilder(0.01)
+    release = threading.Event()
+
+    def slow_takeover(b: Backup, why: str) -> None:
+        release.wait(2)
+
+    b = backup(tmp_path, builder, takeover=slow_takeover)
+    b._on_hello(FakeLink(), hello("run-a", 1))  # type: ignore[arg-type]
+    commit(b, 1, 0)
+    t = threading.Thread(target=b.failover, args=("test",))
+    t.start()
+    time.sleep(0.1)  # the takeover holds the standby lock
+    late = FakeLink()
+    errors: list[Exception] = []
+
+    def hello_late() -> None:
+        try:
+            b._on_hello(late, hello("run-a", 2))  # type: ignore[arg-type]
+        except Exception as e:
+            errors.append(e)
+
+    h = threading.Thread(target=hello_late)
+    h.start()
+    time.sleep(0.1)
+    release.set()
+    t.join()
+    h.join()
+    assert b.state == "active"
+    assert errors and "taken over" in str(errors[0])
+    assert [type(x).__name__ for x in late.sent] == ["Error"]
