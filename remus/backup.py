@@ -62,9 +62,8 @@ class Backup:
         # Committed epochs not applied yet are applied by the apply thread once we
         # listen (a takeover applies whatever is left first).
         self.generation, self.epoch = self.store.recover(apply=False)
-        if self.store.pending():
-            log.info("backup store: %d committed epoch(s) to apply in the background",
-                     self.store.pending())
+        if backlog := self.store.pending():
+            log.info("backup store: %d committed epoch(s) to apply in the background", backlog)
         self.unit_file = cfg.workdir / "unit.json"
         self.unit: dict[str, Any] | None = (json.loads(self.unit_file.read_text())
                                             if self.unit_file.exists() else None)

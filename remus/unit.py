@@ -176,12 +176,17 @@ def hold_inbound(host_if: str, on: bool) -> None:
     else:
         # One delete releases the hold (it is on the failover path); leftovers of an
         # earlier takeover that died holding are removed in the background.
-        if subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
-            threading.Thread(target=_delete_all, args=(rule,), daemon=True).start()
+        delete = ["iptables", "-w", "-D", *rule]
+        if _succeeds(delete):
+            threading.Thread(target=_repeat_until_it_fails, args=(delete,), daemon=True).start()
 
 
-def _delete_all(rule: list[str]) -> None:
-    while subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
+def _succeeds(argv: list[str]) -> bool:
+    return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def _repeat_until_it_fails(argv: list[str]) -> None:
+    while _succeeds(argv):
         pass
 
 

@@ -29,7 +29,7 @@ import pytest
 
 from remus.errors import HostError
 from remus.netbuf import NfqueueBuffer, PlugBuffer, make_buffer
-from remus.netbuf.base import in_netns
+from remus.netbuf.base import OutputBuffer, in_netns
 from remus.netbuf.nfqueue import QueueRules, QueueSocket, derived_queue
 from remus.netbuf.plug import ifb_name, plug_available
 
@@ -304,24 +304,35 @@ def test_release_of_an_epoch_keeps_later_epochs(lab: Lab, buf: NfqueueBuffer,
     s.close()
 
 
-def test_hold_inbound_holds_packets_towards_the_unit(lab: Lab, buf: NfqueueBuffer,
-                                                     echo: Echo) -> None:
-    s = establish(lab, buf)
+def send_while_held(s: socket.socket, buf: OutputBuffer, data: bytes, epochs: range) -> bytes:
+    """Hold inbound, send `data` to the echo server, then run and release `epochs`:
+    what the client got back meanwhile (b"" if the unit never saw `data`)."""
     buf.hold_inbound(True)
-    s.sendall(b"c")
+    s.sendall(data)
     got = b""
-    for e in range(2, 8):  # release everything the unit sends: it sent nothing
+    for e in epochs:  # release everything the unit sends
         time.sleep(0.1)
         buf.begin_epoch(e)
         buf.release(e - 1)
         got += recv_within(s, 0.01)
-    assert got == b""
-    assert buf.counters()["inbound_waiting"] >= 1
+    return got
+
+
+def unhold_and_receive(s: socket.socket, buf: OutputBuffer, epoch: int) -> bytes:
+    """End the inbound hold, let epoch-1's output out: what the client gets."""
     buf.hold_inbound(False)
     time.sleep(0.3)
-    buf.begin_epoch(8)
-    buf.release(7)
-    assert recv_within(s, 1.0) == b"c"
+    buf.begin_epoch(epoch)
+    buf.release(epoch - 1)
+    return recv_within(s, 1.0)
+
+
+def test_hold_inbound_holds_packets_towards_the_unit(lab: Lab, buf: NfqueueBuffer,
+                                                     echo: Echo) -> None:
+    s = establish(lab, buf)
+    assert send_while_held(s, buf, b"c", range(2, 8)) == b""
+    assert buf.counters()["inbound_waiting"] >= 1
+    assert unhold_and_receive(s, buf, 8) == b"c"
     c = buf.counters()
     assert c["inbound_held"] >= 1 and c["inbound_waiting"] == 0
     s.close()
