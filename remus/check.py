@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import click
 
-from remus.checkpoint.tracking import kernel_soft_dirty
+from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.paths import criu_binary
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "missing", "degraded"]
 MIN_CRIU = (4, 2)
 FEATURES = (
-    "root", "soft_dirty", "userfaultfd", "nfqueue", "xt_cgroup", "sch_plug",
+    "root", "soft_dirty", "uffd_wp", "userfaultfd", "nfqueue", "xt_cgroup", "sch_plug",
     "cgroup_freezer_v1", "cgroup_freezer_v2", "netns", "pidns", "tcp_repair",
     "tmpfs_run", "pagemap_scan",
 )  # fmt: skip
@@ -172,6 +172,8 @@ def consequence(name: str, features: dict[str, Feature], *, pure_v2: bool = Fals
         return "output buffer uses NFQUEUE" if _ok(features, "nfqueue") else _NO_BUFFER
     if name in ("cgroup_freezer_v1", "cgroup_freezer_v2"):
         return _freezer_consequence(name, features, pure_v2)
+    if name in ("soft_dirty", "uffd_wp"):
+        return _tracking_consequence(name, features)
     if name == "tmpfs_run" and f is not None and f.status == "degraded":
         return "every CRIU call re-probes the kernel (~30 ms more); mount a tmpfs on /run"
     return _CONSEQUENCES[name][0 if ok else 1]
@@ -180,12 +182,6 @@ def consequence(name: str, features: dict[str, Feature], *, pure_v2: bool = Fals
 _NO_BUFFER = "no output buffer: remus cannot hold output until the backup acks"
 _CONSEQUENCES: dict[str, tuple[str, str]] = {  # name -> (when ok, when not ok)
     "root": ("CRIU, namespaces and netfilter are usable", "remus cannot run: it needs root"),
-    "soft_dirty": (
-        "remus uses CRIU memory tracking (--dirty-tracking auto): the freeze and the delta grow "
-        "with the pages dirtied, not with the unit's size",
-        "no CRIU memory tracking: every dump copies all memory and deltas come from a page-content "
-        "diff (the freeze grows with the unit's size)",
-    ),
     "userfaultfd": (
         "available for lazy restore / write tracking (not required)",
         "no lazy restore or userfaultfd write tracking; full restores only",
@@ -202,10 +198,28 @@ _CONSEQUENCES: dict[str, tuple[str, str]] = {  # name -> (when ok, when not ok)
     ),
     "tmpfs_run": ("CRIU caches its kernel probe in /run/criu.kdat", "CRIU re-probes the kernel"),
     "pagemap_scan": (
-        "informational: a possible incremental-checkpoint path (unused today)",
-        "informational: nothing changes",
+        "used by uffd-wp tracking and by CRIU to read page maps",
+        "informational: no uffd-wp tracking; CRIU reads /proc/PID/pagemap",
     ),
 }
+
+
+_NO_TRACKING = ("no memory tracking: every dump copies all memory and deltas come from a "
+                "page-content diff (the freeze grows with the unit's size)")
+
+
+def _tracking_consequence(name: str, features: dict[str, Feature]) -> str:
+    """--dirty-tracking auto takes soft-dirty, else uffd-wp, else the page diff."""
+    sd, wp = _ok(features, "soft_dirty"), _ok(features, "uffd_wp")
+    grows = "the freeze and the delta grow with the pages written, not with the unit's size"
+    if name == "soft_dirty":
+        if sd:
+            return f"--dirty-tracking auto uses soft-dirty: {grows}"
+        return "not used: auto uses uffd-wp tracking instead" if wp else _NO_TRACKING
+    if wp:
+        return ("available (auto prefers soft-dirty)" if sd
+                else f"--dirty-tracking auto uses uffd-wp: {grows}")
+    return "not used: auto uses soft-dirty" if sd else _NO_TRACKING
 
 
 def _freezer_consequence(name: str, features: dict[str, Feature], pure_v2: bool) -> str:
@@ -251,6 +265,10 @@ def judge(criu: CriuInfo, features: dict[str, Feature]) -> tuple[list[str], list
     if lacks("cgroup_freezer_v1") and lacks("cgroup_freezer_v2"):
         blockers.append("no cgroup freezer: neither the v1 freezer nor cgroup v2 freeze works")
         blocking |= {"cgroup_freezer_v1", "cgroup_freezer_v2"}
+    if not lacks("soft_dirty") or not lacks("uffd_wp"):
+        blocking |= {"soft_dirty", "uffd_wp"}  # one memory tracker is all remus needs
+    else:
+        blocking.add("uffd_wp")  # one warning (soft_dirty's) says it
     warnings = [
         f"{f.name} {f.status}: {f.consequence or f.detail}"
         for f in features.values()
@@ -355,6 +373,14 @@ def probe_soft_dirty(criu_says: bool | None) -> Feature:
 
 
 _UFFD_SYSCALL = {"x86_64": 323, "aarch64": 282, "ppc64le": 364, "s390x": 355}
+
+
+def probe_uffd_wp(criu: CriuInfo) -> Feature:
+    why = uffd_wp_problem(criu.path)
+    if why is None:
+        return feature("uffd_wp", "ok", "userfaultfd async write-protect + PAGEMAP_SCAN track "
+                       "writes; CRIU has remus's patch")
+    return feature("uffd_wp", "missing", why)
 
 
 def probe_userfaultfd() -> Feature:
@@ -553,6 +579,7 @@ def run_checks(criu_path: str | None = None) -> CheckReport:
         criu, criu_soft_dirty = criu_future.result()
         found = {n: f.result() for n, f in futures.items()}
     found["soft_dirty"] = _safe("soft_dirty", probe_soft_dirty, criu_soft_dirty)
+    found["uffd_wp"] = _safe("uffd_wp", probe_uffd_wp, criu)
     features = {n: found[n] for n in FEATURES}
     pure_v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
     report = build_report(criu, features, platform.release(), pure_v2=pure_v2)

@@ -126,8 +126,11 @@ def primary_options(f: Any) -> Any:
                      default="auto", show_default=True,
                      help="How changed memory is found. soft-dirty: CRIU memory tracking, the "
                      "freeze and the delta grow with the pages written (needs a kernel with "
-                     "soft-dirty; `remus check`). diff: full dumps compared page by page. auto: "
-                     "soft-dirty when the kernel has it."),
+                     "soft-dirty). uffd-wp: the same without soft-dirty, from userfaultfd "
+                     "write-protection (Linux >= 6.7 and remus's CRIU build; a process that "
+                     "never was tracked costs one full dump). diff: full dumps compared page by "
+                     "page (the freeze grows with the unit). auto: soft-dirty, else uffd-wp, "
+                     "else diff; `remus check` says which this host gets."),
         click.option("--on-peer-loss", type=click.Choice(["stall", "continue"]), default="stall",
                      show_default=True, help="When the backup is gone and the lease lapsed: hold "
                      "output and let the backup take over (stall), or run unprotected and keep "

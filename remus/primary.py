@@ -34,6 +34,7 @@ from remus.checkpoint.criu import Criu, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
 from remus.checkpoint.disk import DiskDelta, DiskTracker
 from remus.checkpoint.tracking import DumpChain, resolve
+from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
 from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
@@ -62,7 +63,7 @@ class PrimaryConfig:
     dump_root: Path
     freeze_cgroup: str | None = None
     compress: bool = False
-    dirty_tracking: str = "diff"  # auto | soft-dirty | diff (remus.checkpoint.tracking)
+    dirty_tracking: str = "diff"  # auto | soft-dirty | uffd-wp | diff (checkpoint.tracking)
     max_inflight: int = 2
     on_peer_loss: str = "stall"
     connect_timeout: float = 2.0
@@ -87,6 +88,8 @@ class Primary:
         self.clock = clock
         self.encoder = DeltaEncoder(compress=cfg.compress)
         self.chain = DumpChain(resolve(cfg.dirty_tracking))
+        # uffd-wp: the tracker registers and re-arms the unit's memory (checkpoint.uffd)
+        self.tracker = UffdTracker(cfg.pid) if self.chain.mode == "uffd-wp" else None
         self.disk = (DiskTracker(cfg.state_dirs, pids=cfg.unit_pids) if cfg.state_dirs
                      else None)
         self.link: Link | None = None
@@ -211,12 +214,19 @@ class Primary:
                 self.boundary_at[e] = time.time()
                 if self.disk is not None:
                     disk = self.disk.capture(full=self.need_full)
+                if tracker is not None:
+                    # Still frozen: what CRIU just saw is what the re-armed pages hold.
+                    tracker.rearm()
 
+        tracker = self.tracker if self.chain.mode == "uffd-wp" else None
+        if tracker is not None:
+            tracker.attach()  # new processes of the unit (ptrace: not during the dump)
         parent = self.chain.parent(self.need_full)
         try:
             res = self.criu.dump(self.cfg.pid, d, notify=notify,
                                  freeze_cgroup=self.cfg.freeze_cgroup,
-                                 track_mem=self.chain.track, parent=parent)
+                                 track_mem=self.chain.track, parent=parent,
+                                 env=CRIU_ENV if tracker is not None else None)
         except CheckpointError as err:
             self.chain.failed(str(err))
             shutil.rmtree(d, ignore_errors=True)
@@ -507,6 +517,8 @@ class Primary:
                       "closed); `remus lab`/operator must remove the REMUS iptables chain")
         if self.disk is not None:
             self.disk.close()
+        if self.tracker is not None:
+            self.tracker.close()
         shutil.rmtree(self.cfg.dump_root, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
@@ -528,7 +540,9 @@ class Primary:
             "acked_epoch": self.acked,
             "inflight": len(self.inflight),
             "interval_ms": round(self.cfg.timing.interval * 1000, 3),
-            "dirty_tracking": "soft-dirty" if self.chain.track else "diff",
+            "dirty_tracking": self.chain.mode,
+            "uffd_wp": (dataclasses.asdict(self.tracker.stats)
+                        if self.tracker is not None and self.chain.mode == "uffd-wp" else None),
             "pause_ms": self.pause.summary(),
             "dump_ms": self.dump_wall.summary(),
             "ack_latency_ms": self.ack_latency.summary(),

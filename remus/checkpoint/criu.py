@@ -90,6 +90,7 @@ class Criu:
         track_mem: bool = False,
         parent: Path | None = None,
         log_level: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> DumpResult:
         """Dump pid's tree into images_dir and leave it running.
 
@@ -98,7 +99,9 @@ class Criu:
         previous tracked dump's directory; pages not written since then are
         recorded as PE_PARENT holes (no data) instead of being copied, which is
         what makes the freeze proportional to the pages dirtied. Needs a kernel
-        with soft-dirty (CONFIG_MEM_SOFT_DIRTY).
+        with soft-dirty (CONFIG_MEM_SOFT_DIRTY), or our patched CRIU with
+        uffd-wp tracking (env from remus.checkpoint.uffd.CRIU_ENV).
+        env: added to CRIU's environment.
         """
         if log_level is None:  # REMUS_CRIU_DUMP_LOG_LEVEL=4 to debug dumps (logs stay in the dump dir)
             log_level = int(os.environ.get("REMUS_CRIU_DUMP_LOG_LEVEL", "1"))
@@ -117,7 +120,7 @@ class Criu:
         if parent is not None:
             o.parent_img = link_parent(parent, images_dir)
         t0 = time.perf_counter()
-        self._call(req, images_dir, notify, cgroup_procs=None)
+        self._call(req, images_dir, notify, cgroup_procs=None, env=env)
         wall = (time.perf_counter() - t0) * 1000
         return _dump_result(images_dir, wall)
 
@@ -143,7 +146,7 @@ class Criu:
         return argv
 
     def _call(self, req: Any, images_dir: Path, notify: Notify | None,
-              cgroup_procs: str | None) -> Any:
+              cgroup_procs: str | None, env: dict[str, str] | None = None) -> Any:
         rpc = _rpc()
         images_dir.mkdir(parents=True, exist_ok=True)
         dfd = os.open(images_dir, os.O_DIRECTORY)
@@ -151,7 +154,7 @@ class Criu:
         try:
             req.opts.images_dir_fd = dfd
             t0 = time.perf_counter()
-            proc = self._spawn(theirs, dfd, cgroup_procs)
+            proc = self._spawn(theirs, dfd, cgroup_procs, env)
             theirs.close()
             t1 = time.perf_counter()
             try:
@@ -167,7 +170,8 @@ class Criu:
             os.close(dfd)
             theirs.close()
 
-    def _spawn(self, sk: socket.socket, dfd: int, cgroup_procs: str | None) -> subprocess.Popen[bytes]:
+    def _spawn(self, sk: socket.socket, dfd: int, cgroup_procs: str | None,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         argv = self._argv(sk.fileno())
         if cgroup_procs:
             # A shell joins the cgroup and execs CRIU: no preexec_fn, so Python can
@@ -180,6 +184,7 @@ class Criu:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
         except OSError as e:
             raise HostError(f"cannot start CRIU {self.binary}: {e}") from e

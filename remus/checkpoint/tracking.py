@@ -1,6 +1,6 @@
 """Which pages did the unit write since the last checkpoint?
 
-Two ways, chosen per primary with ``--dirty-tracking``:
+Three ways, chosen per primary with ``--dirty-tracking``:
 
 - ``soft-dirty``: CRIU memory tracking (``track_mem`` plus the previous
   dump as ``parent_img``). The kernel's soft-dirty bits say which pages were
@@ -8,10 +8,14 @@ Two ways, chosen per primary with ``--dirty-tracking``:
   rest as PE_PARENT holes. The freeze and the agent's work are proportional
   to the pages dirtied, not to the unit's size. Needs CONFIG_MEM_SOFT_DIRTY
   (Debian's stock kernels have it).
+- ``uffd-wp``: the same CRIU memory tracking, but "written" comes from
+  userfaultfd write-protection in async mode and PAGEMAP_SCAN (Linux >= 6.7,
+  no soft-dirty needed) through remus's CRIU patch and tracker
+  (remus.checkpoint.uffd).
 - ``diff``: every dump is full and the encoder compares it page by page with
   the previous one. Works on any kernel; the freeze grows with the unit.
 
-``auto`` (the default) picks soft-dirty when the kernel has it.
+``auto`` (the default) picks soft-dirty, then uffd-wp, then diff.
 
 `DumpChain` decides the parent of each dump. A parent is only valid if it
 is the dump the encoder will diff against (the delta base), so any dump
@@ -28,13 +32,16 @@ import mmap
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from remus.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "soft-dirty", "diff")
+MODES = ("auto", "soft-dirty", "uffd-wp", "diff")
+#: what a primary ends up using (MODES without auto)
+TRACKERS = ("soft-dirty", "uffd-wp", "diff")
 
 #: CRIU's error when the kernel cannot track memory (criu/config.c)
 CRIU_NO_TRACKING = "Tracking memory is not available"
@@ -59,25 +66,57 @@ def kernel_soft_dirty() -> bool:
         buf.close()
 
 
-def resolve(mode: str, probe: Callable[[], bool] | None = None) -> bool:
-    """True when dumps should use soft-dirty tracking.
+def uffd_wp_problem(criu: str | None = None) -> str | None:
+    """None when uffd-wp tracking works here (kernel and CRIU); else why not."""
+    from remus.checkpoint import uffd
+    from remus.paths import criu_binary
 
-    ConfigError for an unknown mode, or for ``soft-dirty`` on a kernel
-    without it. ``probe`` replaces the kernel probe in tests.
+    why = uffd.kernel_uffd_wp()
+    if why is not None:
+        return why
+    binary = criu or criu_binary()
+    if not uffd.criu_supports(binary):
+        return f"CRIU at {binary} lacks remus's uffd-wp patch (run bin/setup)"
+    return None
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The host facts `resolve` needs; tests pass their own."""
+
+    soft_dirty: Callable[[], bool] = kernel_soft_dirty
+    uffd_wp: Callable[[], str | None] = uffd_wp_problem
+
+
+def resolve(mode: str, probes: Probes | None = None) -> str:
+    """The tracker a primary uses for ``--dirty-tracking mode`` (one of TRACKERS).
+
+    ConfigError for an unknown mode, or for a mode this host cannot do.
     """
     if mode not in MODES:
         raise ConfigError(f"--dirty-tracking must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "diff":
-        return False
-    try:
-        have = (probe or kernel_soft_dirty)()
-    except OSError as e:
-        log.warning("soft-dirty probe failed (%s): using page diff", e)
-        have = False
-    if mode == "soft-dirty" and not have:
-        raise ConfigError("--dirty-tracking soft-dirty: this kernel has no soft-dirty bits "
-                          "(CONFIG_MEM_SOFT_DIRTY); use --dirty-tracking diff or auto")
-    return have
+        return "diff"
+    p = probes or Probes()
+    if mode in ("auto", "soft-dirty"):
+        try:
+            have = p.soft_dirty()
+        except OSError as e:
+            log.warning("soft-dirty probe failed (%s)", e)
+            have = False
+        if have:
+            return "soft-dirty"
+        if mode == "soft-dirty":
+            raise ConfigError("--dirty-tracking soft-dirty: this kernel has no soft-dirty bits "
+                              "(CONFIG_MEM_SOFT_DIRTY); use --dirty-tracking uffd-wp, diff or auto")
+    why = p.uffd_wp()
+    if why is None:
+        return "uffd-wp"
+    if mode == "uffd-wp":
+        raise ConfigError(f"--dirty-tracking uffd-wp is not available here: {why}; "
+                          "use --dirty-tracking diff or auto")
+    log.info("no soft-dirty, and uffd-wp tracking unavailable (%s): using page diff", why)
+    return "diff"
 
 
 class DumpChain:
@@ -86,12 +125,15 @@ class DumpChain:
     Contract: the epoch loop calls `parent(need_full)` before a dump, then
     `dumped(dir)` after a successful one or `failed(error_text)` after a
     failed one. The sender calls `broken()` when a dump will not become the
-    delta base (not sent, encoder reset). With tracking off, `parent` is
-    always None and `track` False.
+    delta base (not sent, encoder reset). With tracking off (mode "diff"),
+    `parent` is always None and `track` False.
     """
 
-    def __init__(self, track: bool) -> None:
-        self.track = track
+    def __init__(self, mode: str) -> None:
+        if mode not in TRACKERS:
+            raise ValueError(f"unknown tracker {mode!r}")
+        self.mode = mode
+        self.track = mode != "diff"
         self._lock = threading.Lock()
         self._last: Path | None = None
         self._broken = False
@@ -113,6 +155,7 @@ class DumpChain:
             if self.track and CRIU_NO_TRACKING in error:
                 log.warning("CRIU cannot track memory on this kernel: falling back to page diff")
                 self.track = False
+                self.mode = "diff"
 
     def broken(self) -> None:
         with self._lock:

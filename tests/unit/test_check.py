@@ -66,12 +66,23 @@ def test_this_hosts_profile_can_run_with_warnings() -> None:
     r = build_report(GOOD_CRIU, features(**HERE), "6.18.0")
     assert r.can_run and r.blockers == []
     warned = {w.split()[0] for w in r.warnings}
-    assert warned == {"soft_dirty", "sch_plug", "tmpfs_run"}
-    sd = r.features["soft_dirty"]
-    assert "page-content diff" in sd.consequence and "page-content diff" in " ".join(r.warnings)
+    # no soft-dirty, but uffd-wp tracking: nothing to warn about memory tracking
+    assert warned == {"sch_plug", "tmpfs_run"}
+    assert "auto uses uffd-wp" in r.features["uffd_wp"].consequence
+    assert "uffd-wp" in r.features["soft_dirty"].consequence
     assert r.features["sch_plug"].consequence == "output buffer uses NFQUEUE"
     assert "output buffer uses NFQUEUE" in r.features["nfqueue"].consequence
     assert "30 ms" in r.features["tmpfs_run"].consequence
+
+
+def test_no_memory_tracker_is_one_warning() -> None:
+    r = build_report(GOOD_CRIU, features(**HERE, uffd_wp="missing"), "6.18.0")
+    assert r.can_run
+    tracking = [w for w in r.warnings if w.split()[0] in ("soft_dirty", "uffd_wp")]
+    assert len(tracking) == 1 and "page-content diff" in tracking[0]
+    r = build_report(GOOD_CRIU, features(uffd_wp="missing"), "6.18.0")
+    assert "auto uses soft-dirty" in r.features["soft_dirty"].consequence
+    assert not any(w.startswith("uffd_wp") for w in r.warnings)
 
 
 def test_every_feature_gets_a_consequence() -> None:
@@ -163,7 +174,7 @@ def test_to_json_shape() -> None:
     assert j["features"]["soft_dirty"] is False and j["features"]["nfqueue"] is True
     assert j["details"]["tmpfs_run"]["status"] == "degraded"
     assert set(j["details"]["root"]) == {"status", "detail", "consequence"}
-    assert j["can_run"] is True and j["blockers"] == [] and len(j["warnings"]) == 3
+    assert j["can_run"] is True and j["blockers"] == [] and len(j["warnings"]) == 2
     assert j["kernel"] == "6.18.44"
 
 

@@ -16,7 +16,7 @@ from remus.checkpoint import images
 from remus.checkpoint.delta import DeltaEncoder, Manifest
 from remus.checkpoint.images import PAGE_SIZE, PE_PARENT, PE_PRESENT, PagemapEntry
 from remus.checkpoint.store import CheckpointStore
-from remus.checkpoint.tracking import CRIU_NO_TRACKING, DumpChain, resolve
+from remus.checkpoint.tracking import CRIU_NO_TRACKING, DumpChain, Probes, resolve
 from remus.errors import CheckpointError, ConfigError
 
 BASE = 0x7F0000000000
@@ -69,13 +69,13 @@ def new_store(tmp_path: Path) -> CheckpointStore:
 
 # -- the chain -----------------------------------------------------------------
 def test_chain_without_tracking_never_has_a_parent(tmp_path: Path) -> None:
-    c = DumpChain(False)
+    c = DumpChain("diff")
     c.dumped(tmp_path / "e0")
     assert c.parent(need_full=False) is None and not c.track
 
 
 def test_chain_follows_successful_dumps(tmp_path: Path) -> None:
-    c = DumpChain(True)
+    c = DumpChain("soft-dirty")
     assert c.parent(need_full=False) is None  # nothing dumped yet
     c.dumped(tmp_path / "e0")
     assert c.parent(need_full=False) == tmp_path / "e0"
@@ -85,7 +85,7 @@ def test_chain_follows_successful_dumps(tmp_path: Path) -> None:
 
 
 def test_chain_breaks_on_failure_and_on_unsent_dump(tmp_path: Path) -> None:
-    c = DumpChain(True)
+    c = DumpChain("soft-dirty")
     c.dumped(tmp_path / "e0")
     c.failed("libsoccr_save() failed with -6")
     assert c.parent(need_full=False) is None and c.track
@@ -97,22 +97,39 @@ def test_chain_breaks_on_failure_and_on_unsent_dump(tmp_path: Path) -> None:
 
 
 def test_chain_falls_back_when_criu_cannot_track(tmp_path: Path) -> None:
-    c = DumpChain(True)
+    c = DumpChain("soft-dirty")
     c.failed(f"CRIU dump failed: Error (criu/config.c:1131): {CRIU_NO_TRACKING}. Consider ...")
     assert not c.track
     c.dumped(tmp_path / "e0")
     assert c.parent(need_full=False) is None
 
 
+def probes(soft_dirty: bool, uffd_wp: str | None) -> Probes:
+    return Probes(soft_dirty=lambda: soft_dirty, uffd_wp=lambda: uffd_wp)
+
+
 def test_resolve_modes() -> None:
-    assert resolve("diff", probe=lambda: True) is False
-    assert resolve("auto", probe=lambda: True) is True
-    assert resolve("auto", probe=lambda: False) is False
-    assert resolve("soft-dirty", probe=lambda: True) is True
+    assert resolve("diff", probes(True, None)) == "diff"
+    assert resolve("auto", probes(True, None)) == "soft-dirty"
+    assert resolve("auto", probes(False, None)) == "uffd-wp"
+    assert resolve("auto", probes(False, "no PAGEMAP_SCAN")) == "diff"
+    assert resolve("soft-dirty", probes(True, "x")) == "soft-dirty"
+    assert resolve("uffd-wp", probes(True, None)) == "uffd-wp"
     with pytest.raises(ConfigError, match="soft-dirty"):
-        resolve("soft-dirty", probe=lambda: False)
+        resolve("soft-dirty", probes(False, None))
+    with pytest.raises(ConfigError, match="uffd-wp is not available here: no PAGEMAP_SCAN"):
+        resolve("uffd-wp", probes(True, "no PAGEMAP_SCAN"))
     with pytest.raises(ConfigError, match="must be one of"):
-        resolve("dirty", probe=lambda: True)
+        resolve("dirty", probes(True, None))
+
+
+def test_chain_records_its_tracker(tmp_path: Path) -> None:
+    c = DumpChain("uffd-wp")
+    assert c.track and c.mode == "uffd-wp"
+    c.failed(f"CRIU dump failed: {CRIU_NO_TRACKING}")
+    assert (c.track, c.mode) == (False, "diff")
+    with pytest.raises(ValueError):
+        DumpChain("auto")
 
 
 # -- pagemaps with holes ---------------------------------------------------------

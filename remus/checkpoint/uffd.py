@@ -1,0 +1,431 @@
+"""Dirty-page tracking without soft-dirty: userfaultfd write-protection.
+
+On kernels >= 6.7 a userfaultfd in async write-protect mode
+(UFFD_FEATURE_WP_ASYNC) records writes in the page tables without any fault
+reaching user space, and the PAGEMAP_SCAN ioctl on /proc/PID/pagemap reports
+them (PAGE_IS_WRITTEN) and re-arms them (PM_SCAN_WP_MATCHING). remus's CRIU
+patch (bin/criu-patches/0001-uffd-wp-tracking.patch, enabled by
+CRIU_REMUS_UFFD_WP=1) makes `--track-mem` read that answer, so a dump with a
+parent copies only the pages written since the previous dump.
+
+`UffdTracker` keeps the unit's processes registered and armed:
+
+- `attach()`, before each dump while the unit runs: every process of the
+  unit's tree that has no tracker yet gets one. A userfaultfd is bound to the
+  mm of the process that creates it, so it is made *inside* the process by
+  ptrace syscall injection (remus.checkpoint.inject), taken into the agent
+  with pidfd_getfd, and the process's own copy is closed (CRIU refuses to
+  dump a task holding a userfaultfd).
+- `rearm()`, from CRIU's post-dump notification while the unit is still
+  frozen: writable private mappings not registered yet are registered, and
+  every registered mapping is re-armed. Arming anywhere else would be wrong:
+  pages written between the dump and the arm would look clean.
+
+Correctness never rests on the tracker's bookkeeping. A page counts as clean
+only in a registered mapping (PAGE_IS_WPALLOWED) whose protection the tracker
+set right after the previous dump; pages of unregistered mappings (new
+mappings, forked children, exec'd processes, anything the tracker missed or
+could not register) are dumped in full. A failed re-arm leaves pages marked
+written, which only costs copying them again. Kernel facts relied on: a fork
+child's mappings and an mremap'd mapping lose the registration (no
+UFFD_FEATURE_EVENT_FORK/REMAP); any newly faulted-in page (after
+MADV_DONTNEED, or first touch) is marked written; a page gone from the
+pagemap is simply absent from the dump (zero on restore).
+
+What it cannot see: writes through pages pinned before arming (RDMA,
+io_uring fixed buffers, vmsplice), the same blind spot soft-dirty has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remus.checkpoint.inject import (
+    SYS_CLOSE,
+    SYS_USERFAULTFD,
+    InjectError,
+    RemoteTask,
+    pidfd_getfd,
+    syscall,
+)
+
+log = logging.getLogger(__name__)
+
+# -- kernel ABI (include/uapi/linux/userfaultfd.h, include/uapi/linux/fs.h) ----
+
+UFFD_API = 0xAA
+UFFD_USER_MODE_ONLY = 1
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+O_CLOEXEC = 0o2000000
+O_NONBLOCK = 0o4000
+
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+
+#: highest user address on x86_64 with 4-level page tables (TASK_SIZE_MAX)
+USER_END = 0x7FFFFFFFF000
+
+
+def _iowr(kind: int, nr: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (kind << 8) | nr
+
+
+class UffdioApi(ctypes.Structure):  # struct uffdio_api
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]
+
+
+class UffdioRegister(ctypes.Structure):  # struct uffdio_register (range inlined)
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class PmScanArg(ctypes.Structure):  # struct pm_scan_arg
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class PageRegion(ctypes.Structure):  # struct page_region
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64)]
+
+
+UFFDIO_API = _iowr(UFFD_API, 0x3F, ctypes.sizeof(UffdioApi))
+UFFDIO_REGISTER = _iowr(UFFD_API, 0x00, ctypes.sizeof(UffdioRegister))
+PAGEMAP_SCAN = _iowr(ord("f"), 16, ctypes.sizeof(PmScanArg))
+# Not UFFD_FEATURE_WP_UNPOPULATED: its markers in empty entries read as swapped
+# pages (see arm()); an empty entry that gets written is marked written anyway.
+FEATURES = UFFD_FEATURE_WP_ASYNC
+
+#: in CRIU's binary when it carries remus's uffd-wp patch
+CRIU_MARKER = b"CRIU_REMUS_UFFD_WP"
+CRIU_ENV = {"CRIU_REMUS_UFFD_WP": "1"}
+
+#: mappings never registered (kernel-provided, not writable user memory)
+_SPECIAL = ("[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]")
+
+Range = tuple[int, int]
+
+
+# -- the ioctls ---------------------------------------------------------------
+
+def uffd_api(fd: int) -> None:
+    api = UffdioApi(api=UFFD_API, features=FEATURES)
+    fcntl.ioctl(fd, UFFDIO_API, api, True)
+    if api.features & FEATURES != FEATURES:
+        raise OSError(errno.EINVAL, "userfaultfd lacks UFFD_FEATURE_WP_ASYNC")
+
+
+def uffd_register_wp(fd: int, start: int, end: int) -> None:
+    reg = UffdioRegister(start=start, len=end - start, mode=UFFDIO_REGISTER_MODE_WP)
+    fcntl.ioctl(fd, UFFDIO_REGISTER, reg, True)
+
+
+def pagemap_scan(pagemap_fd: int, start: int, end: int, *, flags: int = 0,
+                 mask: int = 0, return_mask: int = 0,
+                 max_regions: int = 0) -> list[tuple[int, int, int]]:
+    """PAGEMAP_SCAN over [start, end): regions (start, end, categories) that match."""
+    vec = (PageRegion * max_regions)() if max_regions else None
+    arg = PmScanArg(size=ctypes.sizeof(PmScanArg), flags=flags, start=start, end=end,
+                    vec=ctypes.addressof(vec) if vec is not None else 0,
+                    vec_len=max_regions, category_mask=mask, return_mask=return_mask)
+    n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg, True)
+    if vec is None:
+        return []
+    return [(vec[i].start, vec[i].end, vec[i].categories) for i in range(n)]
+
+
+#: regions per re-arm call; a re-arm of more regions goes on from walk_end
+ARM_REGIONS = 4096
+
+
+def arm(pagemap_fd: int, start: int, end: int, check: bool = False) -> int:
+    """Write-protect the written pages of [start, end) again (re-arm).
+
+    Returns how many pages were written (and are now protected again).
+    check: fail with EPERM when part of the range is not registered.
+
+    Only present pages are armed. An empty page-table entry also reads as
+    written, and arming it would leave a uffd-wp marker there, which reads as
+    a swapped, unwritten page (PAGE_IS_SWAPPED): CRIU would record it as a
+    page of the parent that does not exist. An empty entry needs no arming: the
+    page that a write faults in there is marked written. (A written page that
+    was swapped out before the dump stays written: copied again, no harm.)
+    """
+    flags = PM_SCAN_WP_MATCHING | (PM_SCAN_CHECK_WPASYNC if check else 0)
+    vec = (PageRegion * ARM_REGIONS)()
+    arg = PmScanArg(size=ctypes.sizeof(PmScanArg), flags=flags, end=end,
+                    vec=ctypes.addressof(vec), vec_len=ARM_REGIONS,
+                    category_mask=PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+                    return_mask=PAGE_IS_WRITTEN)
+    pages = 0
+    while start < end:
+        arg.start = start
+        n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg, True)
+        pages += sum(vec[i].end - vec[i].start for i in range(n)) // mmap.PAGESIZE
+        if arg.walk_end <= start:
+            break
+        start = arg.walk_end
+    return pages
+
+
+# -- what this host offers -------------------------------------------------------
+
+def criu_supports(binary: str | None) -> bool:
+    """Does this CRIU binary carry remus's uffd-wp patch?"""
+    if not binary:
+        return False
+    try:
+        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            return m.find(CRIU_MARKER) >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def kernel_uffd_wp() -> str | None:
+    """None when this kernel tracks writes with uffd-wp async; else why not.
+
+    Registers a page of our own, arms it, writes it and asks PAGEMAP_SCAN.
+    """
+    try:
+        fd = _own_userfaultfd()
+    except OSError as e:
+        return f"userfaultfd: {e.strerror or e}"
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, 2 * page, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    cell = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(cell)
+    del cell
+    try:
+        buf[0] = 1
+        buf[page] = 1
+        uffd_api(fd)
+        uffd_register_wp(fd, addr, addr + 2 * page)
+        with open("/proc/self/pagemap", "rb") as pm:
+            arm(pm.fileno(), addr, addr + 2 * page, check=True)
+            buf[page] = 2
+            written = pagemap_scan(pm.fileno(), addr, addr + 2 * page, mask=PAGE_IS_WRITTEN,
+                                   return_mask=PAGE_IS_WRITTEN, max_regions=4)
+        if written != [(addr + page, addr + 2 * page, PAGE_IS_WRITTEN)]:
+            return f"PAGEMAP_SCAN reported {written} for one written page"
+        return None
+    except OSError as e:
+        what = "PAGEMAP_SCAN" if e.errno == errno.ENOTTY else "userfaultfd write-protect"
+        return f"{what}: {e.strerror or e} (needs Linux >= 6.7)"
+    finally:
+        buf.close()
+        os.close(fd)
+
+
+def _own_userfaultfd() -> int:
+    try:
+        return syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            raise
+        return syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+
+
+# -- the tracker -------------------------------------------------------------------
+
+def tree_pids(root: int) -> list[int]:
+    """root and its descendants (processes, not threads), parents first."""
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            todo.extend(int(k) for k in kids)
+    return out
+
+
+def writable_anonymous(pid: int) -> list[Range]:
+    """The writable private anonymous mappings of pid (heap, stack, mmap'd memory).
+
+    Not file-backed ones: zapping a write-protected page there (MADV_DONTNEED
+    of a copied-on-write page) leaves a marker that reads as a swapped,
+    unwritten page although the page now holds the file's content. They stay
+    unregistered and are dumped in full (they are small: libraries' data).
+    """
+    out: list[Range] = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            perms = parts[1]
+            if perms[1] != "w" or perms[3] != "p" or parts[4] != "0":
+                continue
+            if len(parts) > 5 and parts[5].strip() in _SPECIAL:
+                continue
+            lo, _, hi = parts[0].partition("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@dataclass
+class _Proc:
+    pid: int
+    uffd: int
+    pagemap: int
+    known: set[Range] = field(default_factory=set)  # registered, as maps showed them
+    refused: set[Range] = field(default_factory=set)  # the kernel would not register
+
+    def close(self) -> None:
+        for fd in (self.uffd, self.pagemap):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class TrackerStats:
+    processes: int = 0
+    mappings: int = 0
+    registered_last: int = 0  # mappings registered in the last re-arm
+    rearm_ms: float = 0.0
+    attach_ms: float = 0.0
+    untracked: int = 0  # processes of the unit the tracker could not attach
+
+
+class UffdTracker:
+    """Keeps every process of one unit tree registered and armed (see module doc).
+
+    Thread contract: `attach` and `close` from one thread (the epoch loop;
+    ptrace is per thread); `rearm` from CRIU's post-dump notification, which
+    that same thread serves.
+    """
+
+    def __init__(self, root_pid: int) -> None:
+        self.root = root_pid
+        self.procs: dict[int, _Proc] = {}
+        self.stats = TrackerStats()
+        self._failed: dict[int, str] = {}  # pid -> why it is not tracked (logged once)
+
+    def attach(self) -> None:
+        t0 = time.perf_counter()
+        pids = tree_pids(self.root)
+        live = set(pids)
+        for pid in [p for p in self.procs if p not in live]:
+            self.procs.pop(pid).close()
+        for pid in list(self._failed):
+            if pid not in live:
+                del self._failed[pid]
+        for pid in pids:
+            if pid in self.procs or pid in self._failed:
+                continue
+            try:
+                self.procs[pid] = self._attach_one(pid)
+            except (OSError, InjectError) as e:
+                if os.path.exists(f"/proc/{pid}"):
+                    self._failed[pid] = str(e)
+                    log.warning("uffd-wp: cannot track pid %d (%s): its memory is dumped in "
+                                "full every epoch", pid, e)
+        self.stats.processes = len(self.procs)
+        self.stats.untracked = len(self._failed)
+        self.stats.attach_ms = (time.perf_counter() - t0) * 1000
+
+    def rearm(self) -> None:
+        t0 = time.perf_counter()
+        registered = mappings = 0
+        for pid, p in list(self.procs.items()):
+            try:
+                n, m = self._rearm_one(p)
+            except OSError as e:
+                # ESRCH: the process exec'd or exited (its mm is gone). Anything
+                # else: give up on it. Its mappings are unregistered or stay
+                # written, so CRIU dumps them in full: nothing is missed.
+                if e.errno != errno.ESRCH:
+                    log.warning("uffd-wp: re-arming pid %d failed (%s); tracking it afresh",
+                                pid, e)
+                self.procs.pop(pid).close()
+                continue
+            registered += n
+            mappings += m
+        self.stats.registered_last = registered
+        self.stats.mappings = mappings
+        self.stats.rearm_ms = (time.perf_counter() - t0) * 1000
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.close()
+        self.procs.clear()
+
+    # -- one process ------------------------------------------------------------
+    def _attach_one(self, pid: int) -> _Proc:
+        with RemoteTask(pid) as task:
+            flags = O_CLOEXEC | O_NONBLOCK
+            fd = task.call(SYS_USERFAULTFD, flags)
+            if fd == -errno.EPERM:  # unprivileged: user-mode faults are all we need
+                fd = task.call(SYS_USERFAULTFD, flags | UFFD_USER_MODE_ONLY)
+            if fd < 0:
+                raise OSError(-fd, f"userfaultfd() in pid {pid}: {os.strerror(-fd)}")
+            try:
+                ours = pidfd_getfd(pid, fd)
+            finally:
+                task.call(SYS_CLOSE, fd)
+        try:
+            uffd_api(ours)
+            pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(ours)
+            raise
+        log.debug("uffd-wp: tracking pid %d", pid)
+        return _Proc(pid, ours, pagemap)
+
+    def _rearm_one(self, p: _Proc) -> tuple[int, int]:
+        registered = 0
+        ranges = writable_anonymous(p.pid)
+        for r in ranges:
+            if r not in p.known and r not in p.refused and self._register(p, r):
+                registered += 1
+        for r in ranges:
+            if r in p.refused:
+                continue
+            try:
+                arm(p.pagemap, r[0], r[1], check=True)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                # A mapping replaced at the same address since: it was dumped in
+                # full just now (unregistered), so registering it now is exact.
+                if self._register(p, r):
+                    registered += 1
+                    arm(p.pagemap, r[0], r[1])
+        p.known = {r for r in ranges if r not in p.refused}
+        return registered, len(p.known)
+
+    def _register(self, p: _Proc, r: Range) -> bool:
+        try:
+            uffd_register_wp(p.uffd, r[0], r[1])
+            return True
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOMEM):
+                p.refused.add(r)
+                log.debug("uffd-wp: pid %d mapping %x-%x not registered: %s", p.pid, r[0],
+                          r[1], e.strerror)
+                return False
+            raise
