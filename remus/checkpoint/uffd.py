@@ -400,7 +400,7 @@ class UffdTracker:
         registered = 0
         ranges = writable_anonymous(p.pid)
         for r in ranges:
-            if r not in p.known and r not in p.refused and self._register(p, r):
+            if r not in p.known and r not in p.refused and self._register(p, r, ranges):
                 registered += 1
         for r in ranges:
             if r in p.refused:
@@ -412,20 +412,41 @@ class UffdTracker:
                     raise
                 # A mapping replaced at the same address since: it was dumped in
                 # full just now (unregistered), so registering it now is exact.
-                if self._register(p, r):
+                if self._register(p, r, ranges):
                     registered += 1
                     arm(p.pagemap, r[0], r[1])
         p.known = {r for r in ranges if r not in p.refused}
         return registered, len(p.known)
 
-    def _register(self, p: _Proc, r: Range) -> bool:
+    def _register(self, p: _Proc, r: Range, ranges: list[Range]) -> bool:
         try:
             uffd_register_wp(p.uffd, r[0], r[1])
             return True
         except OSError as e:
+            # ENOMEM: no such mapping in the mm of our userfaultfd
+            if e.errno in (errno.EINVAL, errno.ENOMEM) and self._mm_changed(p, ranges):
+                raise OSError(errno.ESRCH, f"pid {p.pid} has a new address space (exec)") from e
             if e.errno in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOMEM):
                 p.refused.add(r)
                 log.debug("uffd-wp: pid %d mapping %x-%x not registered: %s", p.pid, r[0],
                           r[1], e.strerror)
                 return False
             raise
+
+    @staticmethod
+    def _mm_changed(p: _Proc, ranges: list[Range]) -> bool:
+        """Is our userfaultfd bound to an address space pid no longer has (exec)?
+
+        A userfaultfd registers ranges of the mm it was made in. If a range
+        registered before still exists and registers again (idempotent), the
+        mm is the same; if none of the registered ranges exists any more, or
+        one fails, the process has exec'd.
+        """
+        for r in p.known:
+            if r in ranges:
+                try:
+                    uffd_register_wp(p.uffd, r[0], r[1])
+                    return False
+                except OSError:
+                    return True
+        return bool(p.known)
