@@ -31,9 +31,9 @@ import pytest
 
 from remus import paths
 from remus.checkpoint import images
+from remus.checkpoint.criu import Criu
 from remus.checkpoint.delta import DeltaEncoder
 from remus.checkpoint.store import CheckpointStore
-from remus.checkpoint.criu import Criu
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
 

@@ -38,7 +38,7 @@ UNIT = r"""
 import ctypes, mmap, os, sys, time
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # no THP: pages are counted in 4 KiB
 PAGE = 4096
-m = mmap.mmap(-1, %d * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m = mmap.mmap(-1, MAP_PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i in range(0, len(m), PAGE):
     m[i] = 1
 print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
@@ -49,7 +49,7 @@ for line in sys.stdin:
     if cmd[0] == "w":
         n, s = int(cmd[1]), int(cmd[2])
         for k in range(n):
-            m[(s + k) * PAGE + 9] = (m[(s + k) * PAGE + 9] + 1) %% 256
+            m[(s + k) * PAGE + 9] = (m[(s + k) * PAGE + 9] + 1) % 256
     elif cmd[0] == "r":
         with open("/dev/urandom", "rb", buffering=0) as f:
             f.readinto(memoryview(m)[int(cmd[1]) * PAGE:(int(cmd[1]) + 1) * PAGE])
@@ -74,7 +74,7 @@ for line in sys.stdin:
         child.flush()
         time.sleep(0.3)
     print("ok", flush=True)
-""" % MAP_PAGES
+""".replace("MAP_PAGES", str(MAP_PAGES))
 
 
 class Unit:
