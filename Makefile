@@ -7,7 +7,7 @@ STAMP := .cache/.setup-stamp
 .PHONY: setup test test-unit test-integration check demo bench lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
-$(STAMP): bin/setup pyproject.toml
+$(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
 	./bin/setup
 	@mkdir -p .cache && touch $(STAMP)
 

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -400,9 +401,22 @@ def pause_series(lab: Lab, quick: bool, work: Path) -> list[dict[str, Any]]:
                 rows.append({"mib": mib, "dirty_pct_per_50ms": pct, "error": str(e)[:500]})
                 continue
             r = rows[-1]
-            log(f"{mib} MiB dirty {pct}%: pause {r['pause_ms_p50']} ms vs bare "
-                f"{r['bare_pause_ms_p50']} ms; sent {r['bytes_per_epoch_p50']} B/epoch vs "
+            log(f"{mib} MiB dirty {pct}% ({r['dirty_tracking']}): pause {r['pause_ms_p50']} ms "
+                f"vs bare {r['bare_pause_ms_p50']} ms; sent {r['bytes_per_epoch_p50']} B/epoch vs "
                 f"dirtied {r['dirtied_bytes_per_epoch']} B/epoch")
+    # The same points with full dumps and the page diff, side by side in this run
+    # (what a host without soft-dirty or uffd-wp gets).
+    for mib in sizes[:2]:
+        for pct in (0, 1):
+            try:
+                r = one_series_point(lab, mib, pct, work, extra=["--dirty-tracking", "diff"])
+            except Exception as e:
+                log(f"{mib} MiB dirty {pct}% (diff): FAILED: {e}")
+                rows.append({"mib": mib, "dirty_pct_per_50ms": pct, "dirty_tracking": "diff",
+                             "error": str(e)[:500]})
+                continue
+            rows.append(r)
+            log(f"{mib} MiB dirty {pct}% (diff): pause {r['pause_ms_p50']} ms")
     return rows
 
 
@@ -439,9 +453,64 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] 
                 "encode_ms_p50": st.get("encode_ms", {}).get("p50"),
                 "dirty_tracking": st.get("dirty_tracking"),
                 "dumped_pages_p50": (st.get("dumped_pages") or {}).get("p50"),
+                "uffd_wp": st.get("uffd_wp"),
                 "checkpoint_pages": int((st.get("checkpoint_bytes") or 0) / 4096) or None}
     finally:
         sc.reset()
+
+
+# Opens N connections to the service and keeps them open, idle.
+IDLE_CLIENT = ("import socket, sys, time\n"
+               "conns = [socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+               "         for _ in range(int(sys.argv[3]))]\n"
+               "print('ready', flush=True)\n"
+               "time.sleep(3600)\n")
+
+
+def connection_series(lab: Lab, work: Path, counts: tuple[int, ...] = (0, 20, 250, 1000)
+                      ) -> dict[str, Any]:
+    """Pause per epoch of a protected, idle redis against the number of idle TCP
+    connections to it (one protection run; per-epoch pauses from --trace)."""
+    trace = work / "conns-trace.jsonl"
+    trace.unlink(missing_ok=True)
+    sc = Scenario(lab, work / "conns", extra_primary=["--trace", str(trace)])
+    rows: list[dict[str, Any]] = []
+    try:
+        sc.start_backup()
+        time.sleep(0.3)
+        sc.start_primary()
+        sc.wait_protected(timeout=60)
+        for n in counts:
+            p = None
+            if n:
+                p = lab.popen("client", [PY, "-c", IDLE_CLIENT, lab.vip_addr, str(sc.port), str(n)],
+                              stdout=subprocess.PIPE, text=True)
+                assert p.stdout is not None
+                if not p.stdout.readline().startswith("ready"):
+                    raise RuntimeError(f"{n} idle connections could not be opened")
+            time.sleep(1.0)
+            start = time.time()
+            time.sleep(5.0)
+            rows_n = [json.loads(line) for line in trace.read_text().splitlines() if line]
+            pauses = sorted(r["pause_ms"] for r in rows_n
+                            if r.get("boundary") and r["boundary"] > start and r.get("pause_ms"))
+            st = sc.status("pri") or {}
+            rows.append({"connections": n, "epochs": len(pauses),
+                         "pause_ms_p50": statistics.median(pauses) if pauses else None,
+                         "dirty_tracking": st.get("dirty_tracking")})
+            log(f"{n} idle connections: pause p50 {rows[-1]['pause_ms_p50']} ms "
+                f"over {len(pauses)} epochs")
+            if p is not None:
+                p.kill()
+                p.wait()
+            time.sleep(1.0)
+    finally:
+        sc.reset()
+    base = rows[0]["pause_ms_p50"] if rows and rows[0]["pause_ms_p50"] is not None else None
+    for r in rows[1:]:
+        if base is not None and r["pause_ms_p50"] is not None:
+            r["us_per_connection"] = round((r["pause_ms_p50"] - base) / r["connections"] * 1000, 1)
+    return {"rows": rows}
 
 
 def machine() -> dict[str, Any]:
@@ -490,7 +559,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--failovers", type=int, default=7)
-    ap.add_argument("--skip", default="", help="comma list of: load,failover,series")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: load,failover,series,connections")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     plan = Plan.make(a.quick)
@@ -508,6 +578,9 @@ def main() -> int:
                 save(out)
             if "series" not in skip:
                 out["pause_series"] = pause_series(lab, a.quick, work)
+                save(out)
+            if "connections" not in skip:
+                out["connection_series"] = connection_series(lab, work)
         finally:
             path = save(out)
     report(out)

@@ -25,19 +25,30 @@ class LinkClosed(RemusError):
 
 
 class Link:
-    """One replication connection: a socket plus a protocol connection object."""
+    """One replication connection: a socket plus a protocol connection object.
+
+    Thread contract: any thread may send; one thread reads (`events`). `lock`
+    guards the protocol object and is only held to turn messages into bytes
+    or bytes into events, never across socket I/O; `send_lock` keeps one
+    writer on the socket, so frames go out in the order the protocol
+    numbered them. A send blocked on a full socket (a big epoch to a slow
+    backup) therefore never stops the reader: the peer's ACKs and heartbeats
+    are still read, and its lease renewed.
+    """
 
     def __init__(self, sk: socket.socket, conn: Any, peer: str) -> None:
         self.sk = sk
         self.conn = conn
         self.peer = peer
         self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
         self.closed = False
         self.bytes_sent = 0
         # Called on every non-empty recv: bytes still arriving (a big epoch on a
         # slow or busy link) prove the peer alive before a whole frame is in.
         self.on_rx: Callable[[], None] | None = None
-        sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sk.family in (socket.AF_INET, socket.AF_INET6):
+            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def set_user_timeout(self, seconds: float) -> None:
         """Unacknowledged data older than this kills the connection (partition guard)."""
@@ -59,8 +70,14 @@ class Link:
             raise LinkClosed(f"send to {self.peer}: {e}") from e
 
     def send(self, msg: Any) -> None:
-        with self.lock:
-            self.send_raw(self.conn.send(msg))
+        self.send_frames(lambda conn: conn.send(msg))
+
+    def send_frames(self, make: Callable[[Any], bytes | list[bytes]]) -> None:
+        """Send what `make(protocol connection)` returns, in protocol order."""
+        with self.send_lock:
+            with self.lock:
+                data = make(self.conn)
+            self.send_raw(data)
 
     def events(self, bufsize: int = 1 << 20) -> Iterator[Any]:
         """Yield protocol events until the peer closes; raises on violations."""

@@ -49,6 +49,8 @@ Clock = Callable[[], float]
 # in a row spanning at least this long. Output stays held meanwhile.
 MAX_FAILED_DUMPS = 10
 MAX_FAILING_S = 10.0
+# A unit that was never checkpointed gives up sooner (a unit CRIU cannot dump).
+MAX_FAILED_FIRST_DUMPS = 3
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Primary:
         self.bytes_total = 0
         self.lease_until = 0.0
         self.failed_dumps = 0
+        self.dumped_once = False
         self.failing_since = 0.0
         self.last_sentence = "starting"
         self.boundary_at: dict[int, float] = {}
@@ -240,6 +243,11 @@ class Primary:
             self.failed_dumps += 1
             if self.failed_dumps == 1:
                 self.failing_since = self.clock()
+            if not self.dumped_once and self.failed_dumps >= MAX_FAILED_FIRST_DUMPS:
+                # Never checkpointed at all: say so now, not after minutes of retries.
+                raise FatalError(f"the unit (pid {self.cfg.pid}) cannot be checkpointed: "
+                                 f"{self.failed_dumps} dumps failed in a row; the last: {err}"
+                                 ) from err
             if (self.failed_dumps >= MAX_FAILED_DUMPS
                     and self.clock() - self.failing_since > MAX_FAILING_S):
                 raise FatalError(f"checkpoints failed for {MAX_FAILING_S:.0f} s "
@@ -250,6 +258,7 @@ class Primary:
         self.chain.dumped(d)
         self.epoch = e + 1
         self.failed_dumps = 0
+        self.dumped_once = True
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
         self.dumped_pages.add(float(res.pages_written))
@@ -307,8 +316,7 @@ class Primary:
                     disk_chunks, self.encoder.encode(d, full=full, parent=parent)):
                 link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
                 n += len(meta) + len(data)
-            with link.lock:
-                link.send_raw(link.conn.end_epoch())
+            link.send_frames(lambda conn: conn.end_epoch())
         except BaseException:
             # The protocol has no way to abandon an announced epoch: drop the link
             # (the backup discards the partial epoch; the reconnect sends a full one).

@@ -120,7 +120,10 @@ class Criu:
         if parent is not None:
             o.parent_img = link_parent(parent, images_dir)
         t0 = time.perf_counter()
-        self._call(req, images_dir, notify, cgroup_procs=None, env=env)
+        # our CRIU dumps units that run as an unprivileged user, even where root
+        # lacks CAP_SYS_RESOURCE (bin/criu-patches/0002-unprivileged-units.patch)
+        self._call(req, images_dir, notify, cgroup_procs=None,
+                   env={"CRIU_REMUS_UNPRIVILEGED": "1", **(env or {})})
         wall = (time.perf_counter() - t0) * 1000
         return _dump_result(images_dir, wall)
 

@@ -1,0 +1,100 @@
+"""A big epoch must not cost a failover.
+
+The first checkpoint of a 1 GiB unit, or the epoch after a unit grew by
+1 GiB, takes seconds to copy and stream. Before 2026-11-30 the primary's
+link lock was held across a blocked send of such an epoch, so the primary
+stopped reading the backup's ACKs and heartbeats, let its lease expire and
+dropped the link; the backup then declared the live primary dead and took
+over (seen in `make bench`'s 1 GiB points). Asserted here, on a machine
+loaded by two busy processes: protection of a 1 GiB unit, and of a unit
+that grows by 1 GiB while protected, goes on with no takeover, no lease
+expiry, no reconnect, and epochs acknowledged after the big one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from remus.checkpoint.tracking import uffd_wp_problem
+from remus.paths import REPO
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+FILLER = str(REPO / "bench" / "filler.py")
+BUSY = "while True: pass"
+
+
+@pytest.fixture
+def loaded() -> Iterator[None]:
+    """Two busy processes, one per core of this machine, for the whole test."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+
+def watch(sc: Any, seconds: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Statuses of both agents every 0.5 s for `seconds`."""
+    pri, bak = [], []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        p, b = sc.status("pri", timeout=20), sc.status("bak", timeout=20)
+        if p:
+            pri.append(p)
+        if b:
+            bak.append(b)
+        time.sleep(0.5)
+    return pri, bak
+
+
+def assert_no_takeover(sc: Any, pri: list[dict[str, Any]], bak: list[dict[str, Any]],
+                       acked_before: int) -> None:
+    logs = f"primary.log:\n{sc.log_tail('primary.log')}\nbackup.log:\n{sc.log_tail('backup.log')}"
+    assert bak and all(b.get("state") == "replicating" for b in bak), logs
+    assert pri and pri[-1]["acked_epoch"] > acked_before + 3, logs
+    plog = (sc.workdir / "primary.log").read_text(errors="replace")
+    blog = (sc.workdir / "backup.log").read_text(errors="replace")
+    assert "lease expired" not in plog, logs
+    assert "backup link lost" not in plog, logs
+    assert "taking over" not in blog.lower() and "failover" not in blog.lower(), logs
+    assert len({p["generation"] for p in pri}) == 1, logs  # never reconnected
+
+
+@pytest.mark.parametrize("tracking", ["uffd-wp", "diff"])
+def test_1gib_unit(scenario: Any, loaded: None, tracking: str) -> None:
+    """uffd-wp: one big (first) epoch; diff: every epoch copies and diffs 1 GiB."""
+    if tracking == "uffd-wp" and uffd_wp_problem() is not None:
+        pytest.skip(f"no uffd-wp here: {uffd_wp_problem()}")
+    sc = scenario(server="filler", command=[sys.executable, FILLER, "1024", "1", "0.05"],
+                  extra_primary=["--dirty-tracking", tracking], status_timeout=20.0)
+    sc.start_backup()
+    time.sleep(0.5)
+    sc.start_primary()
+    st = sc.wait_protected(timeout=300, min_acked=1)
+    pri, bak = watch(sc, 20)
+    assert_no_takeover(sc, pri, bak, st["acked_epoch"])
+    assert pri[-1]["checkpoint_bytes"] > 1 << 30
+    assert pri[-1]["dirty_tracking"] == tracking
+
+
+def test_unit_that_grows_by_1gib_while_protected(scenario: Any, loaded: None) -> None:
+    sc = scenario(server="filler", command=[sys.executable, FILLER, "16", "1", "0.05", "1024"],
+                  status_timeout=20.0)
+    sc.start_backup()
+    time.sleep(0.5)
+    sc.start_primary()
+    st = sc.wait_protected(timeout=120, min_acked=3)
+    pri, bak = watch(sc, 30)  # the unit grows 3 s after it started
+    assert_no_takeover(sc, pri, bak, st["acked_epoch"])
+    assert pri[-1]["checkpoint_bytes"] > 1 << 30
