@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from remus.cli_lab import lab as lab_cli
 from remus.lab import CGROUP_NAME, HOSTS, NETNS_DIR, Lab, LabNotUp, mountpoints
 from remus.paths import REPO, criu_binary
+from tests.timing import wait_for
 
 pytestmark = [
     pytest.mark.root,
@@ -181,8 +182,8 @@ def test_crash_kills_everything_of_the_host(lab: Lab) -> None:
     pinned = _start_pidns_sleep(lab, "pri")
     bystander = lab.popen("bak", ["sleep", "1000"])
     try:
-        time.sleep(0.3)
-        assert lab.status()["hosts"]["pri"]["procs"] >= 5
+        # all five have joined pri (10 s only catches a hang)
+        assert wait_for(lambda: lab.status()["hosts"]["pri"]["procs"] >= 5, 10.0), lab.status()
         lab.crash("pri")
         for p in (plain, nested, escaped):
             assert p.wait(timeout=5) == -9
@@ -228,9 +229,12 @@ def test_down_leaves_nothing(lab: Lab) -> None:
     lab.up()
     sleeper = lab.popen("client", ["unshare", "--net", "sleep", "1000"])
     daemon = _start_pidns_sleep(lab, "bak")
-    time.sleep(0.2)
-    pids = {p for h in HOSTS for p in lab._host_pids(h)}
-    assert sleeper.pid in pids and daemon in pids
+
+    def host_pids() -> set[int]:
+        return {p for h in HOSTS for p in lab._host_pids(h)}
+
+    pids = wait_for(lambda: (ps := host_pids()) >= {sleeper.pid, daemon} and ps, 10.0)
+    assert pids, (sleeper.pid, daemon, host_pids())
     lab.down()
     assert sleeper.wait(timeout=5) == -9
     assert all(_gone(p) for p in pids)

@@ -39,18 +39,29 @@ from remus.config import DEFAULT_PORT
 from remus.protocol import messages as m
 from remus.protocol.frames import HEADER, TAG_SIZE
 from remus.protocol.messages import decode_message
+from tests.timing import HOP_S, ack_latency_p99_s, rate, release_grace_s
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PORT = 6379
 UNIT_NETNS = "/run/netns/remus-kv"  # remus run --name kv, inside pri's mount namespace
-# Epochs acknowledged just before the backup is stopped (or the primary agent
-# killed) may still be released right after: the ACK is already on its way.
-STOP_GRACE = 0.1
+# Packets released just before the primary agent is killed may still reach the
+# client right after. (After a SIGSTOP of the backup the window is relative to
+# the run: tests/timing.release_grace_s, the ACK already on its way.)
+STOP_GRACE = HOP_S
 # `released` is stamped right after the batch verdict returns; the kernel
 # re-injects the packets inside that call, so a packet may reach the client a
-# moment before the stamp (GIL hand-over: up to one 5 ms switch interval).
+# moment before the stamp: up to the call's duration (the run's own release
+# latency p99 is added, see stamp_slack) plus a GIL hand-over (one 5 ms switch
+# interval).
 STAMP_SLACK = 0.005
+
+
+def stamp_slack(pri: dict[str, Any]) -> float:
+    """How much earlier than its `released` stamp a packet may reach the client, in
+    this run: STAMP_SLACK plus the primary's release() duration p99 (from its status)."""
+    p99 = ((pri.get("netbuf") or {}).get("release_latency_ms") or {}).get("p99")
+    return STAMP_SLACK + float(p99 or 0.0) / 1000
 
 # A redis client on `client`: `INCR ctr` over ONE connection. closed: one
 # request at a time, `pace` s between a reply and the next request. open:
@@ -268,6 +279,7 @@ class Verdict:
     t_packet: float  # when it reached the client
     epoch: dict[str, Any] | None  # first traced epoch whose boundary follows t_cause
     t_acked: float | None  # when the backup's ACK of that epoch reached the primary
+    slack: float  # how much earlier than `released` a released packet may arrive (stamp_slack)
 
     @property
     def before_boundary(self) -> bool:
@@ -285,7 +297,7 @@ class Verdict:
     def before_release(self) -> bool:
         """Reached the client before the primary's `released` stamp, taken in
         Python right after the batch verdict (hence the slack)."""
-        return self.epoch is None or self.t_packet < self.epoch["released"] - STAMP_SLACK
+        return self.epoch is None or self.t_packet < self.epoch["released"] - self.slack
 
     @property
     def after_ack_ms(self) -> float | None:
@@ -301,7 +313,7 @@ def _seq_ge(a: int, b: int) -> bool:
 
 
 def check_packets(pkts: list[Packet], trace: Trace, acks: dict[tuple[int, int], float],
-                  vip: str) -> list[Verdict]:
+                  vip: str, slack: float) -> list[Verdict]:
     """One verdict per service packet: each reply against its request (the Nth
     `INCR` answers with N), and every packet against the client packet its ack
     number acknowledges (covers SYN-ACKs and pure ACKs)."""
@@ -313,7 +325,7 @@ def check_packets(pkts: list[Packet], trace: Trace, acks: dict[tuple[int, int], 
         e = trace.first_after(t_cause)
         t_acked = None if e is None else acks.get((trace.generation, e["epoch"]))
         assert e is None or t_acked is not None, f"no ACK of epoch {e} on the wire"
-        return Verdict(kind, t_cause, t_packet, e, t_acked)
+        return Verdict(kind, t_cause, t_packet, e, t_acked, slack)
 
     out: list[Verdict] = []
     for p in (q for q in pkts if q.src == vip):
@@ -359,11 +371,15 @@ def test_stalled_backup_holds_output_then_releases_in_order(scenario: Any,
     during the stall, every held reply afterwards, in order."""
     timing = ["--lease", lease, "--takeover-timeout", "4s"] if lease else []
     sc = scenario(server="redis", extra_primary=timing)
+    t_setup = time.monotonic()
     before = protected(sc)
+    setup_s = time.monotonic() - t_setup  # start to first ACKs: connect, full checkpoint
     bak_pid = sc.agent_pid("bak")
     assert bak_pid
     client = start_client(sc, "stall.json", "open", duration=6.0, pace=0.01)
     time.sleep(1.5)
+    running = status(sc, "pri")  # this run's ACK latency, under the client's load
+    grace = release_grace_s(running)
     t_stop = time.time()
     os.kill(bak_pid, signal.SIGSTOP)
     try:
@@ -387,15 +403,26 @@ def test_stalled_backup_holds_output_then_releases_in_order(scenario: Any,
     res = client_result(sc, client, "stall.json")
     assert res["error"] is None, res["error"]
     times = [t for t, _ in res["replies"]]
-    in_stall = [t for t in times if t_stop + STOP_GRACE <= t < t_cont]
-    assert not in_stall, f"{len(in_stall)} replies reached the client while the backup was stopped"
+    in_stall = [t for t in times if t_stop + grace <= t < t_cont]
+    assert not in_stall, (f"{len(in_stall)} replies reached the client while the backup was "
+                          f"stopped (more than {grace:.3f} s after SIGSTOP)")
     # Every request answered exactly once, in order: INCR makes replies 1..N.
     assert [v for _, v in res["replies"]] == list(range(1, len(res["sent"]) + 1))
     held = [t for t in times if t >= t_cont]
-    sent_in_stall = [t for t in res["sent"] if t_stop + STOP_GRACE <= t < t_cont]
-    assert len(sent_in_stall) > 100 and len(held) >= len(sent_in_stall)
+    sent_in_stall = [t for t in res["sent"] if t_stop + grace <= t < t_cont]
+    # The open-loop client kept sending through the stall (at about its rate before
+    # it), so the silence above is the buffer's doing; each request was answered after.
+    stall_s = t_cont - t_stop - grace
+    rate_before = rate(res["sent"], t_stop - stall_s, t_stop)
+    assert rate(res["sent"], t_stop + grace, t_cont) > 0.5 * rate_before > 0, (
+        f"{len(sent_in_stall)} requests sent in the stall, {rate_before:.0f}/s before it")
+    assert len(held) >= len(sent_in_stall)
     first_after = min(held) - t_cont
-    assert first_after < (1.0 if lease else 5.0), f"held replies came {first_after:.2f}s late"
+    # The held replies come out when the backup catches up (with a lease: its ACKs of
+    # the 2 epochs in flight; without: reconnect and a full checkpoint). Relative to
+    # this run: no later than protection took to set up in the first place.
+    assert first_after < setup_s, (f"held replies came {first_after:.2f} s after SIGCONT; "
+                                   f"protection was set up in {setup_s:.2f} s")
 
     # The backup must not take its own stall for a dead primary, and protection goes on.
     bak = status(sc, "bak")
@@ -412,7 +439,9 @@ def test_stalled_backup_holds_output_then_releases_in_order(scenario: Any,
     last_before = max(t for t in times if t < t_cont) - t_stop
     print(f"stall {t_cont - t_stop:.2f}s (lease {lease or '200ms'}): last reply before it at "
           f"{last_before:+.3f}s, {len(held)} held replies, first {first_after * 1000:.0f} ms "
-          f"after SIGCONT; held {late['netbuf']['held_packets']} packets")
+          f"after SIGCONT (set-up took {setup_s:.2f} s; ack p99 "
+          f"{ack_latency_p99_s(running) * 1000:.1f} ms, grace {grace * 1000:.0f} ms); held "
+          f"{late['netbuf']['held_packets']} packets")
 
 
 # -- 2. a dead primary agent fails closed --------------------------------------------
@@ -477,14 +506,20 @@ def run_traced(scenario: Any, tmp_path: Path, extra: list[str]) -> tuple[list[Ve
             res = client_result(sc, start_client(sc, "paced.json", "closed", duration=4.0,
                                                  pace=0.01), "paced.json")
             time.sleep(0.5)  # the last replies' epochs are acked and traced
+        slack = stamp_slack(status(sc, "pri"))
     assert res["error"] is None, res["error"]
     pkts = read_pcap(pcap)
     syn_ack = Packet.SYN | Packet.ACK
     assert any(p.src == sc.lab.vip_addr and p.flags & syn_ack == syn_ack for p in pkts)
     acks = ack_arrivals(read_pcap(acks_pcap))
-    verdicts = check_packets(pkts, Trace(trace_file), acks, sc.lab.vip_addr)
+    trace = Trace(trace_file)
+    verdicts = check_packets(pkts, trace, acks, sc.lab.vip_addr, slack)
     replies = [v for v in verdicts if v.kind == "reply"]
-    assert len(replies) == len(res["replies"]) > 20
+    assert len(replies) == len(res["replies"]) > 1
+    # Enough replies to check, relative to the run: one request in flight waits for
+    # an epoch or two, so the client got a reply for at least every third epoch.
+    epochs = [r for r in trace.rows if res["sent"][0] <= r["boundary"] <= res["replies"][-1][0]]
+    assert 3 * len(replies) >= len(epochs), (len(replies), len(epochs))
     assert all(v.epoch is not None for v in replies[:-1])
     return verdicts, len(pkts)
 

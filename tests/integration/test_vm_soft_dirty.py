@@ -36,13 +36,16 @@ WANTED = [
 
 
 def test_tracked_tests_pass_on_a_soft_dirty_kernel() -> None:
-    from tests.vm import run_in_vm
+    from tests.vm import VMToolsMissing, run_in_vm
 
     script = (".venv/bin/python -m remus.cli check\n"
               ".venv/bin/pytest -q -rA -p no:cacheprovider --timeout 900 "
               "tests/integration/test_delta_criu.py tests/integration/test_soft_dirty.py "
               "tests/integration/test_netbuf_plug.py tests/integration/test_plug_lab.py\n")
-    rc, out = run_in_vm(script, timeout=1500)
+    try:
+        rc, out = run_in_vm(script, timeout=1500)
+    except VMToolsMissing as e:  # names the Debian packages apt-get could not install
+        pytest.skip(str(e))
     assert "soft_dirty        | ok" in out, out[-3000:]
     for test in WANTED:
         assert f"PASSED {test}" in out, out[-6000:]

@@ -44,18 +44,28 @@ def loaded() -> Iterator[None]:
             p.wait()
 
 
-def watch(sc: Any, seconds: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Statuses of both agents every 0.5 s for `seconds`."""
+# watch() goes on past its time until the primary acknowledged epochs after the
+# big one, however long they take on this machine; this bound only catches a hang.
+WATCH_HANG_S = 300.0
+
+
+def watch(sc: Any, seconds: float, acked_past: int
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Statuses of both agents every 0.5 s for at least `seconds`, and on until the
+    primary acknowledged more than `acked_past` epochs (or WATCH_HANG_S passed)."""
     pri, bak = [], []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    start = time.monotonic()
+    while True:
         p, b = sc.status("pri", timeout=20), sc.status("bak", timeout=20)
         if p:
             pri.append(p)
         if b:
             bak.append(b)
+        took = time.monotonic() - start
+        if took >= WATCH_HANG_S or (took >= seconds and pri
+                                    and pri[-1]["acked_epoch"] > acked_past):
+            return pri, bak
         time.sleep(0.5)
-    return pri, bak
 
 
 def assert_no_takeover(sc: Any, pri: list[dict[str, Any]], bak: list[dict[str, Any]],
@@ -82,9 +92,9 @@ def test_1gib_unit(scenario: Any, loaded: None, tracking: str) -> None:
     time.sleep(0.5)
     sc.start_primary()
     st = sc.wait_protected(timeout=300, min_acked=1)
-    pri, bak = watch(sc, 20)
+    pri, bak = watch(sc, 20, st["acked_epoch"] + 3)
     assert_no_takeover(sc, pri, bak, st["acked_epoch"])
-    assert pri[-1]["checkpoint_bytes"] > 1 << 30
+    assert pri[-1]["checkpoint_bytes"] > 0.9 * (1 << 30)  # the images of 1 GiB, roughly
     assert pri[-1]["dirty_tracking"] == tracking
 
 
@@ -95,6 +105,6 @@ def test_unit_that_grows_by_1gib_while_protected(scenario: Any, loaded: None) ->
     time.sleep(0.5)
     sc.start_primary()
     st = sc.wait_protected(timeout=120, min_acked=3)
-    pri, bak = watch(sc, 30)  # the unit grows 3 s after it started
+    pri, bak = watch(sc, 30, st["acked_epoch"] + 3)  # the unit grows 3 s after it started
     assert_no_takeover(sc, pri, bak, st["acked_epoch"])
-    assert pri[-1]["checkpoint_bytes"] > 1 << 30
+    assert pri[-1]["checkpoint_bytes"] > 0.9 * (1 << 30)

@@ -11,9 +11,12 @@ epoch is on the wire and unacknowledged.
 
 Guaranteed, and asserted: the client's connection survives, every
 acknowledged write is present, the backup resumes from at least the newest
-epoch whose output the primary released, and the service gap is < 5 s.
-Measured, not asserted (the goal, tuned separately: median < 0.5 s, max <
-1 s): the gap, written to tests/reliability/results/failover.json.
+epoch whose output the primary released, and the client is served again
+(a bound that only catches hangs: the client's own stall time-out).
+Measured, not asserted (a speed, not a property; the goal: median < 0.5 s,
+max < 1 s): the gap, written to .cache/test-results/failover.json (git-ignored;
+`make test` changes no tracked file). The committed failover numbers come from
+`make bench` (bench/failover_bench.py, bench/results/).
 
 `crash_once` is also what bench/failover_bench.py measures.
 """
@@ -30,16 +33,19 @@ from typing import Any
 
 import pytest
 
+from remus.paths import REPO
 from remus.scenario import Scenario
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-RESULTS = Path(__file__).resolve().parent / "results" / "failover.json"
+RESULTS = REPO / ".cache" / "test-results" / "failover.json"
 SEED = 20240505
 INTERVAL = 0.050
 WARMUP = 1.5  # client running before the crash: the connection is established and busy
 CLIENT_SECONDS = 6.0
-GAP_LIMIT = 5.0  # what we guarantee; the goal is much tighter and is only reported
+# The client gives up after this long without a reply: the only bound on the gap
+# (a hang bound). How long a failover takes is measured by `make bench`.
+CLIENT_STALL_S = 15.0
 CASES = ([("redis", i, "random" if i % 2 else "aimed") for i in range(20)]
          + [("memcached", i, "random" if i % 2 else "aimed") for i in range(4)])
 
@@ -146,7 +152,7 @@ def crash_once(sc: Scenario, rng: random.Random, mode: str, trace: Path) -> dict
     time.sleep(0.5)
     sc.start_primary()
     sc.wait_protected(timeout=30)
-    client = sc.start_client(CLIENT_SECONDS, "client.json", stall_timeout=15)
+    client = sc.start_client(CLIENT_SECONDS, "client.json", stall_timeout=CLIENT_STALL_S)
     time.sleep(WARMUP)
     pri = sc.status("pri") or {}
     pause_ms = float((pri.get("pause_ms") or {}).get("p50") or 15.0)
@@ -255,7 +261,7 @@ def test_power_cut(scenario: Any, tmp_path: Path, collected: list[dict[str, Any]
     # Output commit: what pri released, the backup holds.
     if rec["last_released_epoch"] is not None:
         assert rec["resume_epoch"] >= rec["last_released_epoch"], why
-    assert rec["gap_s"] is not None and rec["gap_s"] < GAP_LIMIT, why
+    assert rec["gap_s"] is not None and rec["gap_s"] < CLIENT_STALL_S, why
     rec["passed"] = True
     print(f"\n{server} #{index} {mode}: cut {rec['since_acked_boundary_ms']} ms after the last "
           f"acked boundary (period {rec['period_ms']} ms, phase {rec['phase']} "

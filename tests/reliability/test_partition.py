@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from tests.timing import rate, release_grace_s
+
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 CUT_AFTER = 2.0  # client running (and acked) before the cut
@@ -177,6 +179,8 @@ def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any,
     cap.start()
     client = sc.start_client(12, "client.json", stall_timeout=15)
     time.sleep(CUT_AFTER)
+    running = sc.status("pri")  # this run's ACK latency, under the client's load
+    assert running is not None, "the primary stopped answering" + logs(sc)
     cut_at = part.cut()
 
     bak = wait_status(sc, "bak", lambda s: s["state"] in ("active", "failed"), 10)
@@ -221,9 +225,11 @@ def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any,
     assert not late, (f"pri's side sent {len(late)} frames after bak's first "
                       f"({from_bak[0].text}):\n" + "\n".join(f.text for f in late[:5]) + logs(sc))
     # Nothing pri sent after the cut can be newer than what bak acked before it: pri
-    # released only epochs acked before cut_at (+ the ACKs in flight at that moment).
-    assert all(f.time < cut_at + 0.2 for f in from_pri), [f.text for f in from_pri
-                                                          if f.time >= cut_at + 0.2][:5]
+    # released only epochs acked before cut_at (+ the ACKs in flight at that moment,
+    # handled within this run's ACK latency).
+    grace = release_grace_s(running)
+    assert all(f.time < cut_at + grace for f in from_pri), [f.text for f in from_pri
+                                                            if f.time >= cut_at + grace][:5]
     print(f"\nstall: cut at 0, bak live at {bak['failover']['address_up'] - cut_at:.3f} s, "
           f"first frame from bak at {first_bak - cut_at:.3f} s, last from pri at "
           f"{from_pri[-1].time - cut_at:.3f} s; healed at {healed_at - cut_at:.1f} s, old primary "
@@ -260,7 +266,15 @@ def test_partition_continue_primary_runs_unprotected(scenario: Any, wire: Any) -
     frames = cap.frames()
     assert frames and all(f.src_mac == pri_mac for f in frames), \
         {f.src_mac for f in frames} - {pri_mac}
-    served = [t for t in res["reply_times"] if t > cut_at + 1.0]
-    assert len(served) > 100, f"pri did not go on serving after the cut ({len(served)} replies)"
+    # pri went on serving once its lease lapsed (1 s: well past the 200 ms lease), at
+    # least at half the rate it served while protected: relative to this run.
+    times = res["reply_times"]
+    served = [t for t in times if t > cut_at + 1.0]
+    before = rate(times, times[0], cut_at)
+    after = rate(times, cut_at + 1.0, times[-1])
+    assert served and after >= 0.5 * before > 0, (
+        f"pri did not go on serving after the cut: {after:.0f} replies/s after, "
+        f"{before:.0f}/s while protected ({len(served)} replies)")
     print(f"\ncontinue: pri unprotected, bak {bak['state']}; client gap {res['max_gap_s']:.3f} s, "
-          f"{len(served)} replies from pri more than 1 s after the cut, {bak_mac} never seen")
+          f"{len(served)} replies from pri more than 1 s after the cut ({after:.0f}/s; "
+          f"{before:.0f}/s while protected), {bak_mac} never seen")
