@@ -351,6 +351,12 @@ class Backup:
             silent = self.clock() - self.last_heard
             if silent <= self.cfg.timing.takeover_timeout or self.epoch < 0:
                 continue
+            link = self.link
+            if link is not None and not link.closed and link.unread() > 0:
+                # The primary's bytes are here; our reader is behind, not the
+                # primary silent (a big epoch, a busy core).
+                self.last_heard = self.clock()
+                continue
             if not self.checkpoint_is_current():
                 self.state = "primary-lost"
                 self.last_sentence = ("primary silent before its first checkpoint; the checkpoint "

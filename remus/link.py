@@ -8,8 +8,11 @@ remus.protocol.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +21,9 @@ from remus.errors import ProtocolError, RemusError
 from remus.protocol import NEED_DATA
 
 log = logging.getLogger(__name__)
+
+#: offset of tcpi_bytes_acked in struct tcp_info (linux/tcp.h, Linux >= 4.1)
+TCPI_BYTES_ACKED = 120
 
 
 class LinkClosed(RemusError):
@@ -107,6 +113,29 @@ class Link:
                     yield ev
                 self.close()
                 raise LinkClosed(f"{self.peer} closed the connection")
+
+    # -- stream progress (for liveness: what the peer's kernel and agent did) ------
+    def tcp_progress(self) -> tuple[int, int]:
+        """(bytes of ours the peer acknowledged so far, bytes not yet acknowledged).
+
+        The peer's kernel acknowledges only what fits in its receive buffer, so
+        during a bulk transfer an advancing count means the peer's agent reads.
+        """
+        try:
+            info = self.sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            buf = fcntl.ioctl(self.sk.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except OSError:
+            return 0, 0
+        acked = struct.unpack_from("<Q", info, TCPI_BYTES_ACKED)[0] if len(info) >= 128 else 0
+        return acked, struct.unpack("<i", buf)[0]
+
+    def unread(self) -> int:
+        """Bytes the peer sent that our reader has not taken from the socket yet."""
+        try:
+            buf = fcntl.ioctl(self.sk.fileno(), termios.FIONREAD, b"\0" * 4)
+        except OSError:
+            return 0
+        return int(struct.unpack("<i", buf)[0])
 
     def close(self) -> None:
         if self.closed:

@@ -53,6 +53,20 @@ MAX_FAILING_S = 10.0
 MAX_FAILED_FIRST_DUMPS = 3
 
 
+def _bulk_proof() -> int:
+    """Bytes the backup must have read to prove its agent alive by stream progress:
+    more than any receive buffer its kernel fills on its own (2x our tcp_rmem max,
+    at least 8 MiB)."""
+    try:
+        rmem_max = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        rmem_max = 6 << 20
+    return max(8 << 20, 2 * rmem_max)
+
+
+BULK_PROOF = _bulk_proof()
+
+
 @dataclass
 class PrimaryConfig:
     unit_id: str
@@ -121,6 +135,9 @@ class Primary:
         self.epochs_done = 0
         self.bytes_total = 0
         self.lease_until = 0.0
+        self._progress_link: Link | None = None  # the link _bytes_acked belongs to
+        self._bytes_acked = 0
+        self._lease_seen = 0.0
         self.failed_dumps = 0
         self.dumped_once = False
         self.failing_since = 0.0
@@ -473,11 +490,31 @@ class Primary:
         """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
         return min(0.5, max(0.02, self.cfg.timing.heartbeat))
 
+    def _stream_progress(self, link: Link) -> None:
+        """A big epoch on the wire that the backup keeps reading renews the lease.
+
+        Its ACKs and heartbeats may wait behind the transfer in its agent, or
+        behind our sender here (measured: a 1 GiB first checkpoint expired the
+        200 ms lease and cost a needless takeover). The backup's kernel holds at
+        most one receive buffer of unread data, so more than BULK_PROOF bytes of
+        ours acknowledged since the last renewal means its agent reads: life in
+        the agent, not only in its kernel (a stopped agent renews nothing).
+        """
+        acked, _ = link.tcp_progress()
+        if link is not self._progress_link or self.lease_until != self._lease_seen:
+            # a new link, or an ACK/heartbeat renewed the lease: count from here
+            self._progress_link, self._bytes_acked = link, acked
+        elif acked - self._bytes_acked >= BULK_PROOF:
+            self.lease_until = self.clock() + self.cfg.timing.lease
+            self._bytes_acked = acked
+        self._lease_seen = self.lease_until
+
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(self.cfg.timing.heartbeat):
             link = self.link
             if link is None or link.closed:
                 continue
+            self._stream_progress(link)
             if self.acked >= 0 and self.clock() > self.lease_until:
                 # A partition leaves TCP open but silent: the lease is the truth.
                 log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms); "

@@ -82,3 +82,15 @@ def test_frames_leave_in_protocol_order() -> None:
     lines = data.split(b"\n")[:-1]
     assert len(lines) == 20 and all(len(set(ln)) == 1 for ln in lines)  # none interleaved
     peer.close()
+
+
+def test_unread_counts_what_the_reader_has_not_taken() -> None:
+    ours, peer = socket.socketpair()
+    link = Link(ours, LineConn(), "peer")
+    assert link.unread() == 0
+    peer.sendall(b"x" * 1000)
+    time.sleep(0.05)
+    assert link.unread() == 1000
+    assert link.tcp_progress() == (0, 0)  # not TCP: no progress to report
+    link.close()
+    peer.close()
