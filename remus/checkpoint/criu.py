@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 Notify = Callable[[str], None]
 MAX_MSG = 1 << 20
 
+# Options of our CRIU build for every dump (bin/criu-patches): units that run as
+# an unprivileged user even where root lacks CAP_SYS_RESOURCE (0002); no TCP
+# window probe per connection when the dump leaves the unit running (0003).
+DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1"}
+
 # criu_network_lock_method / criu_cg_mode values from images/rpc.proto
 NETWORK_LOCK_SKIP = 3
 CG_MODE_IGNORE = 0
@@ -120,10 +125,7 @@ class Criu:
         if parent is not None:
             o.parent_img = link_parent(parent, images_dir)
         t0 = time.perf_counter()
-        # our CRIU dumps units that run as an unprivileged user, even where root
-        # lacks CAP_SYS_RESOURCE (bin/criu-patches/0002-unprivileged-units.patch)
-        self._call(req, images_dir, notify, cgroup_procs=None,
-                   env={"CRIU_REMUS_UNPRIVILEGED": "1", **(env or {})})
+        self._call(req, images_dir, notify, cgroup_procs=None, env={**DUMP_ENV, **(env or {})})
         wall = (time.perf_counter() - t0) * 1000
         return _dump_result(images_dir, wall)
 
