@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import click
 
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
+from remus.checkpoint.uffd import pagemap_scan
 from remus.paths import criu_binary
 
 log = logging.getLogger(__name__)
@@ -531,14 +531,10 @@ def probe_tmpfs_run() -> Feature:
     return feature("tmpfs_run", "degraded", f"/run is not a tmpfs ({fs} on {mnt})")
 
 
-PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
-
-
 def probe_pagemap_scan() -> Feature:
-    arg = bytearray(struct.pack("12Q", 96, *([0] * 11)))  # size field, empty range
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
-        fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
+        pagemap_scan(fd, 0, 0)  # an empty range: only whether the ioctl exists
     except OSError as e:
         status: Status = "missing" if e.errno in (errno.ENOTTY, errno.EINVAL) else "degraded"
         return feature("pagemap_scan", status, f"ioctl(PAGEMAP_SCAN): {e.strerror}")

@@ -115,19 +115,17 @@ class Link:
                 raise LinkClosed(f"{self.peer} closed the connection")
 
     # -- stream progress (for liveness: what the peer's kernel and agent did) ------
-    def tcp_progress(self) -> tuple[int, int]:
-        """(bytes of ours the peer acknowledged so far, bytes not yet acknowledged).
+    def bytes_acked(self) -> int:
+        """Bytes of ours the peer's kernel acknowledged so far (0 if not TCP).
 
         The peer's kernel acknowledges only what fits in its receive buffer, so
         during a bulk transfer an advancing count means the peer's agent reads.
         """
         try:
             info = self.sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-            buf = fcntl.ioctl(self.sk.fileno(), termios.TIOCOUTQ, b"\0" * 4)
         except OSError:
-            return 0, 0
-        acked = struct.unpack_from("<Q", info, TCPI_BYTES_ACKED)[0] if len(info) >= 128 else 0
-        return acked, struct.unpack("<i", buf)[0]
+            return 0
+        return int(struct.unpack_from("<Q", info, TCPI_BYTES_ACKED)[0]) if len(info) >= 128 else 0
 
     def unread(self) -> int:
         """Bytes the peer sent that our reader has not taken from the socket yet."""

@@ -238,7 +238,7 @@ class Primary:
                     # Still frozen: what CRIU just saw is what the re-armed pages hold.
                     tracker.rearm()
 
-        tracker = self.tracker if self.chain.mode == "uffd-wp" else None
+        tracker = self._uffd_tracker()
         if tracker is not None:
             tracker.attach()  # new processes of the unit (ptrace: not during the dump)
         parent = self.chain.parent(self.need_full)
@@ -490,6 +490,10 @@ class Primary:
         """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
         return min(0.5, max(0.02, self.cfg.timing.heartbeat))
 
+    def _uffd_tracker(self) -> UffdTracker | None:
+        """The uffd-wp tracker, unless the chain fell back to the page diff."""
+        return self.tracker if self.chain.mode == "uffd-wp" else None
+
     def _stream_progress(self, link: Link) -> None:
         """A big epoch on the wire that the backup keeps reading renews the lease.
 
@@ -500,7 +504,7 @@ class Primary:
         ours acknowledged since the last renewal means its agent reads: life in
         the agent, not only in its kernel (a stopped agent renews nothing).
         """
-        acked, _ = link.tcp_progress()
+        acked = link.bytes_acked()
         if link is not self._progress_link or self.lease_until != self._lease_seen:
             # a new link, or an ACK/heartbeat renewed the lease: count from here
             self._progress_link, self._bytes_acked = link, acked
@@ -572,6 +576,7 @@ class Primary:
         eps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
         elapsed = max(now - self.started, 1e-9)
         nb = self.buffer.counters()  # one snapshot (it takes the buffer's lock)
+        tracker = self._uffd_tracker()
         return {
             "role": "primary",
             "pid": os.getpid(),
@@ -586,8 +591,7 @@ class Primary:
             "inflight": len(self.inflight),
             "interval_ms": round(self.cfg.timing.interval * 1000, 3),
             "dirty_tracking": self.chain.mode,
-            "uffd_wp": (dataclasses.asdict(self.tracker.stats)
-                        if self.tracker is not None and self.chain.mode == "uffd-wp" else None),
+            "uffd_wp": dataclasses.asdict(tracker.stats) if tracker is not None else None,
             "pause_ms": self.pause.summary(),
             "dump_ms": self.dump_wall.summary(),
             "ack_latency_ms": self.ack_latency.summary(),

@@ -133,7 +133,6 @@ class DumpChain:
         if mode not in TRACKERS:
             raise ValueError(f"unknown tracker {mode!r}")
         self.mode = mode
-        self.track = mode != "diff"
         self._lock = threading.Lock()
         self._last: Path | None = None
         self._broken = False
@@ -154,8 +153,12 @@ class DumpChain:
             self._last = None
             if self.track and CRIU_NO_TRACKING in error:
                 log.warning("CRIU cannot track memory on this kernel: falling back to page diff")
-                self.track = False
                 self.mode = "diff"
+
+    @property
+    def track(self) -> bool:
+        """Dumps use CRIU memory tracking (with a parent), i.e. not the page diff."""
+        return self.mode != "diff"
 
     def broken(self) -> None:
         with self._lock:

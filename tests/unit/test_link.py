@@ -91,6 +91,6 @@ def test_unread_counts_what_the_reader_has_not_taken() -> None:
     peer.sendall(b"x" * 1000)
     time.sleep(0.05)
     assert link.unread() == 1000
-    assert link.tcp_progress() == (0, 0)  # not TCP: no progress to report
+    assert link.bytes_acked() == 0  # not TCP: no progress to report
     link.close()
     peer.close()
