@@ -214,11 +214,19 @@ def trace_stats(rows: list[dict[str, Any]], t0: float, t1: float) -> dict[str, A
         return [(r[key_b] - r[key_a]) * 1000 for r in rows]
 
     commit, to_sent, ack = ms("boundary", "released"), ms("boundary", "sent"), ms("sent", "released")
+    # Where boundary -> sent goes (rows of older traces lack the marks):
+    # CRIU finishing after the cut, waiting for the sender, encoding + streaming.
+    staged = [r for r in rows if r.get("dumped") and r.get("send_start")]
+    stages = {f"{name}_ms_p50": quantile([(r[b] - r[a]) * 1000 for r in staged], 0.5)
+              for name, a, b in (("boundary_to_dumped", "boundary", "dumped"),
+                                 ("dumped_to_send_start", "dumped", "send_start"),
+                                 ("send_start_to_sent", "send_start", "sent"))} if staged else {}
     pause = [r["pause_ms"] for r in rows if r.get("pause_ms") is not None]
     size = [float(r["bytes"]) for r in rows if r.get("bytes") is not None]
     return {"epochs": len(rows), "epochs_per_s": round(len(rows) / max(t1 - t0, 1e-9), 2),
             "commit_ms_p50": quantile(commit, 0.5), "commit_ms_p90": quantile(commit, 0.9),
-            "boundary_to_sent_ms_p50": quantile(to_sent, 0.5), "ack_ms_p50": quantile(ack, 0.5),
+            "boundary_to_sent_ms_p50": quantile(to_sent, 0.5), **stages,
+            "ack_ms_p50": quantile(ack, 0.5),
             "pause_ms_p50": quantile(pause, 0.5) if pause else None,
             "pause_ms_p99": quantile(pause, 0.99) if pause else None,
             "bytes_per_epoch_p50": quantile(size, 0.5) if size else None}

@@ -20,6 +20,12 @@ A delta is a sequence of chunks ``(kind, name, meta, data)``:
   vaddrs of the pages in ``data``; ``data`` is those pages, 4096 bytes
   each. At most MAX_CHUNK_PAGES pages per chunk.
 - KIND_PAGES_LZ4: the same with ``data`` lz4-frame compressed.
+- KIND_FILES: several small KIND_FILE chunks in one (a dump of a server with
+  a thousand connections has a thousand small socket images every epoch, and
+  each chunk costs a frame, a MAC and a redo record). ``meta`` is, per file,
+  u16 name length + u32 data length + the name; ``data`` is the files'
+  contents, concatenated in the same order. The store unpacks it into
+  KIND_FILE records (``unbundle``), so the redo log never holds one.
 - KIND_MANIFEST: the last chunk of every epoch; ``meta`` is JSON describing
   the complete image set (see Manifest). Files absent from it are gone.
 - Kinds from KIND_DISK_FIRST (16) on are reserved for disk deltas; the
@@ -62,6 +68,7 @@ KIND_FILE = 1
 KIND_PAGES = 2
 KIND_PAGES_LZ4 = 3
 KIND_MANIFEST = 4
+KIND_FILES = 5
 #: first kind reserved for disk deltas (16 and up)
 KIND_DISK_FIRST = 16
 
@@ -69,6 +76,10 @@ KIND_DISK_FIRST = 16
 MAX_CHUNK_PAGES = 1024
 #: pages compared per numpy operation; bounds temporaries to a few MiB
 BLOCK_PAGES = 1024
+#: files up to this size travel in KIND_FILES bundles of at most BUNDLE_BYTES
+BUNDLE_FILE_MAX = 64 << 10
+BUNDLE_BYTES = 1 << 20
+_BUNDLE_ENTRY = struct.Struct("<HI")
 
 Chunk = tuple[int, str, bytes, bytes]
 Rows = npt.NDArray[np.uint64]
@@ -281,17 +292,24 @@ class DeltaEncoder:
             for n, pm in parsed.items()
         }
         pages_names = {info.pages for info in pagemaps.values()}
+        bundle = _Bundle()
         for name in names:
             if name in pages_names:
                 continue
             # A tracked dump's pagemap goes out flattened (see module doc).
-            data = parsed[name].flattened() if name in full_layouts else (dump_dir / name).read_bytes()
+            data = (parsed[name].flattened() if name in full_layouts
+                    else images.read_image(os.path.join(dump_dir, name)))
             info = FileInfo(len(data), xxhash.xxh3_64_hexdigest(data))
             files[name] = info
             if full or self._prev_files.get(name) != info:
                 stats.files_sent += 1
                 stats.file_bytes += len(data)
-                yield (KIND_FILE, name, b"", data)
+                if len(data) > BUNDLE_FILE_MAX:
+                    yield (KIND_FILE, name, b"", data)
+                elif bundle.add(name, data) >= BUNDLE_BYTES:
+                    yield bundle.take()
+        if bundle:
+            yield bundle.take()
         stats.files_total = len(files)
         for name, pinfo in pagemaps.items():
             layout = parsed[name].layout()
@@ -369,6 +387,65 @@ class DeltaEncoder:
             return (KIND_PAGES_LZ4, name, meta, data)
         self.stats.wire_page_bytes += len(data)
         return (KIND_PAGES, name, meta, data)
+
+
+class _Bundle:
+    """Small files collected into one KIND_FILES chunk (see module doc)."""
+
+    def __init__(self) -> None:
+        self._meta: list[bytes] = []
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._meta)
+
+    def add(self, name: str, data: bytes) -> int:
+        """Add a file; returns the bundle's data size so far."""
+        raw = name.encode()
+        self._meta.append(_BUNDLE_ENTRY.pack(len(raw), len(data)) + raw)
+        self._data.append(data)
+        self._size += len(data)
+        return self._size
+
+    def take(self) -> Chunk:
+        chunk = (KIND_FILES, "", b"".join(self._meta), b"".join(self._data))
+        self._meta, self._data, self._size = [], [], 0
+        return chunk
+
+
+def unbundle(meta: bytes, data: bytes) -> list[tuple[str, bytes]]:
+    """(name, data) of each file of a KIND_FILES chunk; ProtocolError if malformed
+    (names are checked as check_file_name does)."""
+    out: list[tuple[str, bytes]] = []
+    pos = off = 0
+    view = memoryview(data)
+    try:
+        while pos < len(meta):
+            nlen, dlen = _BUNDLE_ENTRY.unpack_from(meta, pos)
+            pos += _BUNDLE_ENTRY.size
+            if pos + nlen > len(meta) or off + dlen > len(data):
+                raise ProtocolError("truncated file bundle")
+            name = meta[pos : pos + nlen].decode()
+            pos += nlen
+            check_file_name(name)
+            out.append((name, bytes(view[off : off + dlen])))
+            off += dlen
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed file bundle: {e}") from e
+    if off != len(data):
+        raise ProtocolError(f"file bundle has {len(data) - off} bytes that belong to no file")
+    return out
+
+
+def files_of(chunk: Chunk) -> list[tuple[str, bytes]]:
+    """(name, data) of the image files a KIND_FILE or KIND_FILES chunk carries."""
+    kind, name, meta, data = chunk
+    if kind == KIND_FILE:
+        return [(name, data)]
+    if kind == KIND_FILES:
+        return unbundle(meta, data)
+    return []
 
 
 def _changed_rows(

@@ -41,6 +41,7 @@ import xxhash
 from remus.checkpoint import images
 from remus.checkpoint.delta import (
     KIND_FILE,
+    KIND_FILES,
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
@@ -52,6 +53,7 @@ from remus.checkpoint.delta import (
     RedoWriter,
     check_file_name,
     decode_pages,
+    unbundle,
 )
 from remus.checkpoint.images import PAGE_SIZE, Vaddrs
 from remus.errors import CheckpointError, ProtocolError
@@ -111,6 +113,12 @@ class StagedEpoch:
             raise ProtocolError("epoch already committed or aborted")
         if self._manifest is not None:
             raise ProtocolError("record after the manifest")
+        if kind == KIND_FILES:
+            # Unpacked here: the redo log and everything after it see plain files.
+            for fname, fdata in unbundle(meta, data):
+                self._names.append((KIND_FILE, fname))
+                self._writer.append(Record(KIND_FILE, fname, b"", fdata))
+            return
         record = Record(kind, name, meta, data)
         if kind == KIND_MANIFEST:
             self._manifest = Manifest.from_json(meta).validated()
@@ -190,7 +198,7 @@ class CheckpointStore:
 
     def register_kind(self, kind: int, handler: KindHandler) -> None:
         """Route records of ``kind`` (16 and up: disk deltas) to ``handler``."""
-        if kind in (KIND_FILE, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST) or kind <= 0:
+        if kind in (KIND_FILE, KIND_FILES, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST) or kind <= 0:
             raise ValueError(f"kind {kind} is reserved")
         self.handlers[kind] = handler
 
@@ -328,7 +336,7 @@ class CheckpointStore:
         self._link_pages(manifest)
         self._remove_stale(manifest)
         self._apply_handlers(redo)
-        self._verify(manifest)
+        self._verify(manifest, written=set(files))
         self._fsync_dir(self._images)
         self._fsync_dir(self._pages)
         self._write_state((h.generation, h.epoch))
@@ -457,15 +465,24 @@ class CheckpointStore:
                 raise CheckpointError(f"no handler registered for record kind {kind}")
             handler.apply(self, recs)
 
-    def _verify(self, manifest: Manifest) -> None:
+    def _verify(self, manifest: Manifest, written: set[str]) -> None:
+        """Every file of the manifest has its size; those written by this epoch
+        (and pages files, with verify_pages) their digest too. The others were
+        checked when they were written and nothing but this store touches them."""
         pages = {info.pages for info in manifest.pagemaps.values()}
         for name, info in manifest.files.items():
-            p = self._images / name
-            size = p.stat().st_size if p.exists() else -1
+            p = os.path.join(self._images, name)
+            try:
+                size = os.stat(p).st_size
+            except FileNotFoundError:
+                size = -1
             if size != info.size:
                 raise CheckpointError(f"images/{name}: {size} bytes, manifest says {info.size}")
-            if name in pages and not (self.verify_pages and info.xxh3):
-                continue  # pages of a tracked dump carry no digest (see delta)
+            if name in pages:
+                if not (self.verify_pages and info.xxh3):
+                    continue  # pages of a tracked dump carry no digest (see delta)
+            elif name not in written:
+                continue
             with open(p, "rb") as f:
                 digest = xxhash.xxh3_64_hexdigest(f.read()) if size else _EMPTY_XXH3
             if digest != info.xxh3:

@@ -14,7 +14,10 @@ import xxhash
 
 from remus.checkpoint import images
 from remus.checkpoint.delta import (
+    BUNDLE_BYTES,
+    BUNDLE_FILE_MAX,
     KIND_FILE,
+    KIND_FILES,
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
@@ -23,6 +26,8 @@ from remus.checkpoint.delta import (
     DeltaEncoder,
     Manifest,
     decode_pages,
+    files_of,
+    unbundle,
 )
 from remus.errors import CheckpointError, ProtocolError
 
@@ -61,7 +66,7 @@ def decode(prev: Model | None, chunks: list[Chunk]) -> tuple[Model, dict[str, se
     """Reference decoder: the model a backup must end up with, and what was sent."""
     assert chunks[-1][0] == KIND_MANIFEST
     manifest = Manifest.from_json(chunks[-1][2])
-    sent_files = {n: d for k, n, _, d in chunks if k == KIND_FILE}
+    sent_files = dict(f for c in chunks for f in files_of(c))
     sent: dict[str, dict[int, bytes]] = {}
     for kind, name, meta, data in chunks:
         if kind in (KIND_PAGES, KIND_PAGES_LZ4):
@@ -178,7 +183,7 @@ def test_vmas_appear_disappear_grow_shrink_move(tmp_path: Path) -> None:
     assert sent == changed_vaddrs(m, m2)
     assert sent["pagemap-1.img"] == set(moved) | {BASE + 100 * PAGE}
     assert "pagemap-shmem-77.img" not in sent
-    files = {c[1] for c in r.chunks if c[0] == KIND_FILE}
+    files = {n for c in r.chunks for n, _ in files_of(c)}
     assert files == {"pagemap-1.img", "pagemap-shmem-77.img", "pagemap-9.img"}
 
 
@@ -204,8 +209,41 @@ def test_file_disappears_and_changes(tmp_path: Path) -> None:
     m2.files["core-1.img"] = b"other core"
     m2.files["fdinfo-2.img"] = b"new"
     r.step(m2)
-    assert {c[1] for c in r.chunks if c[0] == KIND_FILE} == {"core-1.img", "fdinfo-2.img"}
+    assert {n for c in r.chunks for n, _ in files_of(c)} == {"core-1.img", "fdinfo-2.img"}
     assert "files.img" not in Manifest.from_json(r.chunks[-1][2]).files
+
+
+def test_small_files_travel_in_bounded_bundles(tmp_path: Path) -> None:
+    # A server with many connections: a thousand small socket images per epoch.
+    r = Run(tmp_path)
+    m = base_model()
+    for i in range(1000):
+        m.files[f"tcp-stream-{i:x}.img"] = random.Random(i).randbytes(1500)
+    m.files["big.img"] = b"b" * (BUNDLE_FILE_MAX + 1)
+    r.step(m, full=True)
+    kinds = [c[0] for c in r.chunks]
+    assert kinds.count(KIND_FILE) == 1 and r.chunks[kinds.index(KIND_FILE)][1] == "big.img"
+    bundles = [c for c in r.chunks if c[0] == KIND_FILES]
+    assert 1 < len(bundles) <= 3
+    assert all(len(c[3]) < BUNDLE_BYTES + BUNDLE_FILE_MAX for c in bundles)
+    m2 = m.copy()
+    m2.files["tcp-stream-7.img"] = b"moved on"
+    r.step(m2)
+    assert [(n, d) for c in r.chunks for n, d in files_of(c)] == [("tcp-stream-7.img", b"moved on")]
+
+
+@pytest.mark.parametrize("meta, data", [
+    (b"\x03\0\x02\0\0\0abc", b"x"),  # data shorter than announced
+    (b"\x03\0\x01\0\0\0abc", b"xy"),  # bytes that belong to no file
+    (b"\x09\0\x01\0\0\0abc", b"x"),  # name runs past the meta
+    (b"\x03\0\x01", b"x"),  # truncated entry header
+    (b"\x05\0\x01\0\0\0../ab", b"x"),  # a path
+    (b"\x0b\0\x01\0\0\0pages-1.img", b"x"),  # a pages file
+    (b"\x02\0\x01\0\0\0\xff\xfe", b"x"),  # not UTF-8
+])
+def test_malformed_bundles_are_refused(meta: bytes, data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        unbundle(meta, data)
 
 
 def test_full_after_reset(tmp_path: Path) -> None:
@@ -234,7 +272,7 @@ def test_lz4_round_trip(tmp_path: Path) -> None:
     m.maps["pagemap-1.img"][1][BASE] = b"\0" * PAGE
     m.maps["pagemap-1.img"][1][BASE + PAGE] = b"ab" * (PAGE // 2)
     r.step(m, full=True)
-    assert {c[0] for c in r.chunks} == {KIND_FILE, KIND_PAGES_LZ4, KIND_MANIFEST}
+    assert {c[0] for c in r.chunks} == {KIND_FILES, KIND_PAGES_LZ4, KIND_MANIFEST}
     m2 = m.copy()
     m2.maps["pagemap-1.img"][1][BASE + 2 * PAGE] = b"\0" * PAGE
     assert r.step(m2) == {"pagemap-1.img": {BASE + 2 * PAGE}}
@@ -343,9 +381,44 @@ def test_pagemap_parser_matches_pycriu(tmp_path: Path) -> None:
     ]
 
 
+def test_pagemap_codec_matches_pycriu_on_random_maps() -> None:
+    # The numpy codec against the protobuf runtime, on field values at the varint
+    # width boundaries and on maps of thousands of entries.
+    rng = random.Random(7)
+    widths = [0, 1, 127, 128, 16383, 16384, 2**32 - 1, 2**47 - PAGE, 2**63, 2**64 - 1]
+    for n in (0, 1, 3, 50, 3000):
+        entries = [images.PagemapEntry(rng.choice(widths + [rng.randrange(2**64)]),
+                                       rng.choice(widths[:7]), rng.choice([0, 1, 2, 4, 6, 2**31]))
+                   for _ in range(n)]
+        raw = images.encode_pagemap(n, entries)
+        back = pycriu.images.load(io.BytesIO(raw))["entries"]
+        assert back[0] == {"pages_id": n}
+        assert [(e["vaddr"], e["nr_pages"], e["flags"]) for e in back[1:]] == [
+            (e.vaddr, e.nr_pages, e.flags) for e in entries]
+        assert images.parse_pagemap(raw).entries == tuple(entries)
+
+
+def test_flattened_merges_adjacent_ranges() -> None:
+    P, F = images.PE_PRESENT, images.PE_PARENT
+    entries = [images.PagemapEntry(BASE, 2, P), images.PagemapEntry(BASE + 2 * PAGE, 3, F),
+               images.PagemapEntry(BASE + 5 * PAGE, 0, P), images.PagemapEntry(BASE + 9 * PAGE, 1, F),
+               images.PagemapEntry(BASE + 10 * PAGE, 1, P), images.PagemapEntry(BASE + 20 * PAGE, 4, 0)]
+    pm = images.parse_pagemap(images.encode_pagemap(5, entries))
+    assert pm.has_parent and pm.nr_present == 3 and pm.nr_full == 7
+    flat = images.parse_pagemap(pm.flattened())
+    assert flat.entries == (images.PagemapEntry(BASE, 5, P), images.PagemapEntry(BASE + 9 * PAGE, 2, P))
+    assert np.array_equal(flat.layout(), pm.full_layout())
+
+
 def test_malformed_pagemaps_are_rejected() -> None:
     good = images.encode_pagemap(1, [images.PagemapEntry(BASE, 1, 4)])
-    for bad in (b"", good[:6], b"\0" * 8 + good[8:], good[:-1], good + b"\x01\0\0\0"):
+    head = good[:8]
+    for bad in (b"", good[:6], b"\0" * 8 + good[8:], good[:-1], good + b"\x01\0\0\0",
+                good + b"\x01\0\0",  # a length prefix cut short
+                head + b"\x02\0\0\0\x08\x80",  # a varint cut at the end of its message
+                head + b"\x01\0\0\0\x08",  # a key without its value
+                head + b"\x02\0\0\0\x0a\x00",  # a length-delimited field
+                head + b"\x0c\0\0\0\x08" + b"\xff" * 10 + b"\x01"):  # an 11-byte varint
         with pytest.raises(CheckpointError):
             images.parse_pagemap(bad)
 

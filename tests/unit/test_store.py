@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from remus.checkpoint import images
-from remus.checkpoint.delta import KIND_FILE, KIND_MANIFEST, DeltaEncoder, Manifest, Record
+from remus.checkpoint.delta import KIND_FILE, KIND_FILES, KIND_MANIFEST, DeltaEncoder, Manifest, Record
 from remus.checkpoint.store import CheckpointStore
 from remus.errors import CheckpointError, ProtocolError
 
@@ -366,6 +367,13 @@ def test_bad_records_are_refused(tmp_path: Path) -> None:
         staged.add(2, "core-1.img", b"", b"")  # pages for a non-pagemap
     with pytest.raises(ProtocolError):
         staged.commit()  # no manifest
+    # a bundle with one bad name is refused whole: no file of it is staged
+    meta = b"".join(struct.pack("<HI", len(n), 1) + n for n in (b"ok.img", b"../x", b"ok2.img"))
+    with pytest.raises(ProtocolError):
+        staged.add(KIND_FILES, "", meta, b"abc")
+    staged.add(KIND_MANIFEST, "manifest", Manifest(True, {}, {}).to_json(), b"")
+    staged.commit()  # commits: nothing of the refused bundle was staged
+    staged = store.begin(1, 1, -1, True)
     staged.add(KIND_FILE, "core-1.img", b"", b"c")
     with pytest.raises(ProtocolError):
         staged.commit()  # core-1.img not in the manifest
