@@ -500,14 +500,27 @@ class CheckpointStore:
     # ---- small persistent pieces ------------------------------------
 
     def _write_file(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
+        """Overwrite an image file in place.
+
+        No temporary file and rename: an apply interrupted half-way is applied
+        again from its redo log (STATE still names the epoch before), so a torn
+        file never outlives a recovery. Renaming over the old file cost ~0.5 ms
+        per file on ext4 (auto_da_alloc flushes the replaced data), and a server
+        with a thousand connections has a thousand socket images per epoch.
+        Never truncated to zero first, for the same reason.
+        """
         self._hook(f"write {path.name}")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            view, off = memoryview(data), 0
+            while off < len(data):
+                off += os.pwrite(fd, view[off:], off)
+            if os.fstat(fd).st_size != len(data):
+                os.ftruncate(fd, len(data))
             if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         self.stats.bytes_applied += len(data)
 
     def _write_state(self, pos: Position) -> None:

@@ -22,16 +22,17 @@ buffers on encode, never copied into the payload.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import xxhash
+
 from remus.protocol.frames import Buffer, LocalProtocolError, RemoteProtocolError, nbytes
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DIGEST_SIZE = 16
 
 # Byte fields at least this big become their own buffer instead of being
@@ -356,14 +357,17 @@ def decode_message(msg_type: int, payload: Buffer) -> Message:
 class EpochDigest:
     """Running digest of one epoch's chunks, computed the same way on both ends.
 
-    blake2b-128 over, for every chunk in order: kind (u16), then name, meta
+    xxh3-128 over, for every chunk in order: kind (u16), then name, meta
     and data each as u32 length + bytes. n_bytes counts chunk data bytes.
+    A consistency check, not a MAC (the frames carry the tags): xxh3 runs at
+    ~25 GB/s here where blake2b ran at 0.75 and cost ~6 ms per 4 MiB epoch on
+    each end.
     """
 
     _HEAD = struct.Struct("!HI")
 
     def __init__(self) -> None:
-        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._h = xxhash.xxh3_128()
         self.n_chunks = 0
         self.n_bytes = 0
 

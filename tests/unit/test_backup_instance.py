@@ -29,7 +29,8 @@ def backup(workdir: Path) -> Backup:
 
 def hello(instance: str | None, generation: int) -> m.Hello:
     spec: dict[str, Any] = {"name": "kv"} | ({"instance": instance} if instance else {})
-    return m.Hello(version=1, unit_id="kv", generation=generation, nonce=b"x" * 16, spec=spec)
+    return m.Hello(version=m.PROTOCOL_VERSION, unit_id="kv", generation=generation,
+                   nonce=b"x" * 16, spec=spec)
 
 
 def commit(b: Backup, generation: int, epoch: int) -> None:

@@ -262,8 +262,8 @@ class RawPrimary:
     def __init__(self, backup: BackupConnection, generation: int = 10) -> None:
         self.nonce, self.seq, self.backup = os.urandom(16), 0, backup
         self.key = PSK
-        self.send(m.Hello(version=1, unit_id="u", generation=generation, nonce=self.nonce,
-                          spec={}))
+        self.send(m.Hello(version=m.PROTOCOL_VERSION, unit_id="u", generation=generation,
+                          nonce=self.nonce, spec={}))
         backup.welcome()
         self.key = derive_session_keys(PSK, self.nonce, backup.our_nonce)[0]
 
