@@ -332,7 +332,9 @@ class CheckpointStore:
             ]
             self._apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
         for name, rec in files.items():
-            self._write_file(self._images / name, redo.data(rec))
+            data = redo.data(rec)
+            _check_file(name, data, manifest)
+            self._write_file(self._images / name, data)
         self._link_pages(manifest)
         self._remove_stale(manifest)
         self._apply_handlers(redo)
@@ -466,27 +468,26 @@ class CheckpointStore:
             handler.apply(self, recs)
 
     def _verify(self, manifest: Manifest, written: set[str]) -> None:
-        """Every file of the manifest has its size; those written by this epoch
-        (and pages files, with verify_pages) their digest too. The others were
-        checked when they were written and nothing but this store touches them."""
-        pages = {info.pages for info in manifest.pagemaps.values()}
-        for name, info in manifest.files.items():
+        """Every file of the manifest is there; pages files have their size (and,
+        with verify_pages, their digest). Files written by this epoch were checked
+        against the manifest before they were written (_check_file); the others
+        were checked when they were, and nothing but this store touches them."""
+        present = set(os.listdir(self._images))
+        missing = [n for n in manifest.files if n not in present]
+        if missing:
+            raise CheckpointError(f"images/ lacks {len(missing)} files of the manifest, "
+                                  f"e.g. {sorted(missing)[:3]}")
+        for info in manifest.pagemaps.values():
+            name, want = info.pages, manifest.files[info.pages]
             p = os.path.join(self._images, name)
-            try:
-                size = os.stat(p).st_size
-            except FileNotFoundError:
-                size = -1
-            if size != info.size:
-                raise CheckpointError(f"images/{name}: {size} bytes, manifest says {info.size}")
-            if name in pages:
-                if not (self.verify_pages and info.xxh3):
-                    continue  # pages of a tracked dump carry no digest (see delta)
-            elif name not in written:
-                continue
-            with open(p, "rb") as f:
-                digest = xxhash.xxh3_64_hexdigest(f.read()) if size else _EMPTY_XXH3
-            if digest != info.xxh3:
-                raise CheckpointError(f"images/{name}: digest mismatch after apply")
+            size = os.stat(p).st_size
+            if size != want.size:
+                raise CheckpointError(f"images/{name}: {size} bytes, manifest says {want.size}")
+            if self.verify_pages and want.xxh3:  # a tracked dump's pages carry no digest
+                with open(p, "rb") as f:
+                    digest = xxhash.xxh3_64_hexdigest(f.read()) if size else _EMPTY_XXH3
+                if digest != want.xxh3:
+                    raise CheckpointError(f"images/{name}: digest mismatch after apply")
 
     def _wipe(self) -> None:
         for p in list(self._images.iterdir()) + _pages_first(self._pages):
@@ -575,6 +576,16 @@ class CheckpointStore:
 
 
 _EMPTY_XXH3 = xxhash.xxh3_64_hexdigest(b"")
+
+
+def _check_file(name: str, data: bytes, manifest: Manifest) -> None:
+    """CheckpointError unless ``data`` is what the manifest says ``name`` holds."""
+    want = manifest.files.get(name)
+    if want is None:
+        raise CheckpointError(f"{name} was sent but is not in the manifest")
+    if len(data) != want.size or xxhash.xxh3_64_hexdigest(data) != want.xxh3:
+        raise CheckpointError(f"images/{name}: {len(data)} bytes that do not match the manifest "
+                              f"({want.size} bytes, xxh3 {want.xxh3})")
 
 
 def _pages_first(pages_dir: Path) -> list[Path]:
