@@ -621,6 +621,8 @@ class Primary:
             "checkpoint_bytes": self.full_bytes.last,
             "encode_ms": self.encode_ms.summary(),
             "changed_pages": self.dirty_pages.summary(0),
+            # TCP stream images left at the backup in the last epoch (only their clock moved)
+            "tcp_streams_carried": self.encoder.stats.streams_carried,
             "dumped_pages": self.dumped_pages.summary(0),
             "epochs_per_s": round(eps, 2),
             "bytes_per_s": round(self.bytes_total / elapsed, 1),

@@ -31,8 +31,10 @@ MAX_MSG = 1 << 20
 
 # Options of our CRIU build for every dump (bin/criu-patches): units that run as
 # an unprivileged user even where root lacks CAP_SYS_RESOURCE (0002); no TCP
-# window probe per connection when the dump leaves the unit running (0003).
-DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1"}
+# window probe per connection when the dump leaves the unit running (0003); socket
+# fd parameters without /proc and epoll targets checked without kcmp (0004).
+DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
+            "CRIU_REMUS_FAST_FDS": "1"}
 
 # criu_network_lock_method / criu_cg_mode values from images/rpc.proto
 NETWORK_LOCK_SKIP = 3

@@ -58,8 +58,9 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from remus.checkpoint import images
+from remus.checkpoint import images, tcp_stream
 from remus.checkpoint.images import PAGE_SIZE, PAGE_WORDS, Vaddrs
+from remus.checkpoint.tcp_stream import Span
 from remus.errors import CheckpointError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class DeltaStats:
     file_bytes: int = 0
     files_sent: int = 0
     files_total: int = 0
+    streams_carried: int = 0  # TCP stream images left at the backup (only the clock moved)
     seconds: float = 0.0
     per_pagemap: dict[str, int] = field(default_factory=dict)  # changed pages
 
@@ -240,6 +242,8 @@ class DeltaEncoder:
         self.stats = DeltaStats()
         self._prev_dir: Path | None = None
         self._prev_files: dict[str, FileInfo] = {}
+        # TCP stream images of the previous dump: bytes, timestamp span (see tcp_stream)
+        self._prev_streams: dict[str, tuple[bytes, Span | None]] = {}
         self._prev_maps: dict[str, _Prev] = {}
 
     @property
@@ -252,6 +256,7 @@ class DeltaEncoder:
         self._prev_dir = None
         self._prev_files = {}
         self._prev_maps = {}
+        self._prev_streams = {}
 
     def check_base(self, dump_dir: Path, full: bool, parent: Path | None) -> None:
         """CheckpointError unless encode(dump_dir, full, parent) can produce a delta.
@@ -293,12 +298,22 @@ class DeltaEncoder:
         }
         pages_names = {info.pages for info in pagemaps.values()}
         bundle = _Bundle()
+        streams: dict[str, tuple[bytes, Span | None]] = {}
         for name in names:
             if name in pages_names:
                 continue
             # A tracked dump's pagemap goes out flattened (see module doc).
             data = (parsed[name].flattened() if name in full_layouts
                     else images.read_image(os.path.join(dump_dir, name)))
+            if tcp_stream.is_tcp_stream(name):
+                kept = None if full else self._carry_stream(name, data)
+                streams[name] = (data, kept)
+                if kept is not None:
+                    # Only the clock moved: the backup keeps its copy, the takeover
+                    # moves the clock on (tcp_stream.advance_timestamps).
+                    files[name] = self._prev_files[name]
+                    stats.streams_carried += 1
+                    continue
             info = FileInfo(len(data), xxhash.xxh3_64_hexdigest(data))
             files[name] = info
             if full or self._prev_files.get(name) != info:
@@ -328,11 +343,27 @@ class DeltaEncoder:
         stats.seconds = time.perf_counter() - t0
         yield (KIND_MANIFEST, "manifest", Manifest(full, files, pagemaps).to_json(), b"")
         self._prev_dir, self._prev_files, self._prev_maps = dump_dir, files, maps
+        self._prev_streams = streams
         log.debug(
             "encoded %s: %d/%d pages, %d files, %.1f ms",
             dump_dir, stats.pages_changed, stats.pages_total, stats.files_sent,
             stats.seconds * 1e3,
         )
+
+    def _carry_stream(self, name: str, data: bytes) -> Span | None:
+        """The timestamp span if ``data`` differs from the backup's copy of this TCP
+        stream image only in its timestamp (see tcp_stream), else None.
+
+        The previous dump's image is either what the backup has, or was itself
+        carried (so it differs from the backup's only in the timestamp): by
+        induction the same holds for this one when it differs from the previous
+        only there. The sizes must match the backup's copy too.
+        """
+        prev = self._prev_streams.get(name)
+        held = self._prev_files.get(name)
+        if prev is None or held is None or held.size != len(data):
+            return None
+        return tcp_stream.timestamp_only_change(prev[0], data, prev[1])
 
     def _encode_pagemap(
         self, name: str, layout: Vaddrs, pages_path: Path, full: bool

@@ -9,6 +9,8 @@ kernel waits for its retransmission timer (1 s on a fresh socket) before
 sending it. Marked unsent, CRIU transmits it as soon as it leaves repair mode
 (same bytes, same sequence numbers; a client that has them just ACKs again),
 so the client's blocked read completes right after the address comes up.
+Every restored TCP timestamp clock is also moved forward by the age of its
+image (see remus.checkpoint.tcp_stream).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
+
+from remus.checkpoint import tcp_stream
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ def prepare(images: Path, scratch: Path) -> tuple[Path, int]:
     changed = 0
     for p in scratch.glob("tcp-stream-*.img"):
         changed += _mark_unsent(p)
+    # Images the primary left here while only their clock moved are older than
+    # the connection: move every clock on by at least the image's age.
+    tcp_stream.advance_timestamps(scratch, ages_from=images)
     return scratch, changed
 
 
