@@ -33,6 +33,28 @@ def report(out: dict[str, Any]) -> None:
         print(f"series {r['mib']:>5} MiB dirty {r['dirty_pct_per_50ms']:>2}%: pause p50 "
               f"{r['pause_ms_p50']} ms (bare {r['bare_pause_ms_p50']}), sent "
               f"{r['bytes_per_epoch_p50']:.0f} B/epoch, dirtied {r['dirtied_bytes_per_epoch']}")
+    if out.get("pause_series") or out.get("connection_series"):
+        report_split(out)
+
+
+SPLIT = ("freezing_ms", "memory_ms", "sockets_ms", "other_fds_ms", "post_dump_ms", "thaw_ms",
+         "rest_ms")
+
+
+def report_split(out: dict[str, Any]) -> None:
+    """Where the pause goes (ms, p50 per part; CRIU stats with our patch 0005)."""
+    print("\nwhere the pause goes, p50 ms: " + " / ".join(k.removesuffix("_ms") for k in SPLIT)
+          + " (sockets: count x us each)")
+    rows = [(f"{r['mib']} MiB dirty {r['dirty_pct_per_50ms']}% {r.get('dirty_tracking', '')}",
+             r.get("frozen_split_ms_p50")) for r in out.get("pause_series", []) if "error" not in r]
+    rows += [(f"redis, {r['connections']} idle connections", r.get("frozen_split_ms_p50"))
+             for r in (out.get("connection_series") or {}).get("rows", [])]
+    for label, sp in rows:
+        if not sp:
+            print(f"  {label:<34} -")
+            continue
+        parts = " / ".join(f"{sp.get(k, 0):.1f}" for k in SPLIT)
+        print(f"  {label:<34} {parts}  ({sp.get('sockets', 0):.0f} x {sp.get('us_per_socket', 0):.0f} us)")
 
 
 def _k(x: float | None) -> str:

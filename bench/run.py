@@ -454,6 +454,7 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] 
                 "dirty_tracking": st.get("dirty_tracking"),
                 "dumped_pages_p50": (st.get("dumped_pages") or {}).get("p50"),
                 "uffd_wp": st.get("uffd_wp"),
+                "frozen_split_ms_p50": st.get("frozen_split"),
                 "checkpoint_pages": int((st.get("checkpoint_bytes") or 0) / 4096) or None}
     finally:
         sc.reset()
@@ -467,7 +468,15 @@ IDLE_CLIENT = ("import socket, sys, time\n"
                "time.sleep(3600)\n")
 
 
-def connection_series(lab: Lab, work: Path, counts: tuple[int, ...] = (0, 20, 250, 1000)
+def split_p50(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Per-part median of the traced epochs' pause splits (DumpResult.split)."""
+    splits = [r["split"] for r in rows if r.get("split")]
+    if not splits:
+        return None
+    return {k: round(statistics.median(s[k] for s in splits), 3) for k in splits[0]}
+
+
+def connection_series(lab: Lab, work: Path, counts: tuple[int, ...] = (0, 20, 500, 1000)
                       ) -> dict[str, Any]:
     """Pause per epoch of a protected, idle redis against the number of idle TCP
     connections to it (one protection run; per-epoch pauses from --trace)."""
@@ -492,11 +501,13 @@ def connection_series(lab: Lab, work: Path, counts: tuple[int, ...] = (0, 20, 25
             start = time.time()
             time.sleep(5.0)
             rows_n = [json.loads(line) for line in trace.read_text().splitlines() if line]
-            pauses = sorted(r["pause_ms"] for r in rows_n
-                            if r.get("boundary") and r["boundary"] > start and r.get("pause_ms"))
+            window = [r for r in rows_n
+                      if r.get("boundary") and r["boundary"] > start and r.get("pause_ms")]
+            pauses = sorted(r["pause_ms"] for r in window)
             st = sc.status("pri") or {}
             rows.append({"connections": n, "epochs": len(pauses),
                          "pause_ms_p50": statistics.median(pauses) if pauses else None,
+                         "frozen_split_ms_p50": split_p50(window),
                          "dirty_tracking": st.get("dirty_tracking")})
             log(f"{n} idle connections: pause p50 {rows[-1]['pause_ms_p50']} ms "
                 f"over {len(pauses)} epochs")

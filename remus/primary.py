@@ -132,6 +132,7 @@ class Primary:
         self.encode_ms = Series()
         self.dirty_pages = Series()
         self.dumped_pages = Series()  # pages CRIU copied while the unit was frozen
+        self.frozen_split: dict[str, Series] = {}  # DumpResult.split() per epoch
         self.epoch_times: list[float] = []
         self.epochs_done = 0
         self.bytes_total = 0
@@ -143,9 +144,10 @@ class Primary:
         self.dumped_once = False
         self.failing_since = 0.0
         self.last_sentence = "starting"
-        # epoch -> wall-clock marks for --trace: boundary (post-dump, output cut),
-        # dumped (CRIU returned), send_start (the sender took it), sent (END sent)
-        self.marks: dict[int, dict[str, float]] = {}
+        # epoch -> what --trace says of it: wall-clock marks boundary (post-dump,
+        # output cut), dumped (CRIU returned), send_start (the sender took it), sent
+        # (END sent); its pause and the pause's split (DumpResult.split)
+        self.marks: dict[int, dict[str, Any]] = {}
         self.trace_f = open(cfg.trace, "a") if cfg.trace else None  # noqa: SIM115
         self.protected = True
         self.instance = secrets.token_hex(8)
@@ -286,13 +288,17 @@ class Primary:
         finally:
             self.buffer.hold_inbound(False)
         self.chain.dumped(d)
-        self.marks.setdefault(e, {})["dumped"] = time.time()
+        split = res.split()
+        self.marks.setdefault(e, {}).update(dumped=time.time(), split=split,
+                                            pause_ms=round(res.freezing_ms + res.frozen_ms, 3))
         self.epoch = e + 1
         self.failed_dumps = 0
         self.dumped_once = True
         self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
         self.dump_wall.add(res.wall_ms)
         self.dumped_pages.add(float(res.pages_written))
+        for k, v in split.items():
+            self.frozen_split.setdefault(k, Series(500)).add(v)
         self.sendq.put((e, d, parent, disk))
 
     # -- sender ---------------------------------------------------------------
@@ -431,8 +437,8 @@ class Primary:
                 "epoch": epoch, "generation": self.generation,
                 "boundary": marks.get("boundary"), "dumped": marks.get("dumped"),
                 "send_start": marks.get("send_start"), "sent": marks.get("sent"),
-                "released": released, "pause_ms": self.pause.last,
-                "bytes": self.delta_bytes.last}) + "\n")
+                "released": released, "pause_ms": marks.get("pause_ms", self.pause.last),
+                "split": marks.get("split"), "bytes": self.delta_bytes.last}) + "\n")
             self.trace_f.flush()
 
     def _peer_lost(self) -> None:
@@ -624,6 +630,8 @@ class Primary:
             # TCP stream images left at the backup in the last epoch (only their clock moved)
             "tcp_streams_carried": self.encoder.stats.streams_carried,
             "dumped_pages": self.dumped_pages.summary(0),
+            # where the pause goes (p50 of each part; checkpoint.criu.DumpResult.split)
+            "frozen_split": {k: v.summary()["p50"] for k, v in self.frozen_split.items()},
             "epochs_per_s": round(eps, 2),
             "bytes_per_s": round(self.bytes_total / elapsed, 1),
             "epochs_acked": self.epochs_done,

@@ -22,6 +22,18 @@ def _bytes(n: Any) -> str:
     return str(n)
 
 
+def _split(d: Any) -> str:
+    """freezing 1.2, memory 3.4, sockets 40.1 (1000 x 40 us), ... (ms)."""
+    if not isinstance(d, dict) or not d:
+        return "-"
+    parts = [f"{k.removesuffix('_ms').replace('_', ' ')} {v:.1f}" for k, v in d.items()
+             if k.endswith("_ms") and v is not None]
+    if d.get("sockets"):
+        parts = [p + (f" ({d['sockets']:.0f} x {d['us_per_socket']:.0f} us)"
+                      if p.startswith("sockets ") else "") for p in parts]
+    return ", ".join(parts) + " ms"
+
+
 def render(s: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("role", f"{s.get('role')}" + (f" ({s['state']})" if s.get("state") else "")),
@@ -36,6 +48,7 @@ def render(s: dict[str, Any]) -> str:
             ("backup", f"{s.get('backup')} ({'connected' if s.get('connected') else 'DISCONNECTED'})"),
             ("interval", f"{s.get('interval_ms')} ms ({s.get('epochs_per_s')} epochs/s)"),
             ("pause ms last/p50/p99", _ms(s.get("pause_ms"))),
+            ("pause split p50", _split(s.get("frozen_split"))),
             ("ack ms last/p50/p99", _ms(s.get("ack_latency_ms"))),
             ("bytes/epoch p50", _bytes((s.get("bytes_per_epoch") or {}).get("p50"))),
             ("checkpoint size", _bytes(s.get("checkpoint_bytes"))),

@@ -32,9 +32,10 @@ MAX_MSG = 1 << 20
 # Options of our CRIU build for every dump (bin/criu-patches): units that run as
 # an unprivileged user even where root lacks CAP_SYS_RESOURCE (0002); no TCP
 # window probe per connection when the dump leaves the unit running (0003); socket
-# fd parameters without /proc and epoll targets checked without kcmp (0004).
+# fd parameters without /proc and epoll targets checked without kcmp (0004); where
+# the frozen time goes, in stats-dump (0005, DumpResult.split).
 DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
-            "CRIU_REMUS_FAST_FDS": "1"}
+            "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1"}
 
 #: scheduling priority of CRIU (see _favour)
 CRIU_NICE = -10
@@ -62,6 +63,31 @@ class DumpResult:
     memdump_ms: float
     pages_written: int
     stats: dict[str, int] = field(default_factory=dict)
+
+    def split(self) -> dict[str, float]:
+        """Where the pause (freezing + frozen) went, in ms, from CRIU's stats-dump
+        with our patch 0005: freezing the tasks; memory (pages scanned and
+        copied); sockets (each socket's whole fd dump: parameters, options,
+        TCP repair state, image); other fds; the post-dump callback (ours: the
+        output cut, uffd re-arm); thaw (TCP repair off per socket, resume); the
+        rest (cores, mm, pstree, ...). Empty without the patch's fields."""
+        st = self.stats
+        if "remus_fds_time" not in st:
+            return {}
+        ms = {k: st.get(f"{k}_time", 0) / 1000 for k in
+              ("freezing", "frozen", "memdump", "remus_fds", "remus_sockets",
+               "remus_post_dump", "remus_thaw")}
+        accounted = ms["memdump"] + ms["remus_fds"] + ms["remus_post_dump"] + ms["remus_thaw"]
+        sockets = st.get("remus_sockets", 0)
+        return {
+            "freezing_ms": ms["freezing"], "memory_ms": ms["memdump"],
+            "sockets_ms": ms["remus_sockets"],
+            "other_fds_ms": max(0.0, ms["remus_fds"] - ms["remus_sockets"]),
+            "post_dump_ms": ms["remus_post_dump"], "thaw_ms": ms["remus_thaw"],
+            "rest_ms": max(0.0, ms["frozen"] - accounted),
+            "sockets": float(sockets),
+            "us_per_socket": ms["remus_sockets"] * 1000 / sockets if sockets else 0.0,
+        }
 
 
 class Criu:

@@ -92,6 +92,10 @@ def test_idle_connections_survive_a_takeover(scenario: Any, tmp_path: Path) -> N
         # the mechanism under test is at work (per epoch; a keepalive may land in one)
         carried = [(sc.status("pri") or {}).get("tcp_streams_carried", 0) for _ in range(5)]
         assert max(carried) >= CONNECTIONS, carried
+        # and status says where the pause goes: every client socket is in it
+        split = (sc.status("pri") or {}).get("frozen_split") or {}
+        assert split.get("sockets", 0) >= CONNECTIONS and split.get("us_per_socket", 0) > 0, split
+        assert split["sockets_ms"] <= (sc.status("pri") or {})["pause_ms"]["max"], split
         before = paws_dropped(sc)
         sc.lab.crash("pri")
         bak = wait_backup_state(sc, {"active", "failed"}, timeout=20)
