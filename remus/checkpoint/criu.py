@@ -37,9 +37,6 @@ MAX_MSG = 1 << 20
 DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
             "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1"}
 
-#: scheduling priority of CRIU (see _favour)
-CRIU_NICE = -10
-
 # criu_network_lock_method / criu_cg_mode values from images/rpc.proto
 NETWORK_LOCK_SKIP = 3
 CG_MODE_IGNORE = 0
@@ -191,7 +188,6 @@ class Criu:
             req.opts.images_dir_fd = dfd
             t0 = time.perf_counter()
             proc = self._spawn(theirs, dfd, cgroup_procs, env)
-            _favour(proc.pid)
             theirs.close()
             t1 = time.perf_counter()
             try:
@@ -255,17 +251,6 @@ class Criu:
 
 
 _REQ_NAMES = {1: "dump", 2: "restore"}
-
-
-def _favour(pid: int) -> None:
-    """Run CRIU at CRIU_NICE: ahead of the agents' own threads and of the host's
-    ordinary processes, for the short time the unit is frozen (a dump) or down
-    (a restore). Measured on this 2-core machine, redis at 1000x100 SET, 50 ms,
-    three runs each: pause p50 50-59 ms vs 63-78 ms, 126-151k vs 82-113k SET/s."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, CRIU_NICE)
-    except OSError as e:  # no CAP_SYS_NICE: CRIU runs at the agent's priority
-        log.debug("cannot raise CRIU's priority: %s", e)
 
 
 def _request(kind: str, log_file: str, log_level: int, notify: Notify | None) -> Any:
