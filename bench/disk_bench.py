@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from remus.checkpoint.disk import DiskTracker
+from remus.checkpoint.disk_track import DiskTracker
 
 MiB = 1 << 20
 

@@ -68,7 +68,8 @@ print(json.dumps(lat))
 # On `pri`: the same container `remus run` builds, then redis in it, no remus.
 PLAIN = r"""
 import os, sys
-from remus.unit import Container, UnitSpec
+from remus.container import Container
+from remus.unit import UnitSpec
 spec = UnitSpec.for_run("kv", sys.argv[1], sys.argv[2])
 Container(spec).create(active=True)
 os.execvp("nsenter", ["nsenter", "--net=" + spec.netns_path, "--", *sys.argv[3:]])

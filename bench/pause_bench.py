@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remus.cgroup import UnitCgroup  # noqa: E402
 from remus.checkpoint.criu import Criu, read_dump_stats  # noqa: E402
+from remus.container import Container  # noqa: E402
 from remus.paths import criu_binary  # noqa: E402
-from remus.unit import Container, UnitSpec, start_unit  # noqa: E402
+from remus.unit import UnitSpec, start_unit  # noqa: E402
 
 FILLER = ("import mmap,time,sys\n"
           "n=int(sys.argv[1])*1024*1024\n"

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remus.cgroup import UnitCgroup  # noqa: E402
-from remus.unit import Container, UnitSpec, start_unit  # noqa: E402
+from remus.container import Container  # noqa: E402
+from remus.unit import UnitSpec, start_unit  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,10 +23,13 @@ from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
+from remus.container import Container, DescribedContainer
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
+from remus.netns import netns_of
 from remus.primary import Primary, PrimaryConfig
-from remus.unit import Container, UnitSpec, hold_inbound, netns_of, start_unit
+from remus.proc import run_cmd
+from remus.unit import UnitSpec, hold_inbound, start_unit
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +225,7 @@ def prepare_standby(spec_json: dict[str, Any], rebuild: bool = False) -> None:
 def _refuse_busy_standby(netns: str) -> None:
     """A standby container with processes in it is a unit restored here earlier and
     still running: rebuilding its network would cut it off."""
-    p = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    p = run_cmd(["ip", "netns", "pids", netns], check=False)
     pids = p.stdout.split() if p.returncode == 0 else []
     if pids:
         raise RemusError(f"network namespace {netns} on this host still runs pid(s) "
@@ -240,7 +242,7 @@ def takeover(b: Backup, why: str) -> None:
     sj = b.unit["spec"]
     container: Any
     if sj.get("mode") == "protect":
-        container = netdesc.DescribedContainer(sj["netdesc"], f"remus-{sj['name']}")
+        container = DescribedContainer(sj["netdesc"], f"remus-{sj['name']}")
         name, where = sj["name"], ", ".join(sj["netdesc"].get("ipv4", []))
     else:
         spec = UnitSpec.from_json(sj)

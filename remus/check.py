@@ -30,9 +30,12 @@ from typing import Any, Literal
 
 import click
 
+from remus import cgroup
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.checkpoint.uffd import pagemap_scan
+from remus.errors import HostError
 from remus.paths import criu_binary
+from remus.proc import run_cmd
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +302,13 @@ def build_report(
 def _run(argv: list[str], timeout: float = PROBE_TIMEOUT) -> tuple[int, str]:
     """Exit status and combined output; 127 when the program is missing."""
     try:
-        p = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        return 127, f"{argv[0]}: not found"
-    except subprocess.TimeoutExpired:
-        return 124, f"{argv[0]}: timed out after {timeout:.0f} s"
+        p = run_cmd(argv, stdin="", check=False, timeout=timeout)
+    except HostError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return 127, f"{argv[0]}: not found"
+        if isinstance(e.__cause__, subprocess.TimeoutExpired):
+            return 124, f"{argv[0]}: timed out after {timeout:.0f} s"
+        raise
     return p.returncode, (p.stdout + p.stderr).strip()
 
 
@@ -424,24 +427,10 @@ def _mounts() -> list[tuple[str, str, str]]:
     return [(r[1].replace("\\040", " "), r[2], r[3]) for r in rows if len(r) >= 4]
 
 
-def _own_cgroup(v1_controller: str | None) -> str:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hid, ctrls, path = line.split(":", 2)
-        if (hid == "0") if v1_controller is None else (v1_controller in ctrls.split(",")):
-            return path
-    return "/"
-
-
-# version -> (file, value that freezes, file that reports it, line that means frozen, thaw)
-_FREEZE = {
-    1: ("freezer.state", "FROZEN", "freezer.state", "FROZEN", "THAWED"),
-    2: ("cgroup.freeze", "1", "cgroup.events", "frozen 1", "0"),
-}
-
-
 def _try_freeze(parent: Path, version: int) -> str:
     """Freeze an empty temporary cgroup below `parent`; '' on success, else the reason."""
-    file, value, report, frozen, thaw = _FREEZE[version]
+    v2, freezer = version == 2, cgroup.FREEZERS[version]
+    file, report = freezer.knob, freezer.report
     probe = parent / f"remus-check-{os.getpid()}-{threading.get_ident()}"
     try:
         probe.mkdir()
@@ -450,16 +439,16 @@ def _try_freeze(parent: Path, version: int) -> str:
     try:
         if not (probe / file).exists():
             return f"{file} missing in a child cgroup"
-        (probe / file).write_text(value)
-        text = (probe / report).read_text()
-        ok = frozen in (ln.strip() for ln in text.splitlines())
-        return "" if ok else f"{report} did not report frozen: {text.strip()!r}"
+        cgroup.freeze(probe, True, v2)
+        if cgroup.reports(probe, True, v2):
+            return ""
+        return f"{report} did not report frozen: {(probe / report).read_text().strip()!r}"
     except OSError as e:
         return f"{file}: {e.strerror}"
     finally:
         try:
             if (probe / file).exists():
-                (probe / file).write_text(thaw)
+                cgroup.freeze(probe, False, v2)
             probe.rmdir()
         except OSError as e:
             log.warning("could not remove probe cgroup %s: %s", probe, e)
@@ -469,10 +458,10 @@ def probe_freezer(version: int) -> Feature:
     name = f"cgroup_freezer_v{version}"
     if version == 1:
         mounts = [m for m, t, o in _mounts() if t == "cgroup" and "freezer" in o.split(",")]
-        own, absent = _own_cgroup("freezer"), "no v1 freezer hierarchy mounted"
+        own, absent = cgroup.cgroup_of("self", "freezer") or "/", "no v1 freezer hierarchy mounted"
     else:
         mounts = [m for m, t, _ in _mounts() if t == "cgroup2"]
-        own, absent = _own_cgroup(None), "cgroup2 is not mounted"
+        own, absent = cgroup.cgroup_of("self") or "/", "cgroup2 is not mounted"
     if not mounts:
         return feature(name, "missing", absent)
     if version == 2 and not _kernel_at_least(5, 2):
@@ -577,7 +566,7 @@ def run_checks(criu_path: str | None = None) -> CheckReport:
     found["soft_dirty"] = _safe("soft_dirty", probe_soft_dirty, criu_soft_dirty)
     found["uffd_wp"] = _safe("uffd_wp", probe_uffd_wp, criu)
     features = {n: found[n] for n in FEATURES}
-    pure_v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    pure_v2 = cgroup.is_v2()
     report = build_report(criu, features, platform.release(), pure_v2=pure_v2)
     log.debug("host check: can_run=%s blockers=%s", report.can_run, report.blockers)
     return report

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remus import cgroup
 from remus.errors import ConfigError, HostError
+from remus.proc import run_cmd
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,6 @@ PREFIXLEN = 24
 VIP_ADDR = "10.77.0.100"
 VIP = f"{VIP_ADDR}/{PREFIXLEN}"
 CGROUP_NAME = "remus-lab"
-CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
-CGROUP_V1_FREEZER = Path("/sys/fs/cgroup/freezer")
 HOST_ENV = "REMUS_LAB_HOST"  # set in every process `exec` starts
 KILL_TIMEOUT = 10.0
 
@@ -118,29 +118,18 @@ def lab_dir_default() -> Path:
     return Path(os.environ.get(LAB_DIR_ENV) or LAB_DIR)
 
 
-def _run(argv: Sequence[str], input: str | None = None) -> str:
-    """Run a setup command; its stderr becomes the error message."""
-    res = subprocess.run(list(argv), input=input, capture_output=True, text=True)
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().replace("\n", "; ")
-        raise HostError(f"{' '.join(argv[:6])}: {msg or f'exit {res.returncode}'}")
-    return res.stdout
-
-
 def _ip_batch(netns: str, lines: Sequence[str], check: bool = True) -> None:
     """Several `ip` commands in one netns; check=False is best effort."""
     argv, script = ["ip", "-n", netns, "-batch", "-"], "\n".join(lines) + "\n"
-    if check:
-        _run(argv, input=script)
-    elif (NETNS_DIR / netns).exists():
-        subprocess.run(argv, input=script, capture_output=True, text=True)
+    if check or (NETNS_DIR / netns).exists():
+        run_cmd(argv, stdin=script, check=check)
 
 
 def _links(netns: str) -> dict[str, dict[str, Any]]:
     """Links of a namespace by name ({} if the namespace is missing)."""
     if not (NETNS_DIR / netns).exists():
         return {}
-    res = subprocess.run(["ip", "-n", netns, "-j", "link", "show"], capture_output=True, text=True)
+    res = run_cmd(["ip", "-n", netns, "-j", "link", "show"], check=False)
     if res.returncode != 0:
         return {}
     return {link["ifname"]: link for link in json.loads(res.stdout or "[]")}
@@ -158,7 +147,7 @@ def mountpoints() -> list[str]:
 
 
 def _umount(path: str) -> None:
-    res = subprocess.run(["umount", "-l", path], capture_output=True, text=True)
+    res = run_cmd(["umount", "-l", path], check=False)
     if res.returncode != 0 and os.path.ismount(path):
         raise HostError(f"umount {path}: {res.stderr.strip()}")
 
@@ -190,8 +179,8 @@ class Lab:
         self.lab_dir = Path(lab_dir) if lab_dir is not None else lab_dir_default()
         self.ns_dir = self.lab_dir / "ns"
         self.state_file = self.lab_dir / "state.json"
-        self.cgroup_v2 = (CGROUP_V2_ROOT / "cgroup.controllers").exists()
-        self.cgroup_root = (CGROUP_V2_ROOT if self.cgroup_v2 else CGROUP_V1_FREEZER) / CGROUP_NAME
+        self.cgroup_v2 = cgroup.is_v2()
+        self.cgroup_root = cgroup.freezer_root(self.cgroup_v2) / CGROUP_NAME
 
     vip = VIP  # "10.77.0.100/24", the service address that moves on failover
     vip_addr = VIP_ADDR
@@ -308,13 +297,13 @@ class Lab:
                 (self.host_dir(host) / sub).mkdir(parents=True, exist_ok=True)
         self.ns_dir.mkdir(parents=True, exist_ok=True)
         if str(self.ns_dir) not in mountpoints():
-            _run(["mount", "--bind", str(self.ns_dir), str(self.ns_dir)])
+            run_cmd(["mount", "--bind", str(self.ns_dir), str(self.ns_dir)])
         # unshare refuses to bind a namespace file on a shared mount.
-        _run(["mount", "--make-private", str(self.ns_dir)])
+        run_cmd(["mount", "--make-private", str(self.ns_dir)])
 
     def _ensure_switch(self) -> None:
         if not (NETNS_DIR / SWITCH_NETNS).exists():
-            _run(["ip", "netns", "add", SWITCH_NETNS])
+            run_cmd(["ip", "netns", "add", SWITCH_NETNS])
         # The switch has no addresses at all, not even IPv6 link-local ones.
         self._sysctl(SWITCH_NETNS, ["net.ipv6.conf.all.disable_ipv6=1",
                                     "net.ipv6.conf.default.disable_ipv6=1"])  # fmt: skip
@@ -329,7 +318,7 @@ class Lab:
         if not (NETNS_DIR / netns).exists():
             # A mount namespace left from the old netns would show its /sys.
             self._reset_host(host)
-            _run(["ip", "netns", "add", netns])
+            run_cmd(["ip", "netns", "add", netns])
         Path(self.cgroup_path(host)).mkdir(parents=True, exist_ok=True)
         if DEV not in _links(netns) or host not in _links(SWITCH_NETNS):
             self._make_veth(spec)
@@ -347,12 +336,12 @@ class Lab:
             if name in _links(ns):
                 # It may vanish by itself meanwhile: a deleted namespace takes its
                 # veth peer along asynchronously.
-                subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
+                run_cmd(["ip", "-n", ns, "link", "del", name], check=False)
                 if name in _links(ns):
-                    _run(["ip", "-n", ns, "link", "del", name])
-        _run(["ip", "-n", SWITCH_NETNS, "link", "add", spec.name, "address", spec.port_mac,
-              "type", "veth", "peer", "name", DEV, "address", spec.mac,
-              "netns", netns])  # fmt: skip
+                    run_cmd(["ip", "-n", ns, "link", "del", name])
+        run_cmd(["ip", "-n", SWITCH_NETNS, "link", "add", spec.name, "address", spec.port_mac,
+                 "type", "veth", "peer", "name", DEV, "address", spec.mac,
+                 "netns", netns])  # fmt: skip
 
     def _ensure_mntns(self, host: str) -> None:
         path = Path(self.mntns_path(host))
@@ -361,10 +350,10 @@ class Lab:
         path.touch()
         hd = self.host_dir(host)
         try:
-            _run([_which("nsenter"), f"--net={self.netns_path(host)}", "--",
-                  "unshare", f"--mount={path}", "--propagation", "private", "--",
-                  "/bin/sh", "-c", _MNTNS_SCRIPT, "remus-lab-mnt",
-                  str(hd / "var-lib"), str(hd / "srv")])  # fmt: skip
+            run_cmd([_which("nsenter"), f"--net={self.netns_path(host)}", "--",
+                     "unshare", f"--mount={path}", "--propagation", "private", "--",
+                     "/bin/sh", "-c", _MNTNS_SCRIPT, "remus-lab-mnt",
+                     str(hd / "var-lib"), str(hd / "srv")])  # fmt: skip
         except HostError:
             if _is_ns_mounted(path):
                 _umount(str(path))
@@ -372,8 +361,8 @@ class Lab:
 
     @staticmethod
     def _sysctl(netns: str, settings: list[str]) -> None:
-        _run([_which("nsenter"), f"--net={NETNS_DIR / netns}", "--",
-              "sysctl", "-q", "-w", *settings])  # fmt: skip
+        run_cmd([_which("nsenter"), f"--net={NETNS_DIR / netns}", "--",
+                 "sysctl", "-q", "-w", *settings])  # fmt: skip
 
     def _reset_host(self, host: str) -> None:
         """Power the host off for good: no processes, netns, mount ns, cgroups."""
@@ -386,7 +375,7 @@ class Lab:
             _umount(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        _rmdir_tree(Path(self.cgroup_path(host)))
+        cgroup.remove_tree(Path(self.cgroup_path(host)))
 
     # ---- crash ---------------------------------------------------------------
 
@@ -453,7 +442,7 @@ class Lab:
     def _host_pids(self, host: str) -> set[int]:
         """Every pid of the host: its cgroup subtree, plus anything in its
         mount or network namespace (units leave the netns, keep the mount ns)."""
-        pids = _cgroup_pids(Path(self.cgroup_path(host)))
+        pids = set(cgroup.procs(Path(self.cgroup_path(host))))
         ids = {i for i in (_ns_id(self.mntns_path(host)), _ns_id(self.netns_path(host))) if i}
         if ids:
             pids |= {pid for pid, pid_ids in _proc_ns_ids().items() if pid_ids & ids}
@@ -463,30 +452,18 @@ class Lab:
     def _belongs(self, pid: int, host: str) -> bool:
         rel = f"/{CGROUP_NAME}/{host}"
         try:
-            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-                hid, ctrls, path = line.split(":", 2)
-                ours = hid == "0" if self.cgroup_v2 else "freezer" in ctrls.split(",")
-                if ours and (path == rel or path.startswith(rel + "/")):
-                    return True
+            path = cgroup.cgroup_of(pid, None if self.cgroup_v2 else "freezer")
         except OSError:
             return False
+        if path is not None and (path == rel or path.startswith(rel + "/")):
+            return True
         ids = {_ns_id(self.mntns_path(host)), _ns_id(self.netns_path(host))} - {None}
         return bool(ids & _pid_ns_ids(pid))
 
     def _freeze(self, cg: Path, on: bool) -> None:
         """Freeze or thaw, and wait (up to 2 s) until the kernel reports it."""
-        if not cg.is_dir():
-            return
-        if self.cgroup_v2:
-            knob, value = "cgroup.freeze", str(int(on))
-            report, want = "cgroup.events", f"frozen {int(on)}"
-        else:
-            value = want = "FROZEN" if on else "THAWED"
-            knob = report = "freezer.state"
-        (cg / knob).write_text(value)
-        deadline = time.monotonic() + 2.0
-        while want not in (cg / report).read_text() and time.monotonic() < deadline:
-            time.sleep(0.001)
+        if cg.is_dir():
+            cgroup.freeze(cg, on, self.cgroup_v2, wait=2.0)
 
     # ---- down ----------------------------------------------------------------
 
@@ -500,7 +477,7 @@ class Lab:
             prefix = str(self.lab_dir) + "/"
             for mp in sorted((m for m in mountpoints() if m.startswith(prefix)), reverse=True):
                 _umount(mp)
-            _rmdir_tree(self.cgroup_root)
+            cgroup.remove_tree(self.cgroup_root)
             if any(m.startswith(prefix) or m == str(self.lab_dir) for m in mountpoints()):
                 raise HostError(f"mounts remain under {self.lab_dir}; not removing it")
             shutil.rmtree(self.lab_dir, ignore_errors=True)
@@ -559,7 +536,7 @@ def _which(tool: str) -> str:
 
 
 def _delete_netns(name: str) -> None:
-    res = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+    res = run_cmd(["ip", "netns", "del", name], check=False)
     path = NETNS_DIR / name
     if path.exists():  # e.g. the file exists but is not a mount any more
         if os.path.ismount(path):
@@ -568,31 +545,6 @@ def _delete_netns(name: str) -> None:
             path.unlink()
     if path.exists():
         raise HostError(f"cannot delete netns {name}: {res.stderr.strip()}")
-
-
-def _cgroup_pids(cg: Path) -> set[int]:
-    pids: set[int] = set()
-    for d, _dirs, files in os.walk(cg):
-        if "cgroup.procs" in files:
-            with contextlib.suppress(OSError):
-                pids |= {int(x) for x in Path(d, "cgroup.procs").read_text().split()}
-    return pids
-
-
-def _rmdir_tree(cg: Path, timeout: float = 2.0) -> None:
-    """rmdir a cgroup and its children, deepest first (cgroupfs has no rm -r).
-    Just-killed tasks may linger a moment, hence the retry."""
-    deadline = time.monotonic() + timeout
-    while cg.exists():
-        try:
-            for d, _dirs, _files in sorted(os.walk(cg), key=lambda t: -len(t[0])):
-                os.rmdir(d)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise HostError(f"cannot remove cgroup {cg}: {e}") from e
-            time.sleep(0.01)
 
 
 def _pid_ns_ids(pid: int | str) -> set[tuple[int, int] | None]:

@@ -32,7 +32,8 @@ from typing import Any
 
 from remus.checkpoint.criu import Criu, clear_stale_parasite_dir
 from remus.checkpoint.delta import DeltaEncoder
-from remus.checkpoint.disk import DiskDelta, DiskTracker
+from remus.checkpoint.disk_delta import DiskDelta
+from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.tracking import DumpChain, resolve
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
 from remus.config import Timing

@@ -1,18 +1,8 @@
-"""The protected unit: its container (netns + veth + cgroup) and process tree.
+"""The protected unit: its spec (name, VIP, MACs), its process tree, and the hold on
+packets towards it during a restore.
 
-Network layout (routed, see docs/architecture.md):
-
-    client ── LAN ── [host dev] host ─ host_if ══ veth ══ eth0 [unit netns]
-                                       169.254.77.1          VIP/32
-
-The unit owns the service address (VIP) inside its own network namespace.
-The host answers ARP for the VIP on its uplink (a proxy neighbour entry) and
-routes it to the veth; the unit's default route points at the host side of
-the veth. All of the unit's traffic therefore crosses the host's FORWARD
-chain, where the output buffer holds it. The backup builds the identical
-container (same names, MACs, addresses) with the host side of the veth down
-and no proxy entry: "standby". Activating it (after a restore) brings the
-link up, adds the route and proxy entry, and announces the VIP.
+Its network container (netns + veth) is remus.container; its freezer cgroup
+is remus.cgroup.
 """
 
 from __future__ import annotations
@@ -21,20 +11,18 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
-import os
-import socket
-import struct
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from remus.cgroup import UnitCgroup
 from remus.errors import ConfigError, FatalError, HostError
+from remus.netns import netns_path
+from remus.proc import run_cmd
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +71,7 @@ class UnitSpec:
 
     @property
     def netns_path(self) -> str:
-        return f"/run/netns/{self.netns}"
+        return netns_path(self.netns)
 
     @property
     def host_if(self) -> str:
@@ -99,80 +87,12 @@ def validate_name(name: str) -> None:
         raise ConfigError(f"unit name {name!r}: use 1-10 letters, digits, '-' or '_'")
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise HostError(f"ip {' '.join(args)}: {p.stderr.strip()}")
-    return p
-
-
-def _sysctl(key: str, value: str) -> None:
-    Path("/proc/sys", key.replace(".", "/")).write_text(value)
-
-
-class Container:
-    """Build, activate and remove the unit's network container on this host."""
-
-    def __init__(self, spec: UnitSpec) -> None:
-        self.spec = spec
-        self.netns_path = spec.netns_path
-        self.host_if = spec.host_if
-
-    def exists(self) -> bool:
-        return Path(self.spec.netns_path).exists()
-
-    def create(self, active: bool) -> None:
-        """Build the container; `active` also routes the VIP to it (primary)."""
-        s = self.spec
-        if _ip("link", "show", s.dev, check=False).returncode != 0:
-            raise ConfigError(f"--dev {s.dev}: no such interface on this host")
-        self.remove()
-        _ip("netns", "add", s.netns)
-        n = ["-n", s.netns]
-        _ip("link", "add", s.host_if, "address", s.host_mac, "type", "veth",
-            "peer", "name", s.unit_if, "address", s.unit_mac, "netns", s.netns)
-        _ip(*n, "link", "set", "lo", "up")
-        _ip(*n, "addr", "add", str(ipaddress.ip_interface(s.vip).ip) + "/32", "dev", s.unit_if)
-        _ip(*n, "link", "set", s.unit_if, "up")
-        _ip(*n, "route", "add", s.gateway, "dev", s.unit_if, "scope", "link")
-        _ip(*n, "route", "add", "default", "via", s.gateway, "dev", s.unit_if)
-        _ip("addr", "add", s.gateway + "/32", "dev", s.host_if)
-        _sysctl("net.ipv4.ip_forward", "1")
-        _sysctl(f"net.ipv4.conf.{s.host_if}.rp_filter", "0")
-        if active:
-            self.activate(announce=False)
-
-    def activate(self, announce: bool = True) -> None:
-        """Route the VIP to the unit and claim it on the LAN (idempotent)."""
-        s = self.spec
-        _ip("link", "set", s.host_if, "up")
-        _ip("route", "replace", s.vip_addr + "/32", "dev", s.host_if)
-        _ip("neigh", "replace", "proxy", s.vip_addr, "dev", s.dev)
-        if announce:
-            gratuitous_arp(s.dev, s.vip_addr)
-
-    def deactivate(self) -> None:
-        s = self.spec
-        _ip("neigh", "del", "proxy", s.vip_addr, "dev", s.dev, check=False)
-        _ip("route", "del", s.vip_addr + "/32", "dev", s.host_if, check=False)
-        _ip("link", "set", s.host_if, "down", check=False)
-
-    def remove(self) -> None:
-        s = self.spec
-        _ip("neigh", "del", "proxy", s.vip_addr, "dev", s.dev, check=False)
-        _ip("link", "del", s.host_if, check=False)
-        if Path(s.netns_path).exists():
-            _ip("netns", "del", s.netns, check=False)
-
-
 def hold_inbound(host_if: str, on: bool) -> None:
     """Drop packets towards a unit behind host_if (during a restore its kernel would RST them)."""
     rule = ["FORWARD", "-o", host_if, "-j", "DROP", "-m", "comment", "--comment",
             f"remus-restore-{host_if}"]
     if on:
-        p = subprocess.run(["iptables", "-w", "-I", *rule], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise HostError(f"iptables: {p.stderr.strip()}")
+        run_cmd(["iptables", "-w", "-I", *rule])
     else:
         # One delete releases the hold (it is on the failover path); leftovers of an
         # earlier takeover that died holding are removed in the background.
@@ -182,39 +102,12 @@ def hold_inbound(host_if: str, on: bool) -> None:
 
 
 def _succeeds(argv: list[str]) -> bool:
-    return subprocess.run(argv, capture_output=True).returncode == 0
+    return run_cmd(argv, check=False).returncode == 0
 
 
 def _repeat_until_it_fails(argv: list[str]) -> None:
     while _succeeds(argv):
         pass
-
-
-def gratuitous_arp(dev: str, addr: str, count: int = 3) -> None:
-    """Announce that `addr` now lives at `dev`'s MAC (ARP request form)."""
-    mac = bytes.fromhex(Path(f"/sys/class/net/{dev}/address").read_text().strip().replace(":", ""))
-    ip = socket.inet_aton(addr)
-    frame = (b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
-             + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip)
-    sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-    try:
-        sk.bind((dev, 0))
-        sk.send(frame)
-    except BaseException:
-        sk.close()
-        raise
-    # The repeats (for a lost first frame) must not delay the takeover.
-    threading.Thread(target=_repeat_frame, args=(sk, frame, count - 1, 0.005), daemon=True).start()
-
-
-def _repeat_frame(sk: socket.socket, frame: bytes, count: int, spacing: float) -> None:
-    with sk:
-        for _ in range(count):
-            time.sleep(spacing)
-            try:
-                sk.send(frame)
-            except OSError:
-                return
 
 
 def start_unit(spec: UnitSpec, argv: list[str], cgroup: UnitCgroup) -> tuple[subprocess.Popen[bytes], int]:
@@ -249,12 +142,3 @@ def start_unit(spec: UnitSpec, argv: list[str], cgroup: UnitCgroup) -> tuple[sub
             return wrapper, kids[0].pid
         time.sleep(0.005)
     raise FatalError("unit did not start within 5 s")
-
-
-def netns_of(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net")
-    except FileNotFoundError as e:
-        raise ConfigError(f"no process with pid {pid}") from e
-    except PermissionError as e:
-        raise ConfigError(f"cannot inspect pid {pid}: {e} (run as root)") from e

@@ -1,7 +1,7 @@
 """State-directory deltas, backup side: apply an epoch's disk records at commit.
 
 DiskApplier is the CheckpointStore handler for KIND_DISK records (format:
-remus.checkpoint.disk). stage() only validates; the store keeps the records
+remus.checkpoint.disk_wire). stage() only validates; the store keeps the records
 in the epoch's redo log, so nothing touches the state directories before
 the epoch commits, and a partially received epoch simply vanishes.
 
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from remus.checkpoint.delta import Record
-from remus.checkpoint.disk import DATA, KIND_DISK, STASH, TREE, Extents, check_relpath
+from remus.checkpoint.disk_wire import DATA, KIND_DISK, STASH, TREE, DataRecord, TreeRecord
 from remus.errors import CheckpointError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -66,27 +66,10 @@ _FS_BLOCK = 4096
 
 
 @dataclass
-class TreeOps:
-    """A parsed, validated "tree" record."""
+class TreeOps(TreeRecord):
+    """A parsed, validated "tree" record (root: the local path) and the data records after it."""
 
-    root: Path
-    full: bool
-    moves: list[tuple[str, str]]
-    deletes: list[str]
-    creates: list[tuple[str, str, str | None]]
-    sizes: list[tuple[str, int]]
-    attrs: list[tuple[str, int, int, int, int]]
-    data: list[DataOp] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class DataOp:
-    root: Path
-    path: str
-    off: int
-    span: int
-    ext: Extents
-    data: bytes
+    data: list[DataRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -130,9 +113,9 @@ class DiskApplier:
 
     def stage(self, record: Record) -> None:
         if record.name == TREE:
-            self._parse_tree(record.meta)
+            TreeOps.decode(record.meta, self._local)
         elif record.name == DATA:
-            self._parse_data(record.meta, record.data)
+            DataRecord.decode(record.meta, record.data, self._local)
         else:
             raise ProtocolError(f"unknown disk record {record.name!r}")
 
@@ -157,55 +140,20 @@ class DiskApplier:
 
     # ---- parsing -------------------------------------------------------------------------
 
-    def _root(self, doc: dict[str, Any]) -> Path:
-        root = Path(str(doc["root"]))
+    def _local(self, root: Path) -> Path:
         local = self.roots.get(root)
         if local is None:
             raise ProtocolError(f"disk record for {root}, not a state directory here")
         return local
 
-    def _parse_tree(self, meta: bytes) -> TreeOps:
-        try:
-            doc = json.loads(meta)
-            if doc.get("v") != 1:
-                raise ProtocolError(f"unknown disk tree version {doc.get('v')!r}")
-            t = TreeOps(
-                root=self._root(doc), full=bool(doc["full"]),
-                moves=[(check_relpath(a), check_relpath(b)) for a, b in doc["moves"]],
-                deletes=[check_relpath(p) for p in doc["deletes"]],
-                creates=[(check_relpath(p), str(k), None if x is None else str(x))
-                         for p, k, x in doc["creates"]],
-                sizes=[(check_relpath(p), int(n)) for p, n in doc["sizes"]],
-                attrs=[(check_relpath(p, allow_root=True), int(m), int(u), int(g), int(t))
-                       for p, m, u, g, t in doc["attrs"]],
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise ProtocolError(f"malformed disk tree record: {e}") from e
-        for _, k, target in t.creates:
-            if k not in ("d", "f", "l", "p") or (k == "l") != (target is not None):
-                raise ProtocolError(f"bad create of kind {k!r} in disk tree record")
-        return t
-
-    def _parse_data(self, meta: bytes, data: bytes) -> DataOp:
-        try:
-            doc = json.loads(meta)
-            op = DataOp(self._root(doc), check_relpath(doc["path"]), int(doc["off"]),
-                        int(doc["span"]), [(int(o), int(n)) for o, n in doc["ext"]], data)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ProtocolError(f"malformed disk data record: {e}") from e
-        if op.off < 0 or op.span < 0 or sum(n for _, n in op.ext) != len(data) or any(
-                o < 0 or n < 0 or o + n > op.span for o, n in op.ext):
-            raise ProtocolError(f"disk data record for {op.path}: extents do not fit")
-        return op
-
     def _group(self, records: list[Record]) -> list[TreeOps]:
         trees: dict[Path, TreeOps] = {}
         for r in records:
             if r.name == TREE:
-                t = self._parse_tree(r.meta)
+                t = TreeOps.decode(r.meta, self._local)
                 trees[t.root] = t
             else:
-                op = self._parse_data(r.meta, r.data)
+                op = DataRecord.decode(r.meta, r.data, self._local)
                 if op.root not in trees:
                     raise CheckpointError(f"disk data for {op.root} before its tree record")
                 trees[op.root].data.append(op)
@@ -277,7 +225,7 @@ class DiskApplier:
             for fd in fds.values():
                 os.close(fd)
 
-    def _write_range(self, fd: int, op: DataOp, size: int) -> None:
+    def _write_range(self, fd: int, op: DataRecord, size: int) -> None:
         if op.ext != [(0, op.span)] and op.span:
             n = op.span
             if op.off + n >= size:  # the tail: past EOF nothing is lost, and partial blocks stay

@@ -31,8 +31,8 @@ import pytest
 
 from remus import paths
 from remus.checkpoint.delta import KIND_MANIFEST, DeltaEncoder, Manifest
-from remus.checkpoint.disk import DiskTracker
 from remus.checkpoint.disk_apply import DiskApplier
+from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.store import CheckpointStore
 from tests.unit.test_disk import snapshot
 

@@ -1,4 +1,4 @@
-"""remus.netdesc, pure parts: recorded `ip -j` output in, description and plans out.
+"""remus.netdesc_read and netdesc_plan: recorded `ip -j` output in, description and plans out.
 
 UNIT and HOST were recorded (trimmed to the keys we read) from a container made
 by hand: eth0 10.66.0.50/32 + fd66::50/128 in the unit's namespace, its peer
@@ -17,7 +17,11 @@ from typing import Any
 
 import pytest
 
+from remus import arp
 from remus import netdesc as nd
+from remus import netdesc_plan as ndp
+from remus import netdesc_read as ndr
+from remus.container import DescribedContainer
 from remus.errors import ConfigError
 
 UNIT: dict[str, Any] = dict(
@@ -42,14 +46,14 @@ SYSCTL = {"net/ipv4/conf/vr-unit/rp_filter": "0", "net/ipv4/conf/vr-unit/proxy_a
 
 
 def dumps(unit: dict[str, Any] | None = None, host: dict[str, Any] | None = None
-          ) -> tuple[nd.NsDump, nd.NsDump]:
-    return nd.NsDump(**copy.deepcopy(unit or UNIT)), nd.NsDump(**copy.deepcopy(host or HOST))
+          ) -> tuple[ndr.NsDump, ndr.NsDump]:
+    return ndr.NsDump(**copy.deepcopy(unit or UNIT)), ndr.NsDump(**copy.deepcopy(host or HOST))
 
 
 def describe(unit: dict[str, Any] | None = None, host: dict[str, Any] | None = None,
-             nsid: int = UNIT_NSID) -> nd.Desc:
+             nsid: int = UNIT_NSID) -> ndr.Desc:
     u, h = dumps(unit, host)
-    return nd.assemble(4242, u, h, nsid, SYSCTL.get)
+    return ndr.assemble(4242, u, h, nsid, SYSCTL.get)
 
 
 def bridged_host() -> dict[str, Any]:
@@ -99,7 +103,7 @@ def test_routed_container_described() -> None:
     assert host["forwarding"] == {"ipv4": "1", "ipv6": "0"}
     assert (d["host_if"], d["bridge"], d["ipv4"], d["ipv6"]) == ("vr-unit", None, ["10.66.0.50"],
                                                                    ["fd66::50"])
-    assert d["warnings"] == [] and d["version"] == nd.VERSION
+    assert d["warnings"] == [] and d["version"] == ndr.VERSION
     assert json.loads(json.dumps(d)) == d
 
 
@@ -163,7 +167,7 @@ def test_addresses_the_kernel_makes_are_left_out() -> None:
                                 "prefixlen": 32, "label": "eth0:ptp"},
             {"family": "inet", "local": "10.2.0.1", "prefixlen": 24, "broadcast": "10.2.0.255",
              "noprefixroute": True}]
-    assert nd.parse_addrs([{"ifname": "eth0", "addr_info": info}]) == [
+    assert ndr.parse_addrs([{"ifname": "eth0", "addr_info": info}]) == [
         {"dev": "eth0", "family": "inet", "local": "10.1.0.1", "prefixlen": 32,
          "address": "10.1.0.2", "label": "eth0:ptp"},
         {"dev": "eth0", "family": "inet", "local": "10.2.0.1", "prefixlen": 24,
@@ -179,7 +183,7 @@ def test_describe_refuses_the_callers_own_namespace_and_missing_pids() -> None:
 
 # -- plans -----------------------------------------------------------------------------
 def test_build_plan_rebuilds_both_sides_with_the_host_side_down() -> None:
-    plan = nd.build_plan(describe(), "remus-x")
+    plan = ndp.build_plan(describe(), "remus-x")
     assert plan == [
         ["ip", "netns", "add", "remus-x"],
         ["ip", "link", "add", "vr-unit", "address", "02:66:00:00:aa:01", "mtu", "1500", "type",
@@ -204,12 +208,12 @@ def test_build_plan_rebuilds_both_sides_with_the_host_side_down() -> None:
 
 
 def test_build_plan_enslaves_to_the_bridge() -> None:
-    plan = nd.build_plan(describe(host=bridged_host()), "remus-x")
+    plan = ndp.build_plan(describe(host=bridged_host()), "remus-x")
     assert ["ip", "link", "set", "vr-unit", "master", "br-rpd"] in plan
 
 
 def test_activate_plan() -> None:
-    assert nd.activate_plan(describe()) == [
+    assert ndp.activate_plan(describe()) == [
         ["sysctl", "net/ipv4/ip_forward", "1"],
         ["ip", "link", "set", "vr-unit", "up"],
         ["ip", "-4", "route", "replace", "10.66.0.50", "dev", "vr-unit", "scope", "link"],
@@ -220,60 +224,60 @@ def test_activate_plan() -> None:
 def test_remove_plan_deletes_host_links_only_when_ours() -> None:
     d = describe()
     proxy_del = ["ip", "-4", "neigh", "del", "proxy", "10.66.0.50", "dev", "lan0"]
-    assert nd.remove_plan(d, "remus-x", ["vr-unit"]) == [
+    assert ndp.remove_plan(d, "remus-x", ["vr-unit"]) == [
         proxy_del, ["ip", "link", "del", "vr-unit"], ["ip", "netns", "del", "remus-x"]]
-    assert nd.remove_plan(d, "remus-x", []) == [proxy_del, ["ip", "netns", "del", "remus-x"]]
+    assert ndp.remove_plan(d, "remus-x", []) == [proxy_del, ["ip", "netns", "del", "remus-x"]]
 
 
 def test_announcements() -> None:
     routed = describe()
-    assert nd.announce_plan(routed) == [("host", "lan0", "", "10.66.0.50")]
-    assert nd.announce_plan(routed, "lan0") == [("host", "lan0", "", "10.66.0.50")]
-    assert nd.announce_plan(routed, "up1") == [("host", "lan0", "", "10.66.0.50"),
-                                               ("host", "up1", "", "10.66.0.50")]
+    assert ndp.announce_plan(routed) == [("host", "lan0", "", "10.66.0.50")]
+    assert ndp.announce_plan(routed, "lan0") == [("host", "lan0", "", "10.66.0.50")]
+    assert ndp.announce_plan(routed, "up1") == [("host", "lan0", "", "10.66.0.50"),
+                                                ("host", "up1", "", "10.66.0.50")]
     bridged = describe(host=bridged_host())
     inside = [("unit", "eth0", "02:66:00:00:aa:02", "10.66.0.50")]
-    assert nd.announce_plan(bridged) == inside
-    assert nd.announce_plan(bridged, "br-rpd") == inside  # never with the bridge's MAC
+    assert ndp.announce_plan(bridged) == inside
+    assert ndp.announce_plan(bridged, "br-rpd") == inside  # never with the bridge's MAC
 
 
 def test_check_host() -> None:
     d = describe(host=bridged_host())
     backup = copy.deepcopy(bridged_host()["links"])
     backup = [lk for lk in backup if lk["ifname"] != "vr-unit"]
-    nd.check_host(d, backup)
-    nd.check_host(d, bridged_host()["links"], owned=["vr-unit"])  # our own leftover
+    ndp.check_host(d, backup)
+    ndp.check_host(d, bridged_host()["links"], owned=["vr-unit"])  # our own leftover
     with pytest.raises(ConfigError, match="already has a link named vr-unit"):
-        nd.check_host(d, bridged_host()["links"])
+        ndp.check_host(d, bridged_host()["links"])
     with pytest.raises(ConfigError, match="bridge br-rpd does not exist"):
-        nd.check_host(d, backup[:2])
+        ndp.check_host(d, backup[:2])
     backup[2]["linkinfo"]["info_kind"] = "veth"
     with pytest.raises(ConfigError, match="not a bridge"):
-        nd.check_host(d, backup)
+        ndp.check_host(d, backup)
     routed = describe()
     with pytest.raises(ConfigError, match="device lan0 does not exist"):
-        nd.check_host(routed, HOST["links"][:1])
+        ndp.check_host(routed, HOST["links"][:1])
 
 
 def test_argument_builders() -> None:
-    assert nd.addr_args({"dev": "eth0", "family": "inet", "local": "10.1.0.1", "prefixlen": 32,
-                         "address": "10.1.0.2", "label": "eth0:ptp"}) == [
+    assert ndp.addr_args({"dev": "eth0", "family": "inet", "local": "10.1.0.1", "prefixlen": 32,
+                          "address": "10.1.0.2", "label": "eth0:ptp"}) == [
         "-4", "addr", "add", "10.1.0.1", "peer", "10.1.0.2/32", "label", "eth0:ptp", "dev", "eth0"]
-    r = nd.parse_route({"type": "blackhole", "dst": "10.9.0.0/16", "protocol": "static",
-                        "flags": ["onlink"], "metrics": [{"mtu": 1400}, {"rtt": 3}]}, "inet")
-    assert nd.route_args(r, "replace") == ["-4", "route", "replace", "blackhole", "10.9.0.0/16",
-                                           "proto", "static", "onlink", "mtu", "1400"]
+    r = ndr.parse_route({"type": "blackhole", "dst": "10.9.0.0/16", "protocol": "static",
+                         "flags": ["onlink"], "metrics": [{"mtu": 1400}, {"rtt": 3}]}, "inet")
+    assert ndp.route_args(r, "replace") == ["-4", "route", "replace", "blackhole", "10.9.0.0/16",
+                                            "proto", "static", "onlink", "mtu", "1400"]
 
 
 def test_version_is_checked() -> None:
     d = describe()
     d["version"] = 99
     with pytest.raises(ConfigError, match="version 99"):
-        nd.build_plan(d, "remus-x")
+        ndp.build_plan(d, "remus-x")
 
 
 def test_garp_frame() -> None:
-    f = nd.garp_frame("02:66:00:00:aa:02", "10.66.0.50")
+    f = arp.garp_frame("02:66:00:00:aa:02", "10.66.0.50")
     mac, ip = bytes.fromhex("026600 00aa02".replace(" ", "")), socket.inet_aton("10.66.0.50")
     assert len(f) == 42 and f[:6] == b"\xff" * 6 and f[6:12] == mac and f[12:14] == b"\x08\x06"
     assert f[20:22] == b"\x00\x01"  # a request: every Linux neighbour table takes it
@@ -281,9 +285,9 @@ def test_garp_frame() -> None:
 
 
 def test_described_container_has_containers_interface() -> None:
-    from remus.unit import Container
+    from remus.container import Container
 
-    c = nd.DescribedContainer(describe(), "remus-x", dev="lan0")
+    c = DescribedContainer(describe(), "remus-x", dev="lan0")
     assert (c.netns_path, c.host_if) == ("/run/netns/remus-x", "vr-unit")
     for name in ("exists", "create", "activate", "deactivate", "remove"):
         assert callable(getattr(c, name)) and callable(getattr(Container, name))
