@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remus import paths  # noqa: E402
-from remus.checkpoint import images  # noqa: E402
-from remus.checkpoint.delta import DeltaEncoder  # noqa: E402
+from remus.checkpoint import images, pagemap  # noqa: E402
+from remus.checkpoint.delta_encoder import DeltaEncoder  # noqa: E402
 from remus.checkpoint.store import CheckpointStore  # noqa: E402
 
 PAGE = images.PAGE_SIZE
@@ -41,7 +41,7 @@ MiB = 1 << 20
 
 def write_synthetic(d: Path, layout: np.ndarray, words: np.ndarray) -> None:
     d.mkdir()
-    images.write_pagemap_image(d, "pagemap-1.img", 1, layout, words.tobytes())
+    pagemap.write_pagemap_image(d, "pagemap-1.img", 1, layout, words.tobytes())
     (d / "core-1.img").write_bytes(b"core" * 1000)
     (d / "inventory.img").write_bytes(b"inv")
 

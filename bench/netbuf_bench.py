@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from remus.netbuf import NfqueueBuffer, nfnl  # noqa: E402
-from remus.netbuf.base import in_netns  # noqa: E402
+from remus.netns import in_netns  # noqa: E402
 
 UNIT_IP, CLIENT_IP, PORT = "10.77.2.2", "10.77.1.2", 9000
 SENDER = """

@@ -44,7 +44,7 @@ from latency_bench import pct as quantile
 TICK = os.sysconf("SC_CLK_TCK")
 # "thread (7744): sender" or, for threads py-spy cannot name, "thread (0x7f..)"
 THREAD_RE = re.compile(r"^thread \((?P<tid>[^)]*)\)(?::\s*(?P<name>.*))?$")
-# "Thread.run (threading.py:982)" or "encode (remus/checkpoint/delta.py:120)"
+# "Thread.run (threading.py:982)" or "encode (remus/checkpoint/delta_encoder.py:120)"
 FRAME_RE = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 WRAPPER_SHARE = 0.97
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from remus.errors import HostError
-from remus.netbuf.base import in_netns
+from remus.netns import in_netns
 
 
 def garp_frame(mac: str, addr: str) -> bytes:

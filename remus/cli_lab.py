@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import click
 
 from remus.errors import RemusError
-from remus.lab import HOSTS, Lab
+from remus.lab import Lab
+from remus.lab_layout import HOSTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -1,5 +1,6 @@
-"""Network namespaces: where named ones live, which one a process is in, and the
-id this namespace gives another.
+"""Network namespaces: where named ones live (and whether one is there), which
+one a process is in, the id this namespace gives another, and running a
+function inside one (in_netns).
 
 The id (RTM_GETNSID over raw rtnetlink) is what `ip -j link` reports as a
 veth's link_netnsid: it tells which namespace the other end of a veth is in.
@@ -7,18 +8,30 @@ veth's link_netnsid: it tells which namespace the other end of a veth is in.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import struct
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from remus.errors import ConfigError, HostError
 
+T = TypeVar("T")
+
 NETNS_DIR = "/run/netns"  # where `ip netns add NAME` mounts the namespace
+CLONE_NEWNET = 0x40000000
 
 
 def netns_path(netns_name: str) -> str:
     """The file of the namespace `ip netns add netns_name` makes (CRIU's --net target)."""
     return f"{NETNS_DIR}/{netns_name}"
+
+
+def netns_exists(netns_name: str) -> bool:
+    """Whether the named namespace `netns_name` is there (its file in NETNS_DIR)."""
+    return os.path.exists(netns_path(netns_name))
 
 
 def netns_of(pid: int) -> str:
@@ -53,3 +66,35 @@ def netns_id(path: str) -> int:
             return int(struct.unpack_from("=i", data, off + 4)[0])
         off += max(4, (alen + 3) & ~3)
     return -1
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Run fn with the calling thread's network namespace set to `netns`.
+
+    setns() changes only one thread, so fn runs in a throw-away thread; what
+    it creates there (a netlink socket, an open /proc/net file) stays bound to
+    that namespace after the thread ends. netns None: run fn here."""
+    if netns is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise HostError(f"setns({netns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    t = threading.Thread(target=run, name="netns-call")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]

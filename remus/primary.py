@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from remus.checkpoint.criu import Criu, clear_stale_parasite_dir
-from remus.checkpoint.delta import DeltaEncoder
+from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.disk_delta import DiskDelta
 from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.tracking import DumpChain, resolve

@@ -8,7 +8,7 @@ runs past its timeout always, a non-zero exit with check=True.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from remus.errors import HostError
 
@@ -29,6 +29,10 @@ def run_cmd(argv: Sequence[str], *, netns: str | None = None, stdin: str | None 
     if check and res.returncode != 0:
         raise HostError(f"{command_line(argv)}: {failure(res)}")
     return res
+
+
+#: run_cmd's signature, for code that takes a runner (tests pass a fake one)
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def command_line(argv: Sequence[str]) -> str:

@@ -6,6 +6,11 @@ from collections import deque
 
 
 class Series:
+    """The last `window` samples (and a running total and count of all of them).
+
+    Percentiles are the sample at index int(n * p / 100) of the sorted window
+    (clamped to the last): p50 of 1..100 is 51, p99 is 100."""
+
     def __init__(self, window: int = 2000) -> None:
         self.values: deque[float] = deque(maxlen=window)
         self.total = 0.0
@@ -24,7 +29,7 @@ class Series:
         if not self.values:
             return None
         s = sorted(self.values)
-        return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+        return s[min(len(s) - 1, int(len(s) * p / 100))]
 
     def summary(self, digits: int = 2) -> dict[str, float | None]:
         def r(x: float | None) -> float | None:

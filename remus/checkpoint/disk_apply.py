@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remus.checkpoint.delta import Record
 from remus.checkpoint.disk_wire import DATA, KIND_DISK, STASH, TREE, DataRecord, TreeRecord
+from remus.checkpoint.redo import Record
 from remus.errors import CheckpointError, ProtocolError
 
 log = logging.getLogger(__name__)

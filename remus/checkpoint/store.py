@@ -6,20 +6,15 @@ Layout under ``workdir``::
     redo/<gen>-<epoch>.redo       committed epochs not yet applied
     images/                       CRIU image set of the last applied epoch;
                                   pages-<id>.img are symlinks into pages/
-    pages/<pagemap>.<epoch>.img   page data of one pagemap, in its layout
-    pages/<pagemap>.<epoch>.vaddrs  that layout (u64 vaddr of each page)
+    pages/                        page data of each pagemap, in its layout
+                                  (see remus.checkpoint.pages_dir)
     STATE                         {"generation", "epoch"} last applied
 
-The rename of a finished redo log from incoming/ into redo/ is the commit
-point: after it the epoch survives kill -9 of the agent. Applying a redo log
-is idempotent, so recover() (run on every start) simply discards incoming/
-and re-applies what is in redo/. Pages files are named after their pagemap,
-not after CRIU's pages id, because ids renumber between dumps; the current
-file of a pagemap is the one with the highest epoch.
-
-Invariant between applies: for every pagemap P of the manifest, the pages
-file ``pages/P.<E>.img`` with the highest E holds P's pages in the layout of
-``pages/P.<E>.vaddrs``, which equals the layout of ``images/P``.
+The rename of a finished redo log (remus.checkpoint.redo) from incoming/
+into redo/ is the commit point (epochs are received by
+remus.checkpoint.staging): after it the epoch survives kill -9 of the
+agent. Applying a redo log is idempotent, so recover() (run on every start)
+simply discards incoming/ and re-applies what is in redo/.
 """
 
 from __future__ import annotations
@@ -35,27 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import xxhash
 
-from remus.checkpoint import images
+from remus.checkpoint import pagemap
 from remus.checkpoint.delta import (
     KIND_FILE,
     KIND_FILES,
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
-    LogHeader,
-    LogRecord,
     Manifest,
-    Record,
-    RedoLog,
-    RedoWriter,
-    check_file_name,
-    decode_pages,
-    unbundle,
 )
-from remus.checkpoint.images import PAGE_SIZE, Vaddrs
+from remus.checkpoint.pages_dir import PagesDir
+from remus.checkpoint.redo import LogHeader, Record, RedoLog, RedoWriter
+from remus.checkpoint.staging import StagedEpoch
 from remus.errors import CheckpointError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -89,79 +77,6 @@ class StoreStats:
     seconds: float = 0.0  # last apply
 
 
-@dataclass
-class _PagesFile:
-    epoch: int
-    path: Path
-    layout: Vaddrs
-    index: tuple[Vaddrs, np.ndarray]
-
-
-class StagedEpoch:
-    """An epoch being received; see CheckpointStore.begin()."""
-
-    def __init__(self, store: CheckpointStore, header: LogHeader, path: Path) -> None:
-        self._store = store
-        self.header = header
-        self._writer: RedoWriter | None = RedoWriter(path, header)
-        self._manifest: Manifest | None = None
-        self._names: list[tuple[int, str]] = []
-
-    def add(self, kind: int, name: str, meta: bytes, data: bytes) -> None:
-        """Append one record; ProtocolError if it is malformed or out of place."""
-        if self._writer is None:
-            raise ProtocolError("epoch already committed or aborted")
-        if self._manifest is not None:
-            raise ProtocolError("record after the manifest")
-        if kind == KIND_FILES:
-            # Unpacked here: the redo log and everything after it see plain files.
-            for fname, fdata in unbundle(meta, data):
-                self._names.append((KIND_FILE, fname))
-                self._writer.append(Record(KIND_FILE, fname, b"", fdata))
-            return
-        record = Record(kind, name, meta, data)
-        if kind == KIND_MANIFEST:
-            self._manifest = Manifest.from_json(meta).validated()
-        elif kind == KIND_FILE:
-            check_file_name(name)
-        elif kind in (KIND_PAGES, KIND_PAGES_LZ4):
-            if not images.is_pagemap(name):
-                raise ProtocolError(f"page record for {name!r}, not a pagemap")
-        elif kind in self._store.handlers:
-            self._store.handlers[kind].stage(record)
-        else:
-            raise ProtocolError(f"unknown record kind {kind}")
-        self._names.append((kind, name))
-        self._writer.append(record)
-
-    def commit(self) -> None:
-        """Make the epoch durable (the commit point); call after verification."""
-        if self._writer is None:
-            raise ProtocolError("epoch already committed or aborted")
-        m = self._manifest
-        if m is None:
-            raise ProtocolError(f"epoch {self.header.epoch} has no manifest")
-        for kind, name in self._names:
-            if (kind == KIND_FILE and name not in m.files) or (
-                kind in (KIND_PAGES, KIND_PAGES_LZ4) and name not in m.pagemaps
-            ):
-                raise ProtocolError(f"{name} was sent but is not in the manifest")
-        writer, self._writer = self._writer, None
-        self._store._commit_staged(writer, self.header)
-
-    def abort(self) -> None:
-        """Throw the epoch away (idempotent)."""
-        if self._writer is not None:
-            self._writer.discard()
-            self._writer = None
-
-    def __enter__(self) -> StagedEpoch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
 class CheckpointStore:
     """Crash-only store of the last committed checkpoint (backup side).
 
@@ -190,7 +105,7 @@ class CheckpointStore:
         self._applied: Position = EMPTY
         self._committed: Position = EMPTY
         self._staged: StagedEpoch | None = None
-        self._files: dict[str, _PagesFile] = {}
+        self._pages_dir = PagesDir(self._pages, self.stats, fsync, self._hook, self._write_file)
         self._recovered = False
         self._apply_lock = threading.Lock()
 
@@ -218,7 +133,7 @@ class CheckpointStore:
                 if p.name.startswith(".") and p.name.endswith(".tmp"):
                     p.unlink()
         self._applied = self._read_state()
-        self._load_pages_index()
+        self._pages_dir.load()
         self._recovered = True
         self._committed = max([self._applied] + [h.position for h, _ in self._redo_logs()])
         if apply:
@@ -255,7 +170,8 @@ class CheckpointStore:
             log.warning("abandoning unfinished epoch %d", self._staged.header.epoch)
             self._staged.abort()
         header = LogHeader(generation, epoch, base_epoch, full)
-        self._staged = StagedEpoch(self, header, self._incoming / f"{generation}-{epoch}.part")
+        path = self._incoming / f"{generation}-{epoch}.part"
+        self._staged = StagedEpoch(header, path, self.handlers, self._commit_staged)
         return self._staged
 
     def apply_pending(self) -> int:
@@ -324,18 +240,18 @@ class CheckpointStore:
             if rec is None and not (self._images / name).exists():
                 raise CheckpointError(f"epoch {h.epoch}: {name} neither sent nor kept")
             raw = redo.data(rec) if rec else (self._images / name).read_bytes()
-            pm = images.parse_pagemap(raw, name)
+            pm = pagemap.parse_pagemap(raw, name)
             if pm.pages_name != info.pages:
                 raise CheckpointError(f"{name}: pages file {pm.pages_name}, manifest {info.pages}")
             pages_recs = [
                 r for r in redo.records if r.name == name and r.kind in (KIND_PAGES, KIND_PAGES_LZ4)
             ]
-            self._apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
+            self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
         for name, rec in files.items():
             data = redo.data(rec)
             _check_file(name, data, manifest)
             self._write_file(self._images / name, data)
-        self._link_pages(manifest)
+        self._pages_dir.link(self._images, manifest)
         self._remove_stale(manifest)
         self._apply_handlers(redo)
         self._verify(manifest, written=set(files))
@@ -347,114 +263,12 @@ class CheckpointStore:
         self.stats.seconds = time.perf_counter() - t0
         log.debug("applied epoch %d/%d in %.1f ms", h.generation, h.epoch, self.stats.seconds * 1e3)
 
-    def _apply_pagemap(
-        self, redo: RedoLog, name: str, layout: Vaddrs, recs: list[LogRecord], epoch: int
-    ) -> None:
-        target = self._pages / f"{name}.{epoch}.img"
-        cur = self._files.get(name)
-        if target.exists():  # built before a crash
-            self._files[name] = self._load_pages_file(name, epoch)
-        elif cur is not None and np.array_equal(cur.layout, layout):
-            self._patch_in_place(redo, cur, recs)
-        else:
-            self._build(redo, name, layout, recs, cur, target, epoch)
-
-    def _patch_in_place(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord]) -> None:
-        # Same bytes at the same offsets: redoing this after a crash is harmless.
-        fd = os.open(cur.path, os.O_WRONLY)
-        try:
-            for rec in recs:
-                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
-                self._write_pages(fd, images.lookup(cur.index, vaddrs), data, cur.path.name)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _build(
-        self,
-        redo: RedoLog,
-        name: str,
-        layout: Vaddrs,
-        recs: list[LogRecord],
-        cur: _PagesFile | None,
-        target: Path,
-        epoch: int,
-    ) -> None:
-        """Write pages/<name>.<epoch>.img in a new layout, then rename it in."""
-        index = images.sorted_index(layout)
-        self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
-        tmp = target.with_name(f".{target.name}.tmp")
-        self._hook(f"build {target.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, layout.size * PAGE_SIZE)
-            covered = np.zeros(layout.size, dtype=bool)
-            if cur is not None:
-                old_idx = images.lookup(cur.index, layout)
-                covered |= old_idx >= 0
-                self._copy_runs(cur.path, fd, old_idx)
-            for rec in recs:
-                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
-                idx = images.lookup(index, vaddrs)
-                self._write_pages(fd, idx, data, target.name)
-                covered[idx] = True
-            if not covered.all():
-                raise CheckpointError(
-                    f"epoch {epoch} lacks {int((~covered).sum())} pages of {name}"
-                )
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-        self._files[name] = _PagesFile(epoch, target, layout, index)
-
-    def _copy_runs(self, src_path: Path, dst_fd: int, old_idx: np.ndarray) -> None:
-        """Copy old pages into their new places, one copy_file_range per run."""
-        src_fd = os.open(src_path, os.O_RDONLY)
-        try:
-            for new_start, old_start, n in images.page_runs(old_idx):
-                images.copy_pages(src_fd, dst_fd, old_start * PAGE_SIZE, new_start * PAGE_SIZE, n)
-                self.stats.pages_copied += n
-                self.stats.bytes_applied += n * PAGE_SIZE
-        finally:
-            os.close(src_fd)
-
-    def _write_pages(self, fd: int, idx: np.ndarray, data: bytes, what: str) -> None:
-        if bool((idx < 0).any()):
-            raise CheckpointError(f"{what}: page at a vaddr outside the pagemap")
-        view = memoryview(data)
-        for start, first, n in images.page_runs(idx):
-            self._hook(f"pwrite {what} @{first}+{n}")
-            os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)
-        self.stats.pages_written += idx.size
-        self.stats.bytes_applied += len(data)
-
-    def _link_pages(self, manifest: Manifest) -> None:
-        for name, info in manifest.pagemaps.items():
-            target = os.path.join("..", "pages", self._files[name].path.name)
-            link = self._images / info.pages
-            if link.is_symlink() and os.readlink(link) == target:
-                continue
-            tmp = self._images / f".{info.pages}.tmp"
-            self._hook(f"link {info.pages}")
-            tmp.unlink(missing_ok=True)
-            os.symlink(target, tmp)
-            os.rename(tmp, link)
-
     def _remove_stale(self, manifest: Manifest) -> None:
         for p in self._images.iterdir():
             if p.name not in manifest.files:
                 self._hook(f"unlink {p.name}")
                 p.unlink()
-        self._files = {n: f for n, f in self._files.items() if n in manifest.pagemaps}
-        keep = {f.path.name for f in self._files.values()}
-        keep |= {f.path.with_suffix(".vaddrs").name for f in self._files.values()}
-        for p in _pages_first(self._pages):
-            if p.name not in keep:
-                self._hook(f"unlink pages/{p.name}")
-                p.unlink()
+        self._pages_dir.remove_stale(manifest)
 
     def _apply_handlers(self, redo: RedoLog) -> None:
         by_kind: dict[int, list[Record]] = {}
@@ -490,13 +304,13 @@ class CheckpointStore:
                     raise CheckpointError(f"images/{name}: digest mismatch after apply")
 
     def _wipe(self) -> None:
-        for p in list(self._images.iterdir()) + _pages_first(self._pages):
+        for p in list(self._images.iterdir()) + self._pages_dir.entries():
             self._hook(f"wipe {p.name}")
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink()
-        self._files = {}
+        self._pages_dir.clear()
 
     # ---- small persistent pieces ------------------------------------
 
@@ -544,20 +358,6 @@ class CheckpointStore:
             raise CheckpointError(f"{self._state_path}: unreadable ({e})") from e
         return int(doc["generation"]), int(doc["epoch"])
 
-    def _load_pages_index(self) -> None:
-        newest: dict[str, int] = {}
-        for p in self._pages.glob("*.img"):
-            name, _, epoch = p.name[: -len(".img")].rpartition(".")
-            if images.is_pagemap(name) and epoch.isdigit():
-                newest[name] = max(newest.get(name, -1), int(epoch))
-        self._files = {name: self._load_pages_file(name, e) for name, e in newest.items()}
-
-    def _load_pages_file(self, name: str, epoch: int) -> _PagesFile:
-        path = self._pages / f"{name}.{epoch}.img"
-        raw = path.with_suffix(".vaddrs").read_bytes()
-        layout = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-        return _PagesFile(epoch, path, layout, images.sorted_index(layout))
-
     def _fsync_dir(self, d: Path) -> None:
         if self.fsync:
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -586,12 +386,3 @@ def _check_file(name: str, data: bytes, manifest: Manifest) -> None:
     if len(data) != want.size or xxhash.xxh3_64_hexdigest(data) != want.xxh3:
         raise CheckpointError(f"images/{name}: {len(data)} bytes that do not match the manifest "
                               f"({want.size} bytes, xxh3 {want.xxh3})")
-
-
-def _pages_first(pages_dir: Path) -> list[Path]:
-    """Entries of pages/ with every .img before any .vaddrs.
-
-    Removing in this order keeps the invariant that a pages file never
-    exists without its layout, whatever point a crash interrupts.
-    """
-    return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")

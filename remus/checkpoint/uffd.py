@@ -203,7 +203,7 @@ def kernel_uffd_wp() -> str | None:
     Registers a page of our own, arms it, writes it and asks PAGEMAP_SCAN.
     """
     try:
-        fd = _own_userfaultfd()
+        fd = own_userfaultfd()
     except OSError as e:
         return f"userfaultfd: {e.strerror or e}"
     page = mmap.PAGESIZE
@@ -232,13 +232,18 @@ def kernel_uffd_wp() -> str | None:
         os.close(fd)
 
 
-def _own_userfaultfd() -> int:
+#: userfaultfd(2)'s number per machine (the tracker itself is x86_64 only: inject)
+USERFAULTFD_SYSCALL = {"x86_64": 323, "aarch64": 282, "ppc64le": 364, "s390x": 355}
+
+
+def own_userfaultfd(nr: int = SYS_USERFAULTFD) -> int:
+    """A userfaultfd of this process; user-mode-only where that is all we may get."""
     try:
-        return syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK)
+        return syscall(nr, O_CLOEXEC | O_NONBLOCK)
     except OSError as e:
         if e.errno != errno.EPERM:
             raise
-        return syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        return syscall(nr, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
 
 
 # -- the tracker -------------------------------------------------------------------

@@ -15,20 +15,15 @@ Backends: nfqueue.NfqueueBuffer (netfilter queue, the default), plug.PlugBuffer
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import subprocess
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from remus.errors import HostError
+from remus.stats import Series
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PACKETS = 10_000
@@ -101,76 +96,13 @@ class OutputBuffer(ABC):
 
 # -- pieces shared by the backends --------------------------------------------
 
-CLONE_NEWNET = 0x40000000
+LATENCY_WINDOW = 1024  # release latencies kept for counters()
 
 
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run fn with the calling thread's network namespace set to `netns`.
-
-    setns() changes only one thread, so fn runs in a throw-away thread; what
-    it creates there (a netlink socket, an open /proc/net file) stays bound to
-    that namespace after the thread ends. netns None: run fn here."""
-    if netns is None:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise HostError(f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as err:  # re-raised in the caller's thread
-            box["error"] = err
-
-    t = threading.Thread(target=run, name="netns-call")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
-def run_cmd(argv: Sequence[str], *, netns: str | None = None, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a host tool (iptables, tc, ip) in `netns` (through nsenter --net).
-
-    check=True turns a non-zero exit into HostError carrying the tool's stderr."""
-    full = list(argv) if netns is None else ["nsenter", f"--net={netns}", "--", *argv]
-    try:
-        res = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=30,
-                             check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HostError(f"{argv[0]}: {err}") from err
-    if check and res.returncode != 0:
-        raise HostError(f"{' '.join(argv)}: {res.stderr.strip() or f'exit {res.returncode}'}")
-    return res
-
-
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
-
-
-class LatencyWindow:
-    """The last N latency samples in ms, summarised as last/p50/p99."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self._samples: deque[float] = deque(maxlen=size)
-
-    def add(self, ms: float) -> None:
-        self._samples.append(ms)
-
-    def summary(self) -> dict[str, float | None]:
-        s = sorted(self._samples)
-        if not s:
-            return {"last": None, "p50": None, "p99": None}
-        last = self._samples[-1]
-        return {"last": round(last, 4), "p50": round(s[len(s) // 2], 4),
-                "p99": round(s[min(len(s) - 1, int(len(s) * 0.99))], 4)}
+def latency_summary(window: Series) -> dict[str, float | None]:
+    """release_latency_ms of counters(): last, p50 and p99 of the window, in ms."""
+    s = window.summary(4)
+    return {k: s[k] for k in ("last", "p50", "p99")}
 
 
 @dataclass
@@ -290,7 +222,7 @@ class NullBuffer(OutputBuffer):
                     "dropped_packets": 0, "dropped_bytes": 0, "inbound_held": 0,
                     "inbound_passed": 0, "current_epoch": self._current,
                     "released_epoch": self._released,
-                    "release_latency_ms": LatencyWindow().summary()}
+                    "release_latency_ms": latency_summary(Series())}
 
     def close(self, release_all: bool = False) -> None:
         pass

@@ -4,7 +4,7 @@ Mirrors include/uapi/linux/netlink.h, include/uapi/linux/netfilter/nfnetlink.h
 and include/uapi/linux/netfilter/nfnetlink_queue.h. Structs and attribute
 numbers are declared as tables under their kernel names (pyroute2 style) so a
 reader can check them against the headers line by line. Everything here turns
-bytes into values and values into bytes; the socket lives in nfqueue.py.
+bytes into values and values into bytes; the socket lives in nfqueue_socket.py.
 
 Byte order: netlink headers and attribute headers are host order; the
 nfnetlink payloads (nfgenmsg.res_id, packet ids, verdicts, lengths) are

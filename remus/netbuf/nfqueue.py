@@ -6,6 +6,9 @@ keeps queued packets; we keep only their ids, per epoch (EpochLedger), and
 let a whole epoch out with one NFQNL_MSG_VERDICT_BATCH. Fail closed: no
 --queue-bypass and fail-open explicitly off, so if this process dies the
 kernel drops what was queued and everything that comes later.
+
+The rules are remus.netbuf.nfqueue_rules; the netlink socket and the binding
+of the queue pair are remus.netbuf.nfqueue_socket.
 """
 
 from __future__ import annotations
@@ -24,206 +27,19 @@ from remus.netbuf import nfnl
 from remus.netbuf.base import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PACKETS,
+    LATENCY_WINDOW,
     EpochLedger,
-    LatencyWindow,
     OutputBuffer,
-    Runner,
-    in_netns,
-    run_cmd,
+    latency_summary,
 )
+from remus.netbuf.nfqueue_rules import QueueRules
+from remus.netbuf.nfqueue_socket import RECV_SIZE, QueueSocket, bind_pair
+from remus.netns import in_netns
+from remus.stats import Series
 
 log = logging.getLogger(__name__)
 
-SO_RCVBUFFORCE = 33
-COPY_RANGE = 64  # headers only: enough to debug, and NFQA_CAP_LEN carries the length
 QUEUE_SLACK = 4096  # kernel queue room beyond our limit, so we drop (and count) first
-RECV_SIZE = 1 << 16
-QUEUE_BASE = 0x5200  # derived queue numbers start here, away from the popular 0
-NDP_TYPES = ("router-solicitation", "router-advertisement", "neighbour-solicitation",
-             "neighbour-advertisement")
-
-
-def chain_name(veth: str) -> str:
-    return f"REMUS-{veth}"  # <= 21 chars: iptables allows 28
-
-
-class QueueRules:
-    """The iptables (and ip6tables) rules that feed our two queues.
-
-    Everything lives in one chain REMUS-<veth>, reached by jumps from FORWARD
-    (the unit's routed traffic; bridged=True matches the veth as a bridge port
-    with -m physdev, which needs bridge-nf-call-iptables=1 in that namespace)
-    and, with local=True, from INPUT/OUTPUT (traffic between the unit and the
-    host itself, which may pass it on).
-    install() is one iptables-restore transaction per family, so the unit's
-    traffic is never half covered. There is no --queue-bypass: without a
-    listener the kernel drops."""
-
-    def __init__(self, veth: str, *, netns: str | None = None, local: bool = True,
-                 bridged: bool = False, runner: Runner = run_cmd) -> None:
-        self.veth = veth
-        self.bridged = bridged
-        self.chain = chain_name(veth)
-        self.netns = netns
-        self.local = local
-        self.run = runner
-        self._families: list[str] | None = None
-
-    def families(self) -> list[str]:
-        if self._families is None:
-            fams = ["iptables"]
-            v6 = self.run(["ip6tables", "-w", "-S", "FORWARD"], netns=self.netns, check=False)
-            if v6.returncode == 0:
-                fams.append("ip6tables")
-            else:
-                log.warning("ip6tables unusable (%s): IPv6 output of %s is not buffered",
-                            v6.stderr.strip(), self.veth)
-            self._families = fams
-        return self._families
-
-    def script(self, q_out: int, q_in: int, family: str = "iptables") -> str:
-        v, c = self.veth, self.chain
-        if self.bridged:
-            # The veth is a bridge port: -i/-o would name the bridge.
-            m_in, m_out = f"-m physdev --physdev-in {v}", f"-m physdev --physdev-out {v}"
-        else:
-            m_in, m_out = f"-i {v}", f"-o {v}"
-        lines = ["*filter", f":{c} - [0:0]"]
-        if family == "ip6tables":
-            # Neighbour discovery is IPv6's ARP (which iptables never sees):
-            # link plumbing, not unit output. Holding it would only delay.
-            lines += [f"-A {c} -p ipv6-icmp --icmpv6-type {t} -j RETURN" for t in NDP_TYPES]
-        lines += [f"-A {c} {m_in} -j NFQUEUE --queue-num {q_out}",
-                  f"-A {c} {m_out} -j NFQUEUE --queue-num {q_in}",
-                  f"-I FORWARD 1 {m_in} -j {c}", f"-I FORWARD 1 {m_out} -j {c}"]
-        if self.local:
-            lines.append(f"-I INPUT 1 {m_in} -j {c}")
-            if not self.bridged:  # physdev-out cannot match locally generated packets
-                lines.append(f"-I OUTPUT 1 {m_out} -j {c}")
-        return "\n".join([*lines, "COMMIT", ""])
-
-    def install(self, q_out: int, q_in: int) -> None:
-        for fam in self.families():
-            try:
-                self.run([f"{fam}-restore", "-w", "--noflush"], netns=self.netns,
-                         stdin=self.script(q_out, q_in, fam))
-            except Exception:
-                self.remove()
-                raise
-
-    def removal_script(self, saved: str) -> str | None:
-        """From `iptables-save -t filter` output: delete our jumps, then the chain."""
-        if f":{self.chain} " not in saved:
-            return None
-        jumps = [line.replace("-A ", "-D ", 1) for line in saved.splitlines()
-                 if line.startswith("-A ") and line.endswith(f"-j {self.chain}")]
-        return "\n".join(["*filter", *jumps, f"-F {self.chain}", f"-X {self.chain}",
-                          "COMMIT", ""])
-
-    def remove(self) -> None:
-        """Delete our jumps and chain if present (also a dead agent's leftovers)."""
-        for fam in self.families():
-            saved = self.run([f"{fam}-save", "-t", "filter"], netns=self.netns, check=False)
-            script = self.removal_script(saved.stdout)
-            if script is not None:
-                self.run([f"{fam}-restore", "-w", "--noflush"], netns=self.netns, stdin=script)
-
-    def present(self) -> bool:
-        return any(f":{self.chain} " in self.run([f"{fam}-save", "-t", "filter"],
-                                                 netns=self.netns, check=False).stdout
-                   for fam in self.families())
-
-
-class QueueSocket:
-    """One NETLINK_NETFILTER socket bound to queues; sends verdicts.
-
-    send() may be called from any thread concurrently with recv_into() in the
-    reader (the kernel serialises datagrams). Verdicts must come from the
-    socket that bound the queue (the kernel checks the port id)."""
-
-    def __init__(self, rcvbuf: int) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  nfnl.NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._seq = 0
-        self.early: list[nfnl.Packet] = []  # packets read while waiting for an ACK
-
-    def request(self, make: Any, *args: Any, **kw: Any) -> None:
-        """Send one acked config request and wait for its ACK (before the reader runs)."""
-        self._seq += 1
-        seq = self._seq
-        self.sock.send(make(*args, seq=seq, **kw))
-        buf = bytearray(RECV_SIZE)
-        self.sock.settimeout(2.0)
-        try:
-            while True:
-                n = self.sock.recv_into(buf)
-                for ev in nfnl.parse(memoryview(buf), n):
-                    if isinstance(ev, nfnl.Packet):
-                        self.early.append(ev)
-                    elif isinstance(ev, nfnl.NetlinkAck) and ev.seq == seq:
-                        if ev.error:
-                            raise OSError(ev.error, os.strerror(ev.error))
-                        return
-        finally:
-            self.sock.settimeout(None)
-
-    def bind_queue(self, queue: int, maxlen: int) -> None:
-        self.request(nfnl.config_cmd, queue, nfnl.NFQNL_CFG_CMD_BIND)
-        self.request(nfnl.config_params, queue, copy_mode=nfnl.NFQNL_COPY_PACKET,
-                     copy_range=COPY_RANGE, maxlen=maxlen,
-                     # GSO on: verdicts only, so the kernel need not segment or
-                     # checksum for us. Fail-open in the mask, not in the flags:
-                     # explicitly off.
-                     flags=nfnl.NFQA_CFG_F_GSO,
-                     mask=nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO)
-
-    def send(self, msg: bytes) -> None:
-        self.sock.send(msg)
-
-    def close(self) -> None:
-        # Closing the socket destroys its queue instances: the kernel drops
-        # whatever is still queued (that is the fail-closed path too).
-        self.sock.close()
-
-
-# The kernel answers EPERM when another socket owns the queue (EBUSY if ours).
-_TAKEN = (errno.EPERM, errno.EBUSY)
-
-
-def derived_queue(ifindex: int) -> int:
-    """The first Q_out tried for a veth: even, stable per interface."""
-    return QUEUE_BASE + (2 * ifindex) % (0xFFFE - QUEUE_BASE)
-
-
-def _bind_pair(qs: QueueSocket, first: int | None, maxlen: int,
-               ifindex: int) -> tuple[int, int]:
-    """Bind (Q_out, Q_in = Q_out + 1): `first`, or probe upwards from derived_queue."""
-    if first is not None:
-        candidates = [first]
-    else:
-        start = derived_queue(ifindex)
-        candidates = [start + 2 * i for i in range(64) if start + 2 * i + 1 <= 0xFFFF]
-    for q in candidates:
-        try:
-            qs.bind_queue(q, maxlen)
-        except OSError as err:
-            if err.errno in _TAKEN and first is None:
-                continue
-            raise HostError(f"cannot bind netfilter queue {q}: {err}") from err
-        try:
-            qs.bind_queue(q + 1, maxlen)
-        except OSError as err:
-            qs.request(nfnl.config_cmd, q, nfnl.NFQNL_CFG_CMD_UNBIND)
-            if err.errno in _TAKEN and first is None:
-                continue
-            raise HostError(f"cannot bind netfilter queue {q + 1}: {err}") from err
-        return q, q + 1
-    raise HostError("no free pair of netfilter queue numbers")
 
 
 class NfqueueBuffer(OutputBuffer):
@@ -263,7 +79,7 @@ class NfqueueBuffer(OutputBuffer):
         self._in_hold = False
         self._in_max: int | None = None
         self._in_waiting = 0
-        self._latency = LatencyWindow()
+        self._latency = Series(LATENCY_WINDOW)
         self._c = dict.fromkeys(("released_packets", "released_bytes", "dropped_packets",
                                  "dropped_bytes", "inbound_held", "inbound_passed",
                                  "enobufs", "passed_unbuffered"), 0)
@@ -297,7 +113,7 @@ class NfqueueBuffer(OutputBuffer):
             return qs, ifindex, proc
 
         self._qs, ifindex, self._proc = in_netns(self.netns, open_in_ns)
-        self.q_out, self.q_in = _bind_pair(self._qs, self._queue_arg, maxlen, ifindex)
+        self.q_out, self.q_in = bind_pair(self._qs, self._queue_arg, maxlen, ifindex)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._qs.sock.setblocking(False)
         self._reader = threading.Thread(target=self._read_loop, name=f"netbuf-{self.veth}",
@@ -391,7 +207,7 @@ class NfqueueBuffer(OutputBuffer):
             c.update(held_packets=self.ledger.held_packets, held_bytes=self.ledger.held_bytes,
                      current_epoch=self.ledger.current, released_epoch=self.ledger.released)
         c.update(backend=self.name, guarantee=True, inbound_waiting=self._in_waiting,
-                 release_latency_ms=self._latency.summary(), queues=[self.q_out, self.q_in],
+                 release_latency_ms=latency_summary(self._latency), queues=[self.q_out, self.q_in],
                  kernel_dropped=self._kernel_dropped())
         return c
 

@@ -30,7 +30,9 @@ import zlib
 from typing import Any
 
 from remus.errors import HostError
-from remus.netbuf.base import DEFAULT_MAX_BYTES, LatencyWindow, OutputBuffer, Runner, run_cmd
+from remus.netbuf.base import DEFAULT_MAX_BYTES, LATENCY_WINDOW, OutputBuffer, latency_summary
+from remus.proc import Runner, run_cmd
+from remus.stats import Series
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class PlugBuffer(OutputBuffer):
         self.run = runner
         self.sched = PlugSchedule()
         self._lock = threading.Lock()
-        self._latency = LatencyWindow()
+        self._latency = Series(LATENCY_WINDOW)
         self._started = False
         self._in_hold = False
 
@@ -199,7 +201,7 @@ class PlugBuffer(OutputBuffer):
                 "dropped_packets": dropped, "dropped_bytes": None,
                 "inbound_held": self._stats(self.veth)[4], "inbound_passed": None,
                 "current_epoch": cur, "released_epoch": rel,
-                "release_latency_ms": self._latency.summary()}
+                "release_latency_ms": latency_summary(self._latency)}
 
     def close(self, release_all: bool = False) -> None:
         if release_all and self._started:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from remus.check import FEATURES, PROBE_TIMEOUT, check_cmd, run_checks
+from remus.check import check_cmd, run_checks
+from remus.check_probes import PROBE_TIMEOUT
+from remus.check_report import FEATURES
 from remus.paths import REPO
 
 pytestmark = pytest.mark.root

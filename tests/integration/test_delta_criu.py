@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from remus import paths
-from remus.checkpoint import images
+from remus.checkpoint import images, pagemap
 from remus.checkpoint.criu import Criu
-from remus.checkpoint.delta import DeltaEncoder
+from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.store import CheckpointStore
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
@@ -221,19 +221,19 @@ def assert_same_images(store_images: Path, dump_dir: Path) -> None:
     assert images.list_images(store_images) == names
     for name in names:
         assert (store_images / name).read_bytes() == (dump_dir / name).read_bytes(), name
-    assert images.pages_by_vaddr(store_images) == images.pages_by_vaddr(dump_dir)
+    assert pagemap.pages_by_vaddr(store_images) == pagemap.pages_by_vaddr(dump_dir)
 
 
 def assert_tracked_applied(store_images: Path, dump_dir: Path,
                            before: dict[str, dict[int, bytes]]) -> None:
     """The store holds the dump's flattened pagemap, its present pages, and for
     every PE_PARENT hole the page it had before."""
-    after = images.pages_by_vaddr(store_images)
-    present = images.pages_by_vaddr(dump_dir)
+    after = pagemap.pages_by_vaddr(store_images)
+    present = pagemap.pages_by_vaddr(dump_dir)
     for name in images.list_images(dump_dir):
         if not images.is_pagemap(name):
             continue
-        pm = images.read_pagemap(dump_dir / name)
+        pm = pagemap.read_pagemap(dump_dir / name)
         # the encoder flattens pagemaps with parent holes and sends the others as
         # they are (flattening also merges adjacent entries: CRIU splits shmem)
         want = pm.flattened() if pm.has_parent else (dump_dir / name).read_bytes()
@@ -283,7 +283,7 @@ def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path, mo
         else:
             track = ("--track-mem",) + (() if full else ("--prev-images-dir", f"../dump{epoch - 1}"))
             dump(pid, d, *(track if tracked else ()))
-        before = images.pages_by_vaddr(store.images_dir())
+        before = pagemap.pages_by_vaddr(store.images_dir())
         staged = store.begin(1, epoch, epoch - 1, full)
         for chunk in enc.encode(d, full, parent=parent):
             staged.add(*chunk)
@@ -291,7 +291,7 @@ def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path, mo
         store.apply_pending()
         if tracked and not full:
             # CRIU copied only the pages written since the parent dump
-            maps = [images.read_pagemap(d / n) for n in images.list_images(d) if images.is_pagemap(n)]
+            maps = [pagemap.read_pagemap(d / n) for n in images.list_images(d) if images.is_pagemap(n)]
             written = sum(pm.nr_present for pm in maps)
             total = sum(pm.full_layout().size for pm in maps)
             # the step's pages (up to 448 in a new region), the shared mapping

@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from remus import paths
-from remus.checkpoint.delta import KIND_MANIFEST, DeltaEncoder, Manifest
+from remus.checkpoint.delta import KIND_MANIFEST, Manifest
+from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.store import CheckpointStore

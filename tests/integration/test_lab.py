@@ -13,7 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from remus.cli_lab import lab as lab_cli
-from remus.lab import CGROUP_NAME, HOSTS, NETNS_DIR, Lab, LabNotUp, mountpoints
+from remus.lab import Lab
+from remus.lab_hosts import LabNotUp
+from remus.lab_layout import CGROUP_NAME, HOSTS
+from remus.lab_tools import mountpoints
+from remus.netns import NETNS_DIR
 from remus.paths import REPO, criu_binary
 from tests.timing import wait_for
 

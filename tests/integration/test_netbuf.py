@@ -29,9 +29,11 @@ import pytest
 
 from remus.errors import HostError
 from remus.netbuf import NfqueueBuffer, PlugBuffer, make_buffer
-from remus.netbuf.base import OutputBuffer, in_netns
-from remus.netbuf.nfqueue import QueueRules, QueueSocket, derived_queue
+from remus.netbuf.base import OutputBuffer
+from remus.netbuf.nfqueue_rules import QueueRules
+from remus.netbuf.nfqueue_socket import QueueSocket, derived_queue
 from remus.netbuf.plug import ifb_name, plug_available
+from remus.netns import in_netns
 
 pytestmark = pytest.mark.root
 

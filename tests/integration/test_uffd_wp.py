@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from remus.checkpoint import images
 from remus.checkpoint.criu import Criu
+from remus.checkpoint.pagemap import read_pagemap
 from remus.checkpoint.tracking import uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker, tree_pids
 
@@ -139,7 +139,7 @@ class Dumper:
 
 def copied_in_map(d: Path, pagemap: str, base: int) -> set[int]:
     """Pages (indices into the unit's big mapping) whose data this dump holds."""
-    pm = images.read_pagemap(d / pagemap)
+    pm = read_pagemap(d / pagemap)
     lo, hi = base, base + MAP_PAGES * PAGE
     return {(int(v) - lo) // PAGE for v in pm.layout() if lo <= int(v) < hi}
 

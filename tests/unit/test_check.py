@@ -1,4 +1,5 @@
-"""Pure parts of remus.check: versions, consequences, blockers, rendering."""
+"""Pure parts of remus.check_report and remus.check_probes: versions, consequences,
+blockers, rendering."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from remus.check import (
+from remus.check_probes import _summary, probe_criu
+from remus.check_report import (
     FEATURES,
     CheckReport,
     CriuInfo,
     Feature,
     Status,
-    _summary,
     build_report,
     feature,
     parse_criu_version,
-    probe_criu,
     version_at_least,
 )
 

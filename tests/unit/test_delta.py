@@ -12,23 +12,20 @@ import pycriu
 import pytest
 import xxhash
 
-from remus.checkpoint import images
+from remus.checkpoint import images, pagemap
 from remus.checkpoint.delta import (
-    BUNDLE_BYTES,
-    BUNDLE_FILE_MAX,
     KIND_FILE,
     KIND_FILES,
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
-    MAX_CHUNK_PAGES,
     Chunk,
-    DeltaEncoder,
     Manifest,
     decode_pages,
     files_of,
     unbundle,
 )
+from remus.checkpoint.delta_encoder import BUNDLE_BYTES, BUNDLE_FILE_MAX, MAX_CHUNK_PAGES, DeltaEncoder
 from remus.errors import CheckpointError, ProtocolError
 
 PAGE = images.PAGE_SIZE
@@ -58,7 +55,7 @@ def write_dump(root: Path, m: Model, n: int) -> Path:
     for name, (pages_id, pages) in m.maps.items():
         layout = np.array(sorted(pages), dtype=np.uint64)
         data = b"".join(pages[int(v)] for v in layout)
-        images.write_pagemap_image(d, name, pages_id, layout, data)
+        pagemap.write_pagemap_image(d, name, pages_id, layout, data)
     return d
 
 
@@ -81,7 +78,7 @@ def decode(prev: Model | None, chunks: list[Chunk]) -> tuple[Model, dict[str, se
             out.files[name] = sent_files[name] if name in sent_files else prev.files[name]  # type: ignore[union-attr]
     for name in manifest.pagemaps:
         raw = sent_files[name] if name in sent_files else prev_pagemap_bytes(prev, name)
-        pm = images.parse_pagemap(raw)
+        pm = pagemap.parse_pagemap(raw)
         old = prev.maps[name][1] if prev and name in prev.maps else {}
         new = sent.get(name, {})
         content = {int(v): new.get(int(v)) or old[int(v)] for v in pm.layout()}
@@ -93,7 +90,7 @@ def prev_pagemap_bytes(prev: Model | None, name: str) -> bytes:
     assert prev is not None, f"{name} not sent in a full checkpoint"
     pages_id, pages = prev.maps[name]
     layout = np.array(sorted(pages), dtype=np.uint64)
-    return images.encode_pagemap(pages_id, images.entries_of(layout))
+    return pagemap.encode_pagemap(pages_id, pagemap.entries_of(layout))
 
 
 def base_model() -> Model:
@@ -359,21 +356,21 @@ def test_pagemap_parser_matches_pycriu(tmp_path: Path) -> None:
     ]
     buf = io.BytesIO()
     pycriu.images.dump({"magic": "PAGEMAP", "entries": entries}, buf)
-    pm = images.parse_pagemap(buf.getvalue())
+    pm = pagemap.parse_pagemap(buf.getvalue())
     assert pm.pages_id == 3 and pm.pages_name == "pages-3.img"
     assert [(e.vaddr, e.nr_pages, e.flags) for e in pm.entries] == [
         (BASE, 2, 4),
         (BASE + 8 * PAGE, 300, 6),
         (BASE + 0x10000000, 5, 2),
-        (2**47 - PAGE, 1, images.PE_PRESENT),
-        (BASE * 2, 4, images.PE_PARENT),
+        (2**47 - PAGE, 1, pagemap.PE_PRESENT),
+        (BASE * 2, 4, pagemap.PE_PARENT),
     ]
     layout = pm.layout()
     assert layout.size == pm.nr_present == 303
     assert list(layout[:3]) == [BASE, BASE + PAGE, BASE + 8 * PAGE]
     assert int(layout[-1]) == 2**47 - PAGE
     # our writer produces what pycriu parses back
-    ours = images.encode_pagemap(3, list(pm.entries[:3]))
+    ours = pagemap.encode_pagemap(3, list(pm.entries[:3]))
     back = pycriu.images.load(io.BytesIO(ours))["entries"]
     assert back[0] == {"pages_id": 3}
     assert [(e["vaddr"], e["nr_pages"], e["flags"]) for e in back[1:]] == [
@@ -387,31 +384,31 @@ def test_pagemap_codec_matches_pycriu_on_random_maps() -> None:
     rng = random.Random(7)
     widths = [0, 1, 127, 128, 16383, 16384, 2**32 - 1, 2**47 - PAGE, 2**63, 2**64 - 1]
     for n in (0, 1, 3, 50, 3000):
-        entries = [images.PagemapEntry(rng.choice(widths + [rng.randrange(2**64)]),
+        entries = [pagemap.PagemapEntry(rng.choice(widths + [rng.randrange(2**64)]),
                                        rng.choice(widths[:7]), rng.choice([0, 1, 2, 4, 6, 2**31]))
                    for _ in range(n)]
-        raw = images.encode_pagemap(n, entries)
+        raw = pagemap.encode_pagemap(n, entries)
         back = pycriu.images.load(io.BytesIO(raw))["entries"]
         assert back[0] == {"pages_id": n}
         assert [(e["vaddr"], e["nr_pages"], e["flags"]) for e in back[1:]] == [
             (e.vaddr, e.nr_pages, e.flags) for e in entries]
-        assert images.parse_pagemap(raw).entries == tuple(entries)
+        assert pagemap.parse_pagemap(raw).entries == tuple(entries)
 
 
 def test_flattened_merges_adjacent_ranges() -> None:
-    P, F = images.PE_PRESENT, images.PE_PARENT
-    entries = [images.PagemapEntry(BASE, 2, P), images.PagemapEntry(BASE + 2 * PAGE, 3, F),
-               images.PagemapEntry(BASE + 5 * PAGE, 0, P), images.PagemapEntry(BASE + 9 * PAGE, 1, F),
-               images.PagemapEntry(BASE + 10 * PAGE, 1, P), images.PagemapEntry(BASE + 20 * PAGE, 4, 0)]
-    pm = images.parse_pagemap(images.encode_pagemap(5, entries))
+    P, F = pagemap.PE_PRESENT, pagemap.PE_PARENT
+    entries = [pagemap.PagemapEntry(BASE, 2, P), pagemap.PagemapEntry(BASE + 2 * PAGE, 3, F),
+               pagemap.PagemapEntry(BASE + 5 * PAGE, 0, P), pagemap.PagemapEntry(BASE + 9 * PAGE, 1, F),
+               pagemap.PagemapEntry(BASE + 10 * PAGE, 1, P), pagemap.PagemapEntry(BASE + 20 * PAGE, 4, 0)]
+    pm = pagemap.parse_pagemap(pagemap.encode_pagemap(5, entries))
     assert pm.has_parent and pm.nr_present == 3 and pm.nr_full == 7
-    flat = images.parse_pagemap(pm.flattened())
-    assert flat.entries == (images.PagemapEntry(BASE, 5, P), images.PagemapEntry(BASE + 9 * PAGE, 2, P))
+    flat = pagemap.parse_pagemap(pm.flattened())
+    assert flat.entries == (pagemap.PagemapEntry(BASE, 5, P), pagemap.PagemapEntry(BASE + 9 * PAGE, 2, P))
     assert np.array_equal(flat.layout(), pm.full_layout())
 
 
 def test_malformed_pagemaps_are_rejected() -> None:
-    good = images.encode_pagemap(1, [images.PagemapEntry(BASE, 1, 4)])
+    good = pagemap.encode_pagemap(1, [pagemap.PagemapEntry(BASE, 1, 4)])
     head = good[:8]
     for bad in (b"", good[:6], b"\0" * 8 + good[8:], good[:-1], good + b"\x01\0\0\0",
                 good + b"\x01\0\0",  # a length prefix cut short
@@ -420,16 +417,16 @@ def test_malformed_pagemaps_are_rejected() -> None:
                 head + b"\x02\0\0\0\x0a\x00",  # a length-delimited field
                 head + b"\x0c\0\0\0\x08" + b"\xff" * 10 + b"\x01"):  # an 11-byte varint
         with pytest.raises(CheckpointError):
-            images.parse_pagemap(bad)
+            pagemap.parse_pagemap(bad)
 
 
 def test_layout_helpers() -> None:
     layout = np.array([BASE, BASE + PAGE, BASE + 5 * PAGE, 7 * PAGE], dtype=np.uint64)
-    entries = images.entries_of(layout)
+    entries = pagemap.entries_of(layout)
     assert [(e.vaddr, e.nr_pages) for e in entries] == [
         (BASE, 2), (BASE + 5 * PAGE, 1), (7 * PAGE, 1)
     ]
-    assert np.array_equal(images.layout_of(entries), layout)
+    assert np.array_equal(pagemap.layout_of(entries), layout)
     index = images.sorted_index(layout)
     got = images.lookup(index, np.array([7 * PAGE, BASE + 5 * PAGE, 3], dtype=np.uint64))
     assert list(got) == [3, 2, -1]

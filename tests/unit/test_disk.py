@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
-from remus.checkpoint.delta import KIND_MANIFEST, Manifest, Record
+from remus.checkpoint.delta import KIND_MANIFEST, Manifest
 from remus.checkpoint.disk_apply import PROGRESS, DiskApplier
 from remus.checkpoint.disk_blocks import data_extents
 from remus.checkpoint.disk_delta import DiskDelta
 from remus.checkpoint.disk_track import BLOCK_SIZE, DiskTracker
 from remus.checkpoint.disk_wire import DATA, KIND_DISK, STASH, TREE
+from remus.checkpoint.redo import Record
 from remus.checkpoint.store import CheckpointStore
 from remus.errors import ProtocolError
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from remus import lab as labmod
+from remus import lab_hosts
 from remus.errors import ConfigError
-from remus.lab import HOSTS, Lab
+from remus.lab import Lab
+from remus.lab_hosts import LabNotUp
+from remus.lab_layout import HOSTS
 
 
 def test_layout_is_fixed_and_unique() -> None:
@@ -44,7 +46,7 @@ def test_unknown_host_and_empty_command_are_config_errors() -> None:
 
 
 def test_exec_on_a_lab_that_is_not_up() -> None:
-    with pytest.raises(labmod.LabNotUp, match="not up"):
+    with pytest.raises(LabNotUp, match="not up"):
         Lab("/nonexistent").exec_argv("pri", ["true"])
 
 
@@ -56,7 +58,7 @@ def test_trampoline_keeps_cwd_args_status_and_joins_cgroup(
     fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')
     fake.chmod(0o755)
     procs = tmp_path / "cgroup.procs"
-    monkeypatch.setattr(labmod, "_which", lambda tool: str(fake))
+    monkeypatch.setattr(lab_hosts, "which", lambda tool: str(fake))
     monkeypatch.setattr(Lab, "_require_running", lambda self, host: None)
     monkeypatch.setattr(Lab, "cgroup_path", lambda self, host: str(tmp_path))
     work = tmp_path / "a dir"

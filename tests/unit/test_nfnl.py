@@ -13,9 +13,11 @@ import pytest
 
 from remus.errors import ConfigError, HostError
 from remus.netbuf import NfqueueBuffer, NullBuffer, PlugBuffer, make_buffer, nfnl
-from remus.netbuf.base import EpochLedger, LatencyWindow
-from remus.netbuf.nfqueue import QueueRules, derived_queue
+from remus.netbuf.base import EpochLedger
+from remus.netbuf.nfqueue_rules import QueueRules
+from remus.netbuf.nfqueue_socket import derived_queue
 from remus.netbuf.plug import PlugSchedule, ifb_name
+from remus.stats import Series
 
 # Recorded with tests/integration's lab: queue 7 bound by one socket, a second
 # socket tried to bind it (ERR), a bind of queue 8 with seq 5 (ACK), then UDP
@@ -205,7 +207,7 @@ def test_ledger_never_releases_the_running_epoch() -> None:
 
 
 def test_latency_window_percentiles() -> None:
-    w = LatencyWindow(size=100)
+    w = Series(window=100)
     assert w.summary()["p50"] is None
     for i in range(1, 101):
         w.add(float(i))

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from remus.checkpoint import images
-from remus.checkpoint.delta import KIND_FILE, KIND_FILES, KIND_MANIFEST, DeltaEncoder, Manifest, Record
+from remus.checkpoint import images, pagemap
+from remus.checkpoint.delta import KIND_FILE, KIND_FILES, KIND_MANIFEST, Manifest
+from remus.checkpoint.delta_encoder import DeltaEncoder
+from remus.checkpoint.redo import Record
 from remus.checkpoint.store import CheckpointStore
 from remus.errors import CheckpointError, ProtocolError
 
@@ -35,7 +37,7 @@ def write_dump(d: Path, files: dict[str, bytes], maps: Maps) -> Path:
     for name, (pages_id, pages) in maps.items():
         layout = np.array(sorted(pages), dtype=np.uint64)
         data = b"".join(pages[int(v)] for v in layout)
-        images.write_pagemap_image(d, name, pages_id, layout, data)
+        pagemap.write_pagemap_image(d, name, pages_id, layout, data)
     return d
 
 
@@ -79,7 +81,7 @@ def assert_same(store: CheckpointStore, dump: Path) -> None:
     assert images.list_images(got) == images.list_images(dump)
     for name in images.list_images(dump):
         assert (got / name).read_bytes() == (dump / name).read_bytes(), name
-    assert images.pages_by_vaddr(got) == images.pages_by_vaddr(dump)
+    assert pagemap.pages_by_vaddr(got) == pagemap.pages_by_vaddr(dump)
 
 
 def new_store(workdir: Path) -> CheckpointStore:

@@ -11,7 +11,8 @@ import pycriu
 import pytest
 
 from remus.checkpoint import tcp_stream
-from remus.checkpoint.delta import DeltaEncoder, Manifest, files_of
+from remus.checkpoint.delta import Manifest, files_of
+from remus.checkpoint.delta_encoder import DeltaEncoder
 
 ENTRY = {"inq_len": 0, "inq_seq": 3273214409, "outq_len": 3, "outq_seq": 46948013,
          "opt_mask": 7, "snd_wscale": 10, "mss_clamp": 1460, "rcv_wscale": 10,

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from remus.checkpoint import images
-from remus.checkpoint.delta import DeltaEncoder, Manifest
-from remus.checkpoint.images import PAGE_SIZE, PE_PARENT, PE_PRESENT, PagemapEntry
+from remus.checkpoint import pagemap
+from remus.checkpoint.delta import Manifest
+from remus.checkpoint.delta_encoder import DeltaEncoder
+from remus.checkpoint.images import PAGE_SIZE
+from remus.checkpoint.pagemap import PE_PARENT, PE_PRESENT, PagemapEntry
 from remus.checkpoint.store import CheckpointStore
 from remus.checkpoint.tracking import CRIU_NO_TRACKING, DumpChain, Probes, resolve
 from remus.errors import CheckpointError, ConfigError
@@ -36,7 +38,7 @@ def write_tracked(d: Path, entries: list[tuple[int, int, int]], content: dict[in
     pages file holds `content[i]` for the pages of the present entries."""
     d.mkdir()
     pm = [PagemapEntry(vaddr(i), n, flags) for i, n, flags in entries]
-    (d / PM).write_bytes(images.encode_pagemap(1, pm))
+    (d / PM).write_bytes(pagemap.encode_pagemap(1, pm))
     data = b"".join(page(content[i + k]) for i, n, flags in entries if flags & PE_PRESENT
                     for k in range(n))
     (d / "pages-1.img").write_bytes(data)
@@ -58,7 +60,7 @@ def ship(store: CheckpointStore, enc: DeltaEncoder, d: Path, epoch: int, full: b
 
 
 def memory(store: CheckpointStore) -> dict[int, bytes]:
-    return images.pages_by_vaddr(store.images_dir())[PM]
+    return pagemap.pages_by_vaddr(store.images_dir())[PM]
 
 
 def new_store(tmp_path: Path) -> CheckpointStore:
@@ -136,10 +138,10 @@ def test_chain_records_its_tracker(tmp_path: Path) -> None:
 def test_flattened_pagemap_has_every_page_present(tmp_path: Path) -> None:
     write_tracked(tmp_path / "d", [(0, 2, PE_PARENT), (2, 1, PE_PRESENT), (3, 3, PE_PARENT),
                                    (10, 1, PE_PRESENT | 2)], {2: 7, 10: 8})
-    pm = images.read_pagemap(tmp_path / "d" / PM)
+    pm = pagemap.read_pagemap(tmp_path / "d" / PM)
     assert pm.has_parent and pm.nr_present == 2
     assert [int(v) for v in pm.full_layout()] == [vaddr(i) for i in (0, 1, 2, 3, 4, 5, 10)]
-    flat = images.parse_pagemap(pm.flattened())
+    flat = pagemap.parse_pagemap(pm.flattened())
     assert not flat.has_parent and flat.pages_id == 1
     assert [(e.vaddr, e.nr_pages, e.flags) for e in flat.entries] == [
         (vaddr(0), 6, PE_PRESENT), (vaddr(10), 1, PE_PRESENT)]
@@ -160,7 +162,7 @@ def test_tracked_delta_rebuilds_full_memory_on_the_backup(tmp_path: Path) -> Non
     want = {vaddr(i): page(i) for i in (0, 1, 4, 5, 6)} | {vaddr(2): page(102), vaddr(3): page(3),
                                                            vaddr(9): page(109)}
     assert memory(store) == want
-    assert (store.images_dir() / PM).read_bytes() == images.read_pagemap(tmp_path / "e1" / PM).flattened()
+    assert (store.images_dir() / PM).read_bytes() == pagemap.read_pagemap(tmp_path / "e1" / PM).flattened()
     # and a further tracked epoch on top of the tracked one
     write_tracked(tmp_path / "e2", [(0, 7, PE_PARENT), (9, 1, PE_PRESENT)], {9: 209})
     ship(store, enc, tmp_path / "e2", 2, full=False, parent=tmp_path / "e1")
@@ -179,5 +181,5 @@ def test_tracked_dump_must_be_based_on_the_delta_base(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no parent was given"):
         list(enc.encode(tmp_path / "e1", False))
     enc.check_base(tmp_path / "e1", False, tmp_path / "e0")  # the right parent is fine
-    assert np.array_equal(images.read_pagemap(tmp_path / "e1" / PM).layout(),
+    assert np.array_equal(pagemap.read_pagemap(tmp_path / "e1" / PM).layout(),
                           np.array([vaddr(3)], dtype=np.uint64))

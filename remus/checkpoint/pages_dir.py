@@ -1,0 +1,213 @@
+"""The pages/ directory of the backup's checkpoint store: one pages file per pagemap.
+
+Layout::
+
+    pages/<pagemap>.<epoch>.img     page data of one pagemap, in its layout
+    pages/<pagemap>.<epoch>.vaddrs  that layout (u64 vaddr of each page)
+
+Pages files are named after their pagemap, not after CRIU's pages id,
+because ids renumber between dumps (only the images/pages-<id>.img symlinks
+into pages/ move); the current file of a pagemap is the one with the highest
+epoch.
+
+Invariant between applies: for every pagemap P of the manifest, the pages
+file ``pages/P.<E>.img`` with the highest E holds P's pages in the layout of
+``pages/P.<E>.vaddrs``, which equals the layout of ``images/P``.
+
+Applying an epoch's pages to a pagemap either patches its current file in
+place (same layout: the same bytes at the same offsets, so redoing it after
+a crash is harmless) or builds ``pages/P.<epoch>.img`` in the new layout,
+its ``.vaddrs`` first, and renames it in: its existence means "done" when
+the epoch is applied again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from remus.checkpoint import images
+from remus.checkpoint.delta import Manifest, decode_pages
+from remus.checkpoint.images import PAGE_SIZE, Vaddrs
+from remus.checkpoint.redo import LogRecord, RedoLog
+from remus.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from remus.checkpoint.store import StoreStats
+
+
+@dataclass
+class _PagesFile:
+    epoch: int
+    path: Path
+    layout: Vaddrs
+    index: tuple[Vaddrs, np.ndarray]
+
+
+class PagesDir:
+    """The current pages file of each pagemap, kept under ``path``.
+
+    ``stats`` (the store's) counts the pages and bytes written; ``hook`` is
+    called with a description before every mutation (see
+    CheckpointStore.on_write); ``write_file`` overwrites a small file in
+    place (the store's, with its hook and counters).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        stats: StoreStats,
+        fsync: bool,
+        hook: Callable[[str], None],
+        write_file: Callable[[Path, bytes], None],
+    ) -> None:
+        self.path = path
+        self.stats = stats
+        self.fsync = fsync
+        self._hook = hook
+        self._write_file = write_file
+        self._files: dict[str, _PagesFile] = {}
+
+    def load(self) -> None:
+        """Find the current pages file of each pagemap (on recovery)."""
+        newest: dict[str, int] = {}
+        for p in self.path.glob("*.img"):
+            name, _, epoch = p.name[: -len(".img")].rpartition(".")
+            if images.is_pagemap(name) and epoch.isdigit():
+                newest[name] = max(newest.get(name, -1), int(epoch))
+        self._files = {name: self._load_pages_file(name, e) for name, e in newest.items()}
+
+    def apply_pagemap(
+        self, redo: RedoLog, name: str, layout: Vaddrs, recs: list[LogRecord], epoch: int
+    ) -> None:
+        """Bring the pages of ``name`` to ``layout`` with the page records ``recs``."""
+        target = self.path / f"{name}.{epoch}.img"
+        cur = self._files.get(name)
+        if target.exists():  # built before a crash
+            self._files[name] = self._load_pages_file(name, epoch)
+        elif cur is not None and np.array_equal(cur.layout, layout):
+            self._patch_in_place(redo, cur, recs)
+        else:
+            self._build(redo, name, layout, recs, cur, target, epoch)
+
+    def link(self, images_dir: Path, manifest: Manifest) -> None:
+        """Point images_dir/pages-N.img of each pagemap at its current pages file."""
+        for name, info in manifest.pagemaps.items():
+            target = os.path.join("..", "pages", self._files[name].path.name)
+            link = images_dir / info.pages
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            tmp = images_dir / f".{info.pages}.tmp"
+            self._hook(f"link {info.pages}")
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.rename(tmp, link)
+
+    def remove_stale(self, manifest: Manifest) -> None:
+        """Remove the files of pagemaps not in ``manifest`` and superseded files."""
+        self._files = {n: f for n, f in self._files.items() if n in manifest.pagemaps}
+        keep = {f.path.name for f in self._files.values()}
+        keep |= {f.path.with_suffix(".vaddrs").name for f in self._files.values()}
+        for p in _pages_first(self.path):
+            if p.name not in keep:
+                self._hook(f"unlink pages/{p.name}")
+                p.unlink()
+
+    def entries(self) -> list[Path]:
+        """Everything in pages/, in an order safe for removal (see _pages_first)."""
+        return _pages_first(self.path)
+
+    def clear(self) -> None:
+        """Forget every pages file (the store has wiped pages/)."""
+        self._files = {}
+
+    def _patch_in_place(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord]) -> None:
+        # Same bytes at the same offsets: redoing this after a crash is harmless.
+        fd = os.open(cur.path, os.O_WRONLY)
+        try:
+            for rec in recs:
+                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+                self._write_pages(fd, images.lookup(cur.index, vaddrs), data, cur.path.name)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    def _build(
+        self,
+        redo: RedoLog,
+        name: str,
+        layout: Vaddrs,
+        recs: list[LogRecord],
+        cur: _PagesFile | None,
+        target: Path,
+        epoch: int,
+    ) -> None:
+        """Write pages/<name>.<epoch>.img in a new layout, then rename it in."""
+        index = images.sorted_index(layout)
+        self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
+        tmp = target.with_name(f".{target.name}.tmp")
+        self._hook(f"build {target.name}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, layout.size * PAGE_SIZE)
+            covered = np.zeros(layout.size, dtype=bool)
+            if cur is not None:
+                old_idx = images.lookup(cur.index, layout)
+                covered |= old_idx >= 0
+                self._copy_runs(cur.path, fd, old_idx)
+            for rec in recs:
+                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+                idx = images.lookup(index, vaddrs)
+                self._write_pages(fd, idx, data, target.name)
+                covered[idx] = True
+            if not covered.all():
+                raise CheckpointError(
+                    f"epoch {epoch} lacks {int((~covered).sum())} pages of {name}"
+                )
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+        self._files[name] = _PagesFile(epoch, target, layout, index)
+
+    def _copy_runs(self, src_path: Path, dst_fd: int, old_idx: np.ndarray) -> None:
+        """Copy old pages into their new places, one copy_file_range per run."""
+        src_fd = os.open(src_path, os.O_RDONLY)
+        try:
+            for new_start, old_start, n in images.page_runs(old_idx):
+                images.copy_pages(src_fd, dst_fd, old_start * PAGE_SIZE, new_start * PAGE_SIZE, n)
+                self.stats.pages_copied += n
+                self.stats.bytes_applied += n * PAGE_SIZE
+        finally:
+            os.close(src_fd)
+
+    def _write_pages(self, fd: int, idx: np.ndarray, data: bytes, what: str) -> None:
+        if bool((idx < 0).any()):
+            raise CheckpointError(f"{what}: page at a vaddr outside the pagemap")
+        view = memoryview(data)
+        for start, first, n in images.page_runs(idx):
+            self._hook(f"pwrite {what} @{first}+{n}")
+            os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)
+        self.stats.pages_written += idx.size
+        self.stats.bytes_applied += len(data)
+
+    def _load_pages_file(self, name: str, epoch: int) -> _PagesFile:
+        path = self.path / f"{name}.{epoch}.img"
+        raw = path.with_suffix(".vaddrs").read_bytes()
+        layout = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        return _PagesFile(epoch, path, layout, images.sorted_index(layout))
+
+
+def _pages_first(pages_dir: Path) -> list[Path]:
+    """Entries of pages/ with every .img before any .vaddrs.
+
+    Removing in this order keeps the invariant that a pages file never
+    exists without its layout, whatever point a crash interrupts.
+    """
+    return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")
