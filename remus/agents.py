@@ -23,11 +23,13 @@ from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
+from remus.checkpoint.tracking import DEFAULT_MODE
 from remus.container import Container, DescribedContainer
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
 from remus.netns import netns_of
-from remus.primary import Primary, PrimaryConfig
+from remus.primary import Primary
+from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
 from remus.unit import UnitSpec, hold_inbound, start_unit
 
@@ -125,7 +127,8 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
                         psk=opts["psk"], timing=opts["timing"], pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
                         compress=opts.get("compress", False),
-                        dirty_tracking=opts.get("dirty_tracking", "diff"), on_peer_loss=opts["on_peer_loss"],
+                        dirty_tracking=opts.get("dirty_tracking", DEFAULT_MODE),
+                        on_peer_loss=opts["on_peer_loss"],
                         trace=opts.get("trace"), fence=lambda: _fence(container, pid),
                         state_dirs=opts.get("state_dirs", []), unit_pids=cg.pids)
     p = Primary(cfg, buffer)
@@ -172,7 +175,7 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
     cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
                         timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
                         dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
-                        dirty_tracking=opts.get("dirty_tracking", "diff"),
+                        dirty_tracking=opts.get("dirty_tracking", DEFAULT_MODE),
                         on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence,
                         state_dirs=opts.get("state_dirs", []), unit_pids=lambda: _tree(pid))
     p = Primary(cfg, buffer)

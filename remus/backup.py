@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remus.backup_status import backup_status
+from remus.backup_takeover import Takeover, TakeoverFn
 from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.store import CheckpointStore
 from remus.config import Timing
@@ -32,7 +34,6 @@ from remus.stats import Series
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-TakeoverFn = Callable[["Backup", str], None]
 
 
 @dataclass
@@ -46,7 +47,11 @@ class BackupConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Backup:
+class Backup(Takeover):
+    """Receives, stages, verifies, ACKs and commits checkpoints; the failure
+    detector and the takeover are remus.backup_takeover's, the status snapshot
+    remus.backup_status's."""
+
     def __init__(self, cfg: BackupConfig,
                  prepare: Callable[[dict[str, Any], bool], None] | None = None,
                  takeover: TakeoverFn | None = None, clock: Clock = time.monotonic) -> None:
@@ -305,7 +310,10 @@ class Backup:
             log.error("epoch %d rejected: %s", ev.epoch, ev.reason)
             link.send(m.Nack(generation=ev.generation, epoch=ev.epoch, reason=ev.reason))
             return
-        staged.commit()  # the commit point: durable before the ACK leaves
+        # The commit point, before the ACK leaves: the epoch survives a kill -9 of
+        # this agent. Not a power cut of this host: the store runs without fsync
+        # (CheckpointStore(fsync=False)); the primary still holds the state then.
+        staged.commit()
         self.generation, self.epoch = ev.generation, ev.epoch
         instance = self._spec().get("instance")
         if self.unit is not None and self.unit.get("checkpoint_instance") != instance:
@@ -333,106 +341,5 @@ class Backup:
             except Exception:
                 log.exception("applying committed epochs failed")
 
-    # -- failure detection -----------------------------------------------------------
-    def _detector_loop(self) -> None:
-        tick = min(self.cfg.timing.heartbeat / 2, 0.02)
-        last_tick = self.clock()
-        while not self.stop_event.wait(tick):
-            now = self.clock()
-            if now - last_tick > max(4 * tick, self.cfg.timing.takeover_timeout / 3):
-                # We were not running (SIGSTOP, VM pause, overload): silence we did not
-                # observe is not evidence that the primary died. Start counting afresh.
-                log.warning("backup agent was not scheduled for %.0f ms; restarting the "
-                            "failure detector's count", (now - last_tick) * 1000)
-                self.last_heard = max(self.last_heard, now)
-            last_tick = now
-            if self.state != "replicating" or self.preparing:
-                continue
-            silent = self.clock() - self.last_heard
-            if silent <= self.cfg.timing.takeover_timeout or self.epoch < 0:
-                continue
-            link = self.link
-            if link is not None and not link.closed and link.unread() > 0:
-                # The primary's bytes are here; our reader is behind, not the
-                # primary silent (a big epoch, a busy core).
-                self.last_heard = self.clock()
-                continue
-            if not self.checkpoint_is_current():
-                self.state = "primary-lost"
-                self.last_sentence = ("primary silent before its first checkpoint; the checkpoint "
-                                      "held is from an earlier run: not restoring it")
-                log.error("%s", self.last_sentence)
-                continue
-            policy = self._spec().get("on_peer_loss", "stall")
-            if not self.cfg.auto_failover or policy == "continue":
-                self.state = "primary-lost"
-                why = ("--no-auto-failover" if not self.cfg.auto_failover else
-                       "the primary runs with --on-peer-loss continue and may still serve")
-                self.last_sentence = (f"primary silent for {silent * 1000:.0f} ms; not taking over "
-                                      f"({why}); fence it, then `remus failover`")
-                log.error("%s", self.last_sentence)
-                continue
-            try:
-                self.failover(f"primary silent for {silent * 1000:.0f} ms")
-            except Exception:
-                pass  # logged by failover(); the state says failed
-
-    def failover(self, why: str) -> None:
-        """Take over: finish applying, restore, bring the address up."""
-        with self.lock:
-            if self.state in ("taking-over", "active"):
-                raise RemusError(f"already {self.state}")
-            if self.state == "failed":
-                raise RemusError("a takeover already failed; see the log (restart the agent)")
-            if self.epoch < 0:
-                raise RemusError("no committed checkpoint to restore")
-            self.state = "taking-over"
-        self.timeline = {"detected": time.time()}
-        log.warning("%s: taking over from epoch %d", why, self.epoch)
-        if self.link is not None:
-            self.link.close()
-        if self.takeover_fn is None:
-            self.state = "failed"
-            raise RemusError("no takeover action configured")
-        try:
-            with self.standby_lock:
-                self.takeover_fn(self, why)
-        except Exception as e:
-            self.state = "failed"
-            self.last_sentence = f"takeover failed: {e}"
-            log.exception("takeover failed")
-            raise
-        self.state = "active"
-        self.last_sentence = f"{why}; took over at epoch {self.epoch}"
-
     def status(self) -> dict[str, Any]:
-        now = self.clock()
-        return {
-            "role": "backup" if self.state != "active" else "primary (after failover)",
-            "state": self.state,
-            "pid": os.getpid(),
-            "unit": (self.unit or {}).get("unit_id"),
-            "unit_pid": self.timeline.get("unit_pid"),
-            "primary": self.peer if self.link is not None and not self.link.closed else None,
-            "generation": self.generation,
-            "epoch": self.epoch,
-            "acked_epoch": self.epoch,
-            "resume_epoch": self.epoch,
-            "interval_ms": None,
-            "since_heartbeat_ms": round((now - self.last_heard) * 1000, 1),
-            "takeover_timeout_ms": round(self.cfg.timing.takeover_timeout * 1000, 1),
-            "pause_ms": None,
-            "bytes_per_epoch": self.epoch_bytes.summary(0),
-            "ack_latency_ms": self.ack_time.summary(),
-            "epochs_received": self.epochs_received,
-            "epochs_rejected": self.rejected,
-            "store": getattr(self.store, "stats", None) and _plain(self.store.stats),
-            "failover": self.timeline or None,
-            "last": self.last_sentence,
-        }
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return obj
-    return {k: v for k, v in vars(obj).items() if isinstance(v, int | float | str)}
+        return backup_status(self)

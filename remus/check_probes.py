@@ -32,7 +32,7 @@ from remus.check_report import (
     version_at_least,
 )
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
-from remus.checkpoint.uffd import USERFAULTFD_SYSCALL, own_userfaultfd, pagemap_scan
+from remus.checkpoint.uffd_kernel import USERFAULTFD_SYSCALL, own_userfaultfd, pagemap_scan
 from remus.errors import HostError
 from remus.proc import run_cmd
 

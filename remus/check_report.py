@@ -201,14 +201,16 @@ def _tracking_consequence(name: str, features: dict[str, Feature]) -> str:
 def _freezer_consequence(name: str, features: dict[str, Feature], pure_v2: bool) -> str:
     v1, v2 = _ok(features, "cgroup_freezer_v1"), _ok(features, "cgroup_freezer_v2")
     if not v1 and not v2:
-        return "remus cannot run: no way to freeze the unit consistently"
-    # remus.cgroup uses cgroup.freeze on pure v2 hosts and the v1 freezer otherwise
+        return "remus cannot run: no cgroup to hold the unit's processes"
+    # remus.cgroup keeps a unit in a v2 cgroup on pure v2 hosts, else in the v1
+    # freezer hierarchy; dumps seize its tasks with ptrace (CRIU), and only the
+    # lab's power cut freezes the group.
     uses_v2 = pure_v2 or not v1
     mine = name == ("cgroup_freezer_v2" if uses_v2 else "cgroup_freezer_v1")
+    where = "a cgroup v2 group" if uses_v2 else "the v1 freezer hierarchy"
     if mine:
-        return "units are frozen with " + ("cgroup.freeze (v2)" if uses_v2 else "the v1 freezer")
-    other = "cgroup.freeze (v2)" if uses_v2 else "the v1 freezer"
-    return f"not used: units are frozen with {other}"
+        return f"units are kept in {where}; dumps seize them with ptrace"
+    return f"not used: units are kept in {where}"
 
 
 def with_consequences(features: dict[str, Feature], *, pure_v2: bool = False) -> dict[str, Feature]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from remus.checkpoint.tracking import DEFAULT_MODE as DEFAULT_DIRTY_TRACKING
 from remus.checkpoint.tracking import MODES as DIRTY_TRACKING_MODES
 from remus.config import DEFAULT_PORT, Timing, parse_addr, parse_duration
 from remus.errors import RemusError
@@ -123,7 +124,7 @@ def primary_options(f: Any) -> Any:
                      help="lz4-compress page deltas (measured on redis: 5x fewer bytes per epoch, "
                      "no extra encode time; see bench/results/compress.json)."),
         click.option("--dirty-tracking", type=click.Choice(list(DIRTY_TRACKING_MODES)),
-                     default="auto", show_default=True,
+                     default=DEFAULT_DIRTY_TRACKING, show_default=True,
                      help="How changed memory is found. soft-dirty: CRIU memory tracking, the "
                      "freeze and the delta grow with the pages written (needs a kernel with "
                      "soft-dirty). uffd-wp: the same without soft-dirty, from userfaultfd "

@@ -4,8 +4,9 @@ Relations (Patroni-style, checked before anything starts):
   heartbeat * 2 <= lease          a lease survives one lost heartbeat
   lease < takeover_timeout        the primary stops releasing output before
                                   the backup may take over (no two actives)
-  interval <= takeover_timeout    epochs (and their ACKs) are not slower than
-                                  the failure detector
+The epoch interval has no relation to check: heartbeats, not epochs or
+their ACKs, prove each agent alive, so a long interval never looks like a
+dead peer (an epoch of any length keeps the lease alive by stream progress).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exception hierarchy: one root, one fatal subclass (see CONVENTIONS.md).
+"""Exception hierarchy: one root, one fatal subclass.
 
 Agents' loops log any RemusError and keep going; FatalError ends the agent.
 The CLI turns every RemusError into a one-line message and a non-zero exit.

@@ -3,7 +3,7 @@
 `remus protect PID` protects a process whose network namespace somebody else
 made (`ip netns add` + a veth, a container runtime, a script). The backup
 cannot restore into that namespace (it lives on the primary), so it builds an
-identical one: CRIU runs inside the namespace (DESIGN.md, way B) and restores
+identical one: CRIU runs inside the namespace (docs/protect.md) and restores
 sockets that expect the same interface names, MACs, addresses and routes.
 
 - describe(pid): read the unit's namespace and this host's side of its veth

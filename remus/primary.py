@@ -14,19 +14,14 @@ Output of epoch e (packets tagged e by the buffer) leaves only after ACK(e).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
-import os
 import queue
 import secrets
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,66 +31,28 @@ from remus.checkpoint.disk_delta import DiskDelta
 from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.tracking import DumpChain, resolve
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
-from remus.config import Timing
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
-from remus.protocol import PrimaryConnection
+from remus.primary_config import (
+    MAX_FAILED_DUMPS,
+    MAX_FAILED_FIRST_DUMPS,
+    MAX_FAILING_S,
+    PrimaryConfig,
+)
+from remus.primary_session import BackupSession
+from remus.primary_status import primary_status
 from remus.protocol import messages as m
 from remus.stats import Series
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-# The unit cannot be checkpointed: give up (saying why) after this many failures
-# in a row spanning at least this long. Output stays held meanwhile.
-MAX_FAILED_DUMPS = 10
-MAX_FAILING_S = 10.0
-# A unit that was never checkpointed gives up sooner (a unit CRIU cannot dump).
-MAX_FAILED_FIRST_DUMPS = 3
+class Primary(BackupSession):
+    """Runs protection for one unit until stop() or a fatal error.
 
-
-def _bulk_proof() -> int:
-    """Bytes the backup must have read to prove its agent alive by stream progress:
-    more than any receive buffer its kernel fills on its own (2x our tcp_rmem max,
-    at least 8 MiB)."""
-    try:
-        rmem_max = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
-    except (OSError, ValueError, IndexError):
-        rmem_max = 6 << 20
-    return max(8 << 20, 2 * rmem_max)
-
-
-BULK_PROOF = _bulk_proof()
-
-
-@dataclass
-class PrimaryConfig:
-    unit_id: str
-    spec: dict[str, Any]
-    backup: tuple[str, int]
-    psk: bytes
-    timing: Timing
-    pid: int  # root of the dumped tree
-    netns_path: str | None
-    dump_root: Path
-    freeze_cgroup: str | None = None
-    compress: bool = False
-    dirty_tracking: str = "diff"  # auto | soft-dirty | uffd-wp | diff (checkpoint.tracking)
-    max_inflight: int = 2
-    on_peer_loss: str = "stall"
-    connect_timeout: float = 2.0
-    # The backup answers HELLO after building its standby container (seconds on a
-    # slow or loaded host): a short wait here made the primary reconnect in a loop.
-    handshake_timeout: float = 15.0
-    trace: Path | None = None  # JSON lines, one per acked epoch (tests, plots)
-    state_dirs: list[Path] = field(default_factory=list)  # replicated with each checkpoint
-    unit_pids: Callable[[], list[int]] | None = None  # for files the unit has mmapped
-    fence: Callable[[], None] | None = None  # kills our copy of the unit
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Primary:
-    """Runs protection for one unit until stop() or a fatal error."""
+    The session with the backup (connect, receiver, lease, heartbeats, peer
+    loss, fencing) is remus.primary_session's; the status snapshot
+    remus.primary_status's."""
 
     def __init__(self, cfg: PrimaryConfig, buffer: Any, criu: Criu | None = None,
                  clock: Clock = time.monotonic) -> None:
@@ -381,185 +338,9 @@ class Primary:
         self.dirty_pages.add(float(st.pages_changed))
         self.bytes_total += n
 
-    # -- receiver -------------------------------------------------------------
-    def _receive_loop(self, link: Link) -> None:
-        try:
-            for ev in link.events():
-                self._on_event(ev)
-        except (LinkClosed, RemusError) as err:
-            if not self.stop_event.is_set():
-                log.warning("backup link lost: %s", err)
-        finally:
-            link.close()
-            with self.cond:
-                self.inflight.clear()
-                self.cond.notify_all()
-            self.wake.set()
-
-    def _on_event(self, ev: Any) -> None:
-        now = self.clock()
-        if isinstance(ev, m.Ack):
-            if ev.generation != self.generation:
-                return
-            with self.cond:
-                done = [k for k in self.inflight if k <= ev.epoch]
-                sent = self.inflight.get(ev.epoch)
-                for k in done:
-                    del self.inflight[k]
-                self.cond.notify_all()
-            self.lease_until = now + self.cfg.timing.lease
-            self.buffer.release(ev.epoch)
-            released = time.time()
-            self.acked = max(self.acked, ev.epoch)
-            self._trace(ev.epoch, released)
-            self.epochs_done += 1
-            if sent is not None:
-                self.ack_latency.add((now - sent) * 1000)
-            self.last_sentence = f"acked epoch {ev.epoch}"
-        elif isinstance(ev, m.Nack):
-            log.error("backup rejected epoch %d: %s; starting a new generation", ev.epoch, ev.reason)
-            self.need_full = True
-            if self.link is not None:
-                self.link.close()
-        elif isinstance(ev, m.Heartbeat):
-            self.lease_until = now + self.cfg.timing.lease
-        elif isinstance(ev, m.Error):
-            log.error("backup reports an error: %s", ev.reason)
-            if self.link is not None:
-                self.link.close()
-
-    # -- connection -----------------------------------------------------------
-    def _trace(self, epoch: int, released: float) -> None:
-        marks = self.marks.pop(epoch, {})
-        for k in [k for k in list(self.marks) if k < epoch]:  # list(): other threads add
-            self.marks.pop(k, None)
-        if self.trace_f is not None:
-            self.trace_f.write(json.dumps({
-                "epoch": epoch, "generation": self.generation,
-                "boundary": marks.get("boundary"), "dumped": marks.get("dumped"),
-                "send_start": marks.get("send_start"), "sent": marks.get("sent"),
-                "released": released, "pause_ms": marks.get("pause_ms", self.pause.last),
-                "split": marks.get("split"), "bytes": self.delta_bytes.last}) + "\n")
-            self.trace_f.flush()
-
-    def _peer_lost(self) -> None:
-        """No backup link: apply --on-peer-loss once the lease has lapsed."""
-        if not self.protected or self.clock() < self.lease_until or self.acked < 0:
-            return
-        if self.cfg.on_peer_loss == "continue":
-            log.error("backup lost and lease expired: policy 'continue' -> running UNPROTECTED; "
-                      "output is released at once, a failure of this host now loses state")
-            self.buffer.close(release_all=True)
-            from remus.netbuf import NullBuffer
-
-            self.buffer = NullBuffer()
-            self.protected = False
-            self.last_sentence = "UNPROTECTED: backup lost (on-peer-loss continue)"
-        elif "stalled" not in self.last_sentence:
-            self.last_sentence = ("stalled: backup lost and lease expired; output held "
-                                  "(on-peer-loss stall), reconnecting")
-            log.warning("%s", self.last_sentence)
-
-    def _fence(self, why: str) -> None:
-        log.error("fencing: %s; killing this copy of the unit", why)
-        self.last_sentence = f"fenced: {why}"
-        if self.cfg.fence is not None:
-            self.cfg.fence()
-        self.fatal = FatalError(f"fenced: {why}")
-        self.stop_event.set()
-
-    def _connect(self) -> None:
-        host, port = self.cfg.backup
-        try:
-            sk = socket.create_connection((host, port), timeout=self.cfg.connect_timeout)
-        except OSError as e:
-            self.last_sentence = f"backup {host}:{port} unreachable: {e.strerror or e}"
-            log.warning("%s; retrying", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
-            return
-        gen = max(time.time_ns() // 1_000_000, self.generation + 1)
-        # "instance": this agent run. A backup may fail over only to a checkpoint of
-        # the instance that last connected (not to one a stopped run left behind).
-        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss, "instance": self.instance}
-        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec,
-                                 nonce=secrets.token_bytes(16))
-        link = Link(sk, conn, f"{host}:{port}")
-        try:
-            link.send_raw(conn.start())
-            sk.settimeout(self.cfg.handshake_timeout)
-            ev = next(link.events())
-        except (LinkClosed, RemusError, StopIteration, OSError) as e:
-            link.close()
-            self.last_sentence = f"handshake with {host}:{port} failed: {e}"
-            log.error("%s", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
-            return
-        if not isinstance(ev, m.Welcome):
-            link.close()
-            reason = getattr(ev, "reason", type(ev).__name__)
-            if "taken over" in reason:
-                self._fence(f"backup {host}:{port} has taken over")
-                return
-            self.last_sentence = f"backup {host}:{port} refused: {reason}"
-            log.error("%s", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
-            return
-        sk.settimeout(None)
-        link.set_user_timeout(max(1.0, 5 * self.cfg.timing.lease))
-        self.generation = gen
-        self.need_full = True
-        self.link = link
-        self.lease_until = self.clock() + self.cfg.timing.lease
-        log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d)",
-                 host, port, gen, ev.generation, ev.committed_epoch)
-        threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
-                         daemon=True).start()
-
-    def _retry_delay(self) -> float:
-        """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
-        return min(0.5, max(0.02, self.cfg.timing.heartbeat))
-
     def _uffd_tracker(self) -> UffdTracker | None:
         """The uffd-wp tracker, unless the chain fell back to the page diff."""
         return self.tracker if self.chain.mode == "uffd-wp" else None
-
-    def _stream_progress(self, link: Link) -> None:
-        """A big epoch on the wire that the backup keeps reading renews the lease.
-
-        Its ACKs and heartbeats may wait behind the transfer in its agent, or
-        behind our sender here (measured: a 1 GiB first checkpoint expired the
-        200 ms lease and cost a needless takeover). The backup's kernel holds at
-        most one receive buffer of unread data, so more than BULK_PROOF bytes of
-        ours acknowledged since the last renewal means its agent reads: life in
-        the agent, not only in its kernel (a stopped agent renews nothing).
-        """
-        acked = link.bytes_acked()
-        if link is not self._progress_link or self.lease_until != self._lease_seen:
-            # a new link, or an ACK/heartbeat renewed the lease: count from here
-            self._progress_link, self._bytes_acked = link, acked
-        elif acked - self._bytes_acked >= BULK_PROOF:
-            self.lease_until = self.clock() + self.cfg.timing.lease
-            self._bytes_acked = acked
-        self._lease_seen = self.lease_until
-
-    def _heartbeat_loop(self) -> None:
-        while not self.stop_event.wait(self.cfg.timing.heartbeat):
-            link = self.link
-            if link is None or link.closed:
-                continue
-            self._stream_progress(link)
-            if self.acked >= 0 and self.clock() > self.lease_until:
-                # A partition leaves TCP open but silent: the lease is the truth.
-                log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms); "
-                            "dropping the link", self.cfg.timing.lease * 1000)
-                link.close()
-                continue
-            try:
-                link.send(m.Heartbeat(generation=self.generation, epoch=self.epoch,
-                                      acked=self.acked, sent_ns=time.time_ns(),
-                                      lease_ms=int(self.cfg.timing.lease * 1000)))
-            except LinkClosed:
-                pass
 
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -600,50 +381,7 @@ class Primary:
         shutil.rmtree(self.cfg.dump_root, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
-        now = self.clock()
-        t = self.epoch_times[-50:]
-        eps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
-        elapsed = max(now - self.started, 1e-9)
-        nb = self.buffer.counters()  # one snapshot (it takes the buffer's lock)
-        tracker = self._uffd_tracker()
-        return {
-            "role": "primary",
-            "pid": os.getpid(),
-            "unit": self.cfg.unit_id,
-            "unit_pid": self.cfg.pid,
-            "backup": f"{self.cfg.backup[0]}:{self.cfg.backup[1]}",
-            "connected": self.link is not None and not self.link.closed,
-            "generation": self.generation,
-            "epoch": self.epoch - 1,  # the newest checkpoint taken
-            "running_epoch": self.epoch,  # output now is tagged with this
-            "acked_epoch": self.acked,
-            "inflight": len(self.inflight),
-            "interval_ms": round(self.cfg.timing.interval * 1000, 3),
-            "dirty_tracking": self.chain.mode,
-            "uffd_wp": dataclasses.asdict(tracker.stats) if tracker is not None else None,
-            "pause_ms": self.pause.summary(),
-            "dump_ms": self.dump_wall.summary(),
-            "ack_latency_ms": self.ack_latency.summary(),
-            "bytes_per_epoch": self.delta_bytes.summary(0),
-            "checkpoint_bytes": self.full_bytes.last,
-            "encode_ms": self.encode_ms.summary(),
-            "changed_pages": self.dirty_pages.summary(0),
-            # TCP stream images left at the backup in the last epoch (only their clock moved)
-            "tcp_streams_carried": self.encoder.stats.streams_carried,
-            "dumped_pages": self.dumped_pages.summary(0),
-            # where the pause goes (p50 of each part; checkpoint.criu.DumpResult.split)
-            "frozen_split": {k: v.summary()["p50"] for k, v in self.frozen_split.items()},
-            "epochs_per_s": round(eps, 2),
-            "bytes_per_s": round(self.bytes_total / elapsed, 1),
-            "epochs_acked": self.epochs_done,
-            "lease_ms_left": round(max(0.0, self.lease_until - now) * 1000, 1),
-            "netbuf": nb,
-            "disk": dataclasses.asdict(self.disk.stats) if self.disk is not None else None,
-            "guarantee": self.protected and bool(nb.get("guarantee", True)),
-            "protected": self.protected,
-            "on_peer_loss": self.cfg.on_peer_loss,
-            "last": self.last_sentence,
-        }
+        return primary_status(self)
 
 
 def _alive(pid: int) -> bool:

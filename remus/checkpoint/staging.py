@@ -81,7 +81,8 @@ class StagedEpoch:
         self._writer.append(record)
 
     def commit(self) -> None:
-        """Make the epoch durable (the commit point); call after verification."""
+        """Commit the epoch (survives a crash of the agent; fsync only with the store's
+        fsync option); call after verification."""
         if self._writer is None:
             raise ProtocolError("epoch already committed or aborted")
         m = self._manifest

@@ -40,6 +40,8 @@ from remus.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "soft-dirty", "uffd-wp", "diff")
+#: the one default (the CLI, the agents and PrimaryConfig use it)
+DEFAULT_MODE = "auto"
 #: what a primary ends up using (MODES without auto)
 TRACKERS = ("soft-dirty", "uffd-wp", "diff")
 
@@ -68,10 +70,10 @@ def kernel_soft_dirty() -> bool:
 
 def uffd_wp_problem(criu: str | None = None) -> str | None:
     """None when uffd-wp tracking works here (kernel and CRIU); else why not."""
-    from remus.checkpoint import uffd
+    from remus.checkpoint import uffd, uffd_kernel
     from remus.paths import criu_binary
 
-    why = uffd.kernel_uffd_wp()
+    why = uffd_kernel.kernel_uffd_wp()
     if why is not None:
         return why
     binary = criu or criu_binary()

@@ -1,11 +1,22 @@
 """Replication wire protocol, sans-I/O (see docs/protocol.md).
 
 frames: header + payload + HMAC tag, keys; messages: the message dataclasses
-and their field tables; states: the primary and backup state machines.
+and their field tables; connection: the states, events, transition tables
+and the machinery both ends share; primary_connection and backup_connection:
+the primary's and the backup's end.
 Transports (remus.link) feed bytes in and write the bytes these return.
 """
 
-from remus.protocol import frames, messages, states
+from remus.protocol import backup_connection, connection, frames, messages, primary_connection
+from remus.protocol.backup_connection import BackupConnection
+from remus.protocol.connection import (
+    NEED_DATA,
+    ConnectionClosed,
+    EpochComplete,
+    Event,
+    NeedData,
+    State,
+)
 from remus.protocol.frames import (
     DEFAULT_MAX_PAYLOAD,
     Frame,
@@ -34,16 +45,7 @@ from remus.protocol.messages import (
     decode_message,
     encode_message,
 )
-from remus.protocol.states import (
-    NEED_DATA,
-    BackupConnection,
-    ConnectionClosed,
-    EpochComplete,
-    Event,
-    NeedData,
-    PrimaryConnection,
-    State,
-)
+from remus.protocol.primary_connection import PrimaryConnection
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD", "NEED_DATA", "PROTOCOL_VERSION",
@@ -51,6 +53,6 @@ __all__ = [
     "EpochComplete", "EpochDigest", "EpochEnd", "Error", "Event", "Frame", "FrameDecoder",
     "FrameWriter", "Heartbeat", "Hello", "LocalProtocolError", "Message", "Nack", "NeedData",
     "PrimaryConnection", "RemoteProtocolError", "State", "Welcome",
-    "decode_message", "derive_session_keys", "encode_frame", "encode_message", "frames",
-    "load_key", "messages", "states",
+    "backup_connection", "connection", "decode_message", "derive_session_keys", "encode_frame",
+    "encode_message", "frames", "load_key", "messages", "primary_connection",
 ]

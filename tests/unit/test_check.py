@@ -120,7 +120,7 @@ def test_blocker_carries_probe_detail() -> None:
     [
         ("nfqueue", "output buffer uses sch_plug"),
         ("sch_plug", "output buffer uses NFQUEUE"),
-        ("cgroup_freezer_v1", "cgroup.freeze"),
+        ("cgroup_freezer_v1", "cgroup v2 group"),
         ("cgroup_freezer_v2", "v1 freezer"),
         ("xt_cgroup", "host's netns"),
         ("userfaultfd", "full restores only"),
@@ -135,10 +135,11 @@ def test_single_fallbacks_are_warnings(missing: str, warned: str) -> None:
 
 def test_freezer_choice_follows_hierarchy() -> None:
     hybrid = build_report(GOOD_CRIU, features(), "6.18.0", pure_v2=False).features
-    assert hybrid["cgroup_freezer_v1"].consequence == "units are frozen with the v1 freezer"
+    assert hybrid["cgroup_freezer_v1"].consequence == ("units are kept in the v1 freezer hierarchy; "
+                                                       "dumps seize them with ptrace")
     assert hybrid["cgroup_freezer_v2"].consequence.startswith("not used")
     pure = build_report(GOOD_CRIU, features(cgroup_freezer_v1="missing"), "6.18", pure_v2=True)
-    assert pure.features["cgroup_freezer_v2"].consequence.endswith("cgroup.freeze (v2)")
+    assert pure.features["cgroup_freezer_v2"].consequence.startswith("units are kept in a cgroup v2")
 
 
 def test_informational_feature_never_warns() -> None:
