@@ -23,11 +23,12 @@ from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
-from remus.checkpoint.tracking import DEFAULT_MODE
 from remus.container import Container, DescribedContainer
+from remus.container import warm_up as container_warm_up
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
 from remus.netns import netns_of
+from remus.options import BackupOptions, PrimaryOptions
 from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
@@ -110,9 +111,12 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
             on_stop(released)
 
 
-def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any) -> tuple[Primary, Any]:
+def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
+                     ) -> tuple[Primary, Any]:
     """`remus run`: build the container, start argv in it, protect it."""
-    spec = UnitSpec.for_run(opts["name"], opts["vip"], opts["dev"])
+    if opts.vip is None:
+        raise ConfigError("remus run needs --vip")
+    spec = UnitSpec.for_run(opts.name, opts.vip, opts.dev)
     container = Container(spec)
     container.create(active=True)
     cg = UnitCgroup(spec.name)
@@ -122,15 +126,14 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
         container.remove()
         raise
     buffer = buffer_factory(spec.host_if)
-    spec_json = spec.to_json() | {"state_dirs": [str(x) for x in opts.get("state_dirs", [])]}
-    cfg = PrimaryConfig(unit_id=spec.name, spec=spec_json, backup=opts["backup"],
-                        psk=opts["psk"], timing=opts["timing"], pid=pid,
+    spec_json = spec.to_json() | {"state_dirs": [str(x) for x in opts.state_dirs]}
+    cfg = PrimaryConfig(unit_id=spec.name, spec=spec_json, backup=opts.backup,
+                        psk=opts.psk, timing=opts.timing, pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
-                        compress=opts.get("compress", False),
-                        dirty_tracking=opts.get("dirty_tracking", DEFAULT_MODE),
-                        on_peer_loss=opts["on_peer_loss"],
-                        trace=opts.get("trace"), fence=lambda: _fence(container, pid),
-                        state_dirs=opts.get("state_dirs", []), unit_pids=cg.pids)
+                        compress=opts.compress, dirty_tracking=opts.dirty_tracking,
+                        on_peer_loss=opts.on_peer_loss,
+                        trace=opts.trace, fence=lambda: _fence(container, pid),
+                        state_dirs=opts.state_dirs, unit_pids=cg.pids)
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -148,7 +151,8 @@ def make_run_primary(opts: dict[str, Any], argv: list[str], buffer_factory: Any)
     return p, on_stop
 
 
-def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) -> tuple[Primary, Any]:
+def make_protect_primary(opts: PrimaryOptions, pid: int, buffer_factory: Any
+                         ) -> tuple[Primary, Any]:
     """`remus protect PID`: the process must already have its own netns (a container)."""
     own = netns_of(os.getpid())
     theirs = netns_of(pid)
@@ -159,25 +163,25 @@ def make_protect_primary(opts: dict[str, Any], pid: int, buffer_factory: Any) ->
             "namespace). Start it with `remus run -- CMD` instead, or put it in a container.")
     desc = netdesc.describe(pid)
     host_if = desc["host_if"]
-    if opts.get("host_if") and opts["host_if"] != host_if:
-        raise ConfigError(f"--host-if {opts['host_if']}: pid {pid}'s veth peer on this host is "
+    if opts.host_if and opts.host_if != host_if:
+        raise ConfigError(f"--host-if {opts.host_if}: pid {pid}'s veth peer on this host is "
                           f"{host_if}")
     for w in desc.get("warnings", []):
         log.warning("container of pid %d: %s", pid, w)
-    spec = {"name": opts["name"], "mode": "protect", "host_if": host_if, "netdesc": desc,
-            "state_dirs": [str(x) for x in opts.get("state_dirs", [])]}
+    spec = {"name": opts.name, "mode": "protect", "host_if": host_if, "netdesc": desc,
+            "state_dirs": [str(x) for x in opts.state_dirs]}
     buffer = buffer_factory(host_if, bridged=desc.get("bridge") is not None)
 
     def fence() -> None:
         netdesc.deactivate(desc)
         _kill(pid)
 
-    cfg = PrimaryConfig(unit_id=opts["name"], spec=spec, backup=opts["backup"], psk=opts["psk"],
-                        timing=opts["timing"], pid=pid, netns_path=f"/proc/{pid}/ns/net",
-                        dump_root=_dump_root(opts["name"]), compress=opts.get("compress", False),
-                        dirty_tracking=opts.get("dirty_tracking", DEFAULT_MODE),
-                        on_peer_loss=opts["on_peer_loss"], trace=opts.get("trace"), fence=fence,
-                        state_dirs=opts.get("state_dirs", []), unit_pids=lambda: _tree(pid))
+    cfg = PrimaryConfig(unit_id=opts.name, spec=spec, backup=opts.backup, psk=opts.psk,
+                        timing=opts.timing, pid=pid, netns_path=f"/proc/{pid}/ns/net",
+                        dump_root=_dump_root(opts.name), compress=opts.compress,
+                        dirty_tracking=opts.dirty_tracking,
+                        on_peer_loss=opts.on_peer_loss, trace=opts.trace, fence=fence,
+                        state_dirs=opts.state_dirs, unit_pids=lambda: _tree(pid))
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None
@@ -342,14 +346,14 @@ def serve_backup(b: Backup) -> None:
             signal.signal(s, h)
 
 
-def make_backup(opts: dict[str, Any]) -> Backup:
-    cfg = BackupConfig(listen=opts["listen"], psk=opts["psk"], workdir=opts["workdir"],
-                       timing=opts["timing"], auto_failover=opts.get("auto_failover", True),
-                       state_dirs=opts.get("state_dirs", []),
-                       extra={"name": opts.get("name", "default")})
+def make_backup(opts: BackupOptions) -> Backup:
+    cfg = BackupConfig(listen=opts.listen, psk=opts.psk, workdir=opts.workdir,
+                       timing=opts.timing, auto_failover=opts.auto_failover,
+                       state_dirs=opts.state_dirs, extra={"name": opts.name})
     try:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FatalError(f"--workdir {cfg.workdir}: {e.strerror}") from e
     threading.Thread(target=Criu().warm_up, name="criu-warm-up", daemon=True).start()
+    threading.Thread(target=container_warm_up, name="rtnl-warm-up", daemon=True).start()
     return Backup(cfg, prepare=prepare_standby, takeover=takeover)

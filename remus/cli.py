@@ -17,6 +17,7 @@ from remus.checkpoint.tracking import DEFAULT_MODE as DEFAULT_DIRTY_TRACKING
 from remus.checkpoint.tracking import MODES as DIRTY_TRACKING_MODES
 from remus.config import DEFAULT_PORT, Timing, parse_addr, parse_duration
 from remus.errors import RemusError
+from remus.options import DEFAULT_ON_PEER_LOSS, ON_PEER_LOSS, BackupOptions, PrimaryOptions
 
 log = logging.getLogger("remus")
 
@@ -132,7 +133,7 @@ def primary_options(f: Any) -> Any:
                      "never was tracked costs one full dump). diff: full dumps compared page by "
                      "page (the freeze grows with the unit). auto: soft-dirty, else uffd-wp, "
                      "else diff; `remus check` says which this host gets."),
-        click.option("--on-peer-loss", type=click.Choice(["stall", "continue"]), default="stall",
+        click.option("--on-peer-loss", type=click.Choice(list(ON_PEER_LOSS)), default=DEFAULT_ON_PEER_LOSS,
                      show_default=True, help="When the backup is gone and the lease lapsed: hold "
                      "output and let the backup take over (stall), or run unprotected and keep "
                      "serving (continue; the backup then never takes over by itself)."),
@@ -164,18 +165,19 @@ def _buffer_factory(netbuf: str, no_netbuf: bool) -> Any:
     return make
 
 
-def _primary_opts(kw: dict[str, Any], name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "backup": parse_addr(kw["backup"], DEFAULT_PORT),
-        "psk": _load_key(kw["key_file"]),
-        "timing": _timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
-        "compress": kw["compress"],
-        "dirty_tracking": kw["dirty_tracking"],
-        "on_peer_loss": kw["on_peer_loss"],
-        "trace": Path(kw["trace"]) if kw.get("trace") else None,
-        "state_dirs": _state_dirs(kw.get("state_dirs", ())),
-    }
+def _primary_opts(kw: dict[str, Any], name: str, **more: Any) -> PrimaryOptions:
+    return PrimaryOptions(
+        name=name,
+        backup=parse_addr(kw["backup"], DEFAULT_PORT),
+        psk=_load_key(kw["key_file"]),
+        timing=_timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
+        compress=kw["compress"],
+        dirty_tracking=kw["dirty_tracking"],
+        on_peer_loss=kw["on_peer_loss"],
+        trace=Path(kw["trace"]) if kw.get("trace") else None,
+        state_dirs=_state_dirs(kw.get("state_dirs", ())),
+        **more,
+    )
 
 
 def _state_dirs(dirs: tuple[str, ...]) -> list[Path]:
@@ -210,12 +212,12 @@ def run(argv: tuple[str, ...], vip: str, dev: str, **kw: Any) -> None:
     from remus.agents import make_run_primary, serve_primary
 
     name = kw["name"] or _default_name(list(argv))
-    opts = _primary_opts(kw, name) | {"vip": vip, "dev": dev}
+    opts = _primary_opts(kw, name, vip=vip, dev=dev)
     try:
         p, on_stop = make_run_primary(opts, list(argv), _buffer_factory(kw["netbuf"], kw["no_netbuf"]))
         click.echo(f"remus: protecting {argv[0]} (unit {name}, pid {p.cfg.pid}, {vip}) -> "
-                   f"backup {opts['backup'][0]}:{opts['backup'][1]} every "
-                   f"{opts['timing'].interval * 1000:g} ms", err=True)
+                   f"backup {opts.backup[0]}:{opts.backup[1]} every "
+                   f"{opts.timing.interval * 1000:g} ms", err=True)
         serve_primary(p, name, on_stop)
     except RemusError as e:
         raise CliError(str(e)) from e
@@ -233,7 +235,7 @@ def protect(pid: int, host_if: str | None, **kw: Any) -> None:
     if not Path(f"/proc/{pid}").exists():
         raise CliError(f"no process with pid {pid}")
     name = kw["name"] or f"pid{pid}"
-    opts = _primary_opts(kw, name) | {"host_if": host_if}
+    opts = _primary_opts(kw, name, host_if=host_if)
     try:
         p, on_stop = make_protect_primary(opts, pid, _buffer_factory(kw["netbuf"], kw["no_netbuf"]))
         serve_primary(p, name, on_stop)
@@ -268,10 +270,10 @@ def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
     dirs = [Path(d).resolve() for d in state_dirs]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    opts: dict[str, Any] = {"listen": addr, "psk": _load_key(key_file), "workdir": Path(workdir),
-            "timing": _timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
-            "auto_failover": not no_auto_failover, "name": str(addr[1]),
-            "state_dirs": dirs}
+    opts = BackupOptions(
+        listen=addr, psk=_load_key(key_file), workdir=Path(workdir),
+        timing=_timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
+        auto_failover=not no_auto_failover, name=str(addr[1]), state_dirs=dirs)
     try:
         b = make_backup(opts)
         click.echo(f"remus: backup listening on {addr[0]}:{addr[1]}; {b.last_sentence}", err=True)
