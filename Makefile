@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .cache/.setup-stamp
 
-.PHONY: setup test test-unit test-integration check demo bench lab-down clean
+.PHONY: setup test test-fast test-unit test-integration check demo bench lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
 $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
@@ -14,14 +14,20 @@ $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
 setup: $(STAMP)
 
 check: setup
-	$(VENV)/bin/ruff check remus tests
+	$(VENV)/bin/ruff check remus tests bench
 	$(VENV)/bin/mypy
 
+# The full proof (CI runs it): every tier, the long (`slow`) lab tests included.
 test: setup
-	$(VENV)/bin/ruff check remus tests
+	$(VENV)/bin/ruff check remus tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests/unit
 	$(VENV)/bin/pytest -q tests/integration tests/reliability
+
+# A few minutes: lint and types (check), unit tests, the integration tests not marked `slow`.
+test-fast: check
+	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q -m "not slow" tests/integration
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit

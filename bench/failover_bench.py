@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from remus.lab import Lab  # noqa: E402
+from remus.powercut import SEED, crash_once  # noqa: E402
 from remus.scenario import Scenario, exclusive_lab  # noqa: E402
-from tests.reliability import test_failover as fo  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "failover.json"
 STEPS = ("detect", "apply", "address_up", "restore", "first_reply")
@@ -53,7 +53,7 @@ def one_run(lab: Lab, workdir: Path, server: str, interval: str, rng: random.Ran
                   extra_primary=["--trace", str(trace), *(timing or [])],
                   extra_backup=list(timing or []))
     try:
-        rec = fo.crash_once(sc, rng, mode, trace)
+        rec = crash_once(sc, rng, mode, trace)
     finally:
         sc.reset()
     rec["workdir"] = str(workdir)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--runs", type=int, default=10)
     ap.add_argument("--server", choices=["redis", "memcached"], default="redis")
     ap.add_argument("--interval", default="50ms")
-    ap.add_argument("--seed", type=int, default=fo.SEED)
+    ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--aimed", action="store_true",
                     help="aim every cut at an epoch boundary (mid-dump / mid-transfer)")
     ap.add_argument("--fast-detection", action="store_true",

@@ -45,7 +45,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from failover_bench import fo as failover_tests  # noqa: E402
 from failover_bench import one_run as fo_one_run  # noqa: E402
 from failover_bench import report as fo_report  # noqa: E402
 from latency_bench import client_latencies  # noqa: E402
@@ -54,6 +53,7 @@ from profile_agent import AgentWatch, profile  # noqa: E402
 from report import config, plots, report  # noqa: E402
 
 from remus.lab import Lab  # noqa: E402
+from remus.powercut import SEED as FAILOVER_SEED  # noqa: E402
 from remus.scenario import SERVERS, Scenario, exclusive_lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -373,7 +373,7 @@ def failover_series(lab: Lab, n: int, work: Path) -> dict[str, Any]:
     reply on the same connection, the backup's takeover timeline per step)."""
     runs = []
     for i in range(n):
-        rng = random.Random(f"{failover_tests.SEED}-bench-{i}")
+        rng = random.Random(f"{FAILOVER_SEED}-bench-{i}")
         rec = fo_one_run(lab, work / f"fo{i}", "redis", "50ms", rng, "random")
         runs.append(rec)
         ms = rec["failover_s"] * 1000 if rec["failover_s"] is not None else float("nan")

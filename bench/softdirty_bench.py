@@ -1,7 +1,7 @@
 """Pause against pages dirtied with CRIU memory tracking (soft-dirty), in a VM.
 
 This machine's kernel has no soft-dirty, so the series runs inside the VM of
-tests/vm.py (Debian's stock kernel, the host's files, an emulated CPU:
+remus/vm.py (Debian's stock kernel, the host's files, an emulated CPU:
 absolute times are several times this machine's; compare rows with each
 other). For a filler unit of MIB MiB that rewrites PCT % of its pages every
 50 ms, protected by `remus run --dirty-tracking soft-dirty` and then by
@@ -72,7 +72,7 @@ def main() -> int:
     if a.inside:
         inside(sizes, pcts)
         return 0
-    from tests.vm import run_in_vm
+    from remus.vm import run_in_vm
 
     rc, out = run_in_vm(f".venv/bin/python bench/softdirty_bench.py --inside --sizes {a.sizes} "
                         f"--pcts {a.pcts}\n", timeout=3600)

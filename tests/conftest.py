@@ -1,6 +1,7 @@
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -8,8 +9,22 @@ import pytest
 # two test runs on one machine (and the demo and benchmarks) wait for each other.
 from remus.scenario import LAB_LOCK as LAB_TEST_LOCK  # noqa: E402
 
+# The tier of a test follows from its directory: `unit` (no root, no lab) or
+# `integration` (the real kernel, root); the long ones of the second are marked
+# `slow` in their modules. `make test-fast` runs unit and `integration and not
+# slow`; `make test` runs everything.
+TIERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration,
+         "reliability": pytest.mark.integration}
+TESTS = Path(__file__).resolve().parent
 
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by these markers
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(item.path).resolve()
+        tier = TIERS.get(path.relative_to(TESTS).parts[0]) if path.is_relative_to(TESTS) else None
+        if tier is not None:
+            item.add_marker(tier)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (real kernel, CRIU, netfilter)")

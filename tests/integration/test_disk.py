@@ -35,7 +35,8 @@ from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.store import CheckpointStore
-from tests.unit.test_disk import snapshot
+from tests.support.disk import snapshot
+from tests.support.timing import wait_for
 
 WRITER = r"""
 import mmap, os, random, sys, time
@@ -88,8 +89,13 @@ def writer(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     state = tmp_path / "pri" / "state"
     state.mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(state)])
+    aof = state / "aof"
+
+    def every_kind_written() -> bool:  # 13 rounds: each kind of write at least once
+        return proc.poll() is not None or (aof.exists() and aof.read_bytes().count(b"\n") > 13)
+
     try:
-        time.sleep(0.3)
+        wait_for(every_kind_written, timeout=30)
         assert proc.poll() is None
         yield proc.pid, state
     finally:

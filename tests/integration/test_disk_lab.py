@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.procs import alive
+from tests.support.timing import wait_for
+
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 STATE = "/var/lib/kv"
@@ -31,7 +34,7 @@ def test_aof_survives_power_cut_in_memory_and_on_disk(scenario: Any) -> None:
     lab = sc.lab
     lab.run("pri", ["mkdir", "-p", STATE], check=True)
     sc.start_backup()
-    time.sleep(0.3)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc.start_primary()
     sc.wait_protected()
     client = sc.start_client(5, "c.json", pace=0.001)
@@ -48,8 +51,9 @@ def test_aof_survives_power_cut_in_memory_and_on_disk(scenario: Any) -> None:
     assert restored_keys >= acked
     # The restored memory and the backup's files must be the same moment: stop the
     # restored server without letting it write, start a fresh one from the files alone.
-    os.kill(int(st["unit_pid"]), signal.SIGKILL)
-    time.sleep(0.3)
+    unit_pid = int(st["unit_pid"])
+    os.kill(unit_pid, signal.SIGKILL)
+    assert wait_for(lambda: not alive(unit_pid), timeout=10), f"unit {unit_pid} outlived SIGKILL"
     aof = lab.run("bak", ["sh", "-c", f"ls -la {STATE} {STATE}/appendonlydir"],
                   capture_output=True, text=True).stdout
     fresh = lab.popen("bak", ["redis-server", "--port", "6400", "--bind", "127.0.0.1",

@@ -19,7 +19,7 @@ from remus.lab_layout import CGROUP_NAME, HOSTS
 from remus.lab_tools import mountpoints
 from remus.netns import NETNS_DIR
 from remus.paths import REPO, criu_binary
-from tests.timing import wait_for
+from tests.support.timing import wait_for
 
 pytestmark = [
     pytest.mark.root,

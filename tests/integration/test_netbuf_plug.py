@@ -3,8 +3,9 @@
 This project's CI kernel has no sch_plug, so these skip here;
 tests/integration/test_vm_soft_dirty.py runs them in a VM with Debian's
 kernel, where they must pass. Same namespaces and echo server as
-test_netbuf.py; only what a user relies on is asserted (what reaches the
-client and when), not the nfqueue backend's counters.
+test_netbuf.py (tests/support/netbuf.py); only what a user relies on is
+asserted (what reaches the client and when), not the nfqueue backend's
+counters.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import pytest
 
 from remus.netbuf import PlugBuffer
 from remus.netbuf.plug import plug_available
-from tests.integration import test_netbuf as nb
-from tests.integration.test_netbuf import VETH, Echo, Lab, connected, recv_within, start_connect
+from tests.support import netbuf
+from tests.support.netbuf import VETH, Echo, Lab, connected, recv_within, start_connect
 
-lab = nb.lab  # the namespaces and the echo server of test_netbuf.py (fixtures)
-echo = nb.echo
+lab = netbuf.lab  # the namespaces and the echo server (fixtures)
+echo = netbuf.echo
 
 pytestmark = [
     pytest.mark.root,
@@ -86,8 +87,8 @@ def test_plug_releases_epoch_by_epoch(lab: Lab, pbuf: PlugBuffer, echo: Echo) ->
 def test_plug_hold_inbound_holds_packets_towards_the_unit(lab: Lab, pbuf: PlugBuffer,
                                                           echo: Echo) -> None:
     s = establish(lab, pbuf)
-    assert nb.send_while_held(s, pbuf, b"c", range(2, 6)) == b""
-    assert nb.unhold_and_receive(s, pbuf, 6) == b"c"
+    assert netbuf.send_while_held(s, pbuf, b"c", range(2, 6)) == b""
+    assert netbuf.unhold_and_receive(s, pbuf, 6) == b"c"
     s.close()
 
 

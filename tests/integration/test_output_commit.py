@@ -39,7 +39,8 @@ from remus.config import DEFAULT_PORT
 from remus.protocol import messages as m
 from remus.protocol.frames import HEADER, TAG_SIZE
 from remus.protocol.messages import decode_message
-from tests.timing import HOP_S, ack_latency_p99_s, rate, release_grace_s
+from tests.support.procs import alive
+from tests.support.timing import HOP_S, ack_latency_p99_s, rate, release_grace_s
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -47,7 +48,7 @@ PORT = 6379
 UNIT_NETNS = "/run/netns/remus-kv"  # remus run --name kv, inside pri's mount namespace
 # Packets released just before the primary agent is killed may still reach the
 # client right after. (After a SIGSTOP of the backup the window is relative to
-# the run: tests/timing.release_grace_s, the ACK already on its way.)
+# the run: tests/support/timing.release_grace_s, the ACK already on its way.)
 STOP_GRACE = HOP_S
 # `released` is stamped right after the batch verdict returns; the kernel
 # re-injects the packets inside that call, so a packet may reach the client a
@@ -353,13 +354,6 @@ def status(sc: Any, host: str) -> dict[str, Any]:
     return dict(st)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 # -- 1. a stalled backup holds all output --------------------------------------------
 @pytest.mark.parametrize("lease", ["3s", None], ids=["epochs-stretch", "lease-expires"])
 def test_stalled_backup_holds_output_then_releases_in_order(scenario: Any,
@@ -465,7 +459,7 @@ def test_dead_primary_agent_fails_closed(scenario: Any, tmp_path: Path) -> None:
     assert probe.returncode != 0 and "timed out" in probe.stderr, probe.stderr
 
     # The unit lives on and serves locally (its own netns), with the client's writes.
-    assert _alive(unit), f"the unit (pid {unit}) died with its agent"
+    assert alive(unit), f"the unit (pid {unit}) died with its agent"
     local = sc.lab.run("pri", ["nsenter", f"--net={UNIT_NETNS}", "redis-cli", "-h", "127.0.0.1",
                                "GET", "ctr"], capture_output=True, text=True, timeout=10)
     assert local.returncode == 0, local.stderr

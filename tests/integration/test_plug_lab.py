@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from remus.netbuf.plug import plug_available
-from tests.integration.test_soft_dirty import BACKUP_TIMING, TIMING, protect_then_cut_power
+from tests.support.vm_powercut import BACKUP_TIMING, TIMING, protect_then_cut_power
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.slow,  # a lab power cut at an emulated VM's pace
     pytest.mark.skipif(not plug_available(), reason="no sch_plug on this kernel "
                        "(test_vm_soft_dirty runs this file in a VM that has it)"),
 ]

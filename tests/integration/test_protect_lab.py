@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from remus.paths import REPO
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -56,7 +57,7 @@ def test_protect_existing_container_survives_power_cut(scenario: Any) -> None:
     lab = sc.lab
     pid = _start_container_server(lab)
     sc.start_backup()
-    time.sleep(0.3)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc._spawn("pri", [*REMUS, "-v", "protect", str(pid), "--backup", lab.addr("bak"),
                       "--key-file", str(sc.key), "--name", "ctr"], "primary.log")
     sc.wait_protected()

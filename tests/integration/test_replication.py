@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from remus.paths import REPO
-from tests.timing import wait_for
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -220,6 +220,7 @@ def key_src(tmp_path: Path) -> Path:
     return k
 
 
+@pytest.mark.slow  # the full bin/setup (apt step included) or apt-get install
 def test_provision_primary_for_real(tmp_path: Path, key_src: Path) -> None:
     etc = tmp_path / "etc-remus"
     p = provision(["primary", "127.0.0.1"], etc, key_src)
@@ -241,6 +242,7 @@ def test_provision_primary_for_real(tmp_path: Path, key_src: Path) -> None:
     assert c.returncode == 0 and "Looks good" in c.stdout + c.stderr, c.stdout + c.stderr
 
 
+@pytest.mark.slow  # the full bin/setup (apt step included) or apt-get install
 def test_provision_client_for_real(tmp_path: Path) -> None:
     etc = tmp_path / "etc-remus"
     p = provision(["client", "127.0.0.1"], etc, None, timeout=600)

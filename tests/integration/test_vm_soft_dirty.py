@@ -1,7 +1,7 @@
 """The soft-dirty path, on a kernel that has it: Debian's stock kernel in a VM.
 
 This host's kernel has no soft-dirty, so the tracked tests skip here. This
-test boots Debian's kernel (tests/vm.py: QEMU, the host's root shared
+test boots Debian's kernel (remus/vm.py: QEMU, the host's root shared
 read-only, no disk image) and runs them there, where they must pass and
 must not skip: the tracked variant of test_delta_criu (CRIU --track-mem
 dumps -> encoder -> store -> restore) and test_soft_dirty (`remus run`
@@ -36,7 +36,7 @@ WANTED = [
 
 
 def test_tracked_tests_pass_on_a_soft_dirty_kernel() -> None:
-    from tests.vm import VMToolsMissing, run_in_vm
+    from remus.vm import VMToolsMissing, run_in_vm
 
     script = (".venv/bin/python -m remus.cli check\n"
               ".venv/bin/pytest -q -rA -p no:cacheprovider --timeout 900 "

@@ -31,6 +31,7 @@ import pytest
 
 from remus.checkpoint.tracking import uffd_wp_problem
 from remus.paths import REPO
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -100,7 +101,7 @@ def test_1gib_unit(scenario: Any, loaded: None, tracking: str) -> None:
     sc = scenario(server="filler", command=[sys.executable, FILLER, "1024", "0", "0.05"],
                   extra_primary=["--dirty-tracking", tracking], status_timeout=20.0)
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc.start_primary()
     st = sc.wait_protected(timeout=300, min_acked=1)
     pri, bak = watch(sc, 20, st["acked_epoch"] + 3)
@@ -113,7 +114,7 @@ def test_unit_that_grows_by_1gib_while_protected(scenario: Any, loaded: None) ->
     sc = scenario(server="filler", command=[sys.executable, FILLER, "16", "1", "0.05", "1024"],
                   status_timeout=20.0)
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc.start_primary()
     st = sc.wait_protected(timeout=120, min_acked=3)
     pri, bak = watch(sc, 30, st["acked_epoch"] + 3)  # the unit grows 3 s after it started

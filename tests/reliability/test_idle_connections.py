@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.test_failover import wait_backup_state
+from remus.powercut import wait_backup_state
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -79,7 +80,7 @@ def paws_dropped(sc: Any) -> int:
 def test_idle_connections_survive_a_takeover(scenario: Any, tmp_path: Path) -> None:
     sc = scenario(command=REDIS, extra_primary=["--trace", str(tmp_path / "trace.jsonl")])
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc.start_primary()
     sc.wait_protected(timeout=30)
     client = sc.lab.popen("client", [sys.executable, "-c", CLIENT, sc.lab.vip_addr,

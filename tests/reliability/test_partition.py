@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from tests.timing import rate, release_grace_s
+from tests.support.procs import alive
+from tests.support.timing import rate, release_grace_s, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -88,10 +89,9 @@ class Capture:
                                               "-s", "128", "-w", str(self.path),
                                               f"ip src host {self.lab.vip_addr} and tcp"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not self.path.exists():
-            time.sleep(0.05)
-        time.sleep(0.3)  # tcpdump prints "listening" only after the file is open
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline().decode()  # "listening on eth0, ..." once it captures
+        assert "listening on" in line, f"tcpdump did not start: {line}"
 
     def stop(self) -> None:
         p = self.proc
@@ -146,14 +146,6 @@ def wait_status(sc: Any, host: str, ok: Any, timeout: float) -> dict[str, Any] |
     return st
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def tail(path: Path, n: int = 40) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if " D " not in ln]
@@ -172,7 +164,7 @@ def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any,
     sc = scenario(server="redis")
     pri_mac, bak_mac = macs(sc.lab)
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     agent = sc.start_primary()
     st = sc.wait_protected(timeout=30)
     unit_pid = int(st["unit_pid"])
@@ -242,7 +234,7 @@ def test_partition_continue_primary_runs_unprotected(scenario: Any, wire: Any) -
     sc = scenario(server="redis", extra_primary=["--on-peer-loss", "continue"])
     pri_mac, bak_mac = macs(sc.lab)
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     sc.start_primary()
     sc.wait_protected(timeout=30)
     cap.start()

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from remus.checkpoint.uffd import tree_pids
-from tests.reliability.test_failover import SEED, crash_once
+from remus.powercut import SEED, crash_once
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -89,7 +90,7 @@ UNDUMPABLE = ("import ctypes, time\n"
 def test_unit_that_cannot_be_dumped_is_refused_at_once(scenario: Any) -> None:
     sc = scenario(command=[sys.executable, "-c", UNDUMPABLE])
     sc.start_backup()
-    time.sleep(0.5)
+    wait_for(lambda: sc.status("bak"), timeout=30)  # the backup is up (a hang bound)
     start = time.monotonic()
     p = sc.start_primary()
     try:

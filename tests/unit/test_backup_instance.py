@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 from remus.backup import Backup, BackupConfig
 from remus.config import Timing
-from remus.protocol import messages as m
-
-
-class FakeLink:
-    peer = "10.0.0.1:1234"
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-        self.conn = SimpleNamespace(our_nonce=b"n" * 16)
-
-    def send(self, msg: Any) -> None:
-        self.sent.append(msg)
+from tests.support.fakes import FakeLink, commit, hello
 
 
 def backup(workdir: Path) -> Backup:
     timing = Timing(interval=0.05, heartbeat=0.05, lease=0.2, takeover_timeout=0.3)
     return Backup(BackupConfig(listen=("127.0.0.1", 0), psk=b"k" * 32, workdir=workdir, timing=timing))
-
-
-def hello(instance: str | None, generation: int) -> m.Hello:
-    spec: dict[str, Any] = {"name": "kv"} | ({"instance": instance} if instance else {})
-    return m.Hello(version=m.PROTOCOL_VERSION, unit_id="kv", generation=generation,
-                   nonce=b"x" * 16, spec=spec)
-
-
-def commit(b: Backup, generation: int, epoch: int) -> None:
-    b.staged = SimpleNamespace(commit=lambda: None)  # type: ignore[assignment]
-    b._on_complete(FakeLink(), SimpleNamespace(ok=True, generation=generation, epoch=epoch))  # type: ignore[arg-type]
 
 
 def test_checkpoint_of_an_earlier_run_is_not_current(tmp_path: Path) -> None:

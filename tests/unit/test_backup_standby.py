@@ -14,7 +14,8 @@ from typing import Any
 
 from remus.backup import Backup, BackupConfig
 from remus.config import Timing
-from tests.unit.test_backup_instance import FakeLink, commit, hello
+from tests.support.fakes import FakeLink, commit, hello
+from tests.support.timing import wait_for
 
 
 class SlowBuilder:
@@ -90,9 +91,7 @@ def test_silence_while_building_is_not_a_dead_primary(tmp_path: Path) -> None:
         b._on_hello(FakeLink(), hello("run-a", 2))  # type: ignore[arg-type]
         assert taken == []
         # ...but silence after the build counts again
-        deadline = time.monotonic() + 3
-        while not taken and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: taken, timeout=3, every=0.02)
         assert taken and "silent" in taken[0]
     finally:
         b.stop_event.set()
@@ -115,7 +114,8 @@ def test_takeover_waits_for_a_build_in_progress(tmp_path: Path) -> None:
 
     t = threading.Thread(target=second_hello)
     t.start()
-    time.sleep(0.1)  # the second build is under way
+    # the second build is under way (it holds the standby lock)
+    assert wait_for(lambda: len(builder.rebuilds) == 2, timeout=5.0, every=0.005)
     b.failover("test")
     t.join()
     assert seen == [True]
@@ -128,9 +128,10 @@ def test_a_hello_that_waited_for_a_takeover_is_refused(tmp_path: Path) -> None:
     """A primary whose HELLO waited while the backup took over must not turn the
     active backup back into a replicating one."""
     builder = SlowBuilder(0.01)
-    release = threading.Event()
+    holding, release = threading.Event(), threading.Event()
 
     def slow_takeover(b: Backup, why: str) -> None:
+        holding.set()
         release.wait(2)
 
     b = backup(tmp_path, builder, takeover=slow_takeover)
@@ -138,7 +139,7 @@ def test_a_hello_that_waited_for_a_takeover_is_refused(tmp_path: Path) -> None:
     commit(b, 1, 0)
     t = threading.Thread(target=b.failover, args=("test",))
     t.start()
-    time.sleep(0.1)  # the takeover holds the standby lock
+    assert holding.wait(2)  # the takeover holds the standby lock
     late = FakeLink()
     errors: list[Exception] = []
 
@@ -150,7 +151,7 @@ def test_a_hello_that_waited_for_a_takeover_is_refused(tmp_path: Path) -> None:
 
     h = threading.Thread(target=hello_late)
     h.start()
-    time.sleep(0.1)
+    assert wait_for(lambda: b.preparing == 1, timeout=2.0, every=0.005)  # the HELLO waits for that lock
     release.set()
     t.join()
     h.join()

@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import shutil
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,36 +20,15 @@ import pytest
 
 from remus.checkpoint.delta import KIND_MANIFEST, Manifest
 from remus.checkpoint.disk_apply import PROGRESS, DiskApplier
-from remus.checkpoint.disk_blocks import data_extents
 from remus.checkpoint.disk_delta import DiskDelta
 from remus.checkpoint.disk_track import BLOCK_SIZE, DiskTracker
 from remus.checkpoint.disk_wire import DATA, KIND_DISK, STASH, TREE
 from remus.checkpoint.redo import Record
 from remus.checkpoint.store import CheckpointStore
 from remus.errors import ProtocolError
+from tests.support.disk import snapshot
 
 MiB = 1 << 20
-
-
-def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything the backup must reproduce, per relative path."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in [None, *dirs, *files]:
-            if name is None and dirpath != str(root):
-                continue
-            p = dirpath if name is None else os.path.join(dirpath, name)
-            st = os.lstat(p)
-            content: Any = None
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    content = (f.read(), tuple(data_extents(f.fileno(), st.st_size)))
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(p)
-            out[os.path.relpath(p, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                             st.st_uid, st.st_gid, st.st_mtime_ns, content)
-    return out
 
 
 class Pair:

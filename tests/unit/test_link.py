@@ -16,6 +16,7 @@ from typing import Any
 
 from remus.link import Link, LinkClosed
 from remus.protocol import NEED_DATA
+from tests.support.timing import wait_for
 
 
 class LineConn:
@@ -89,7 +90,7 @@ def test_unread_counts_what_the_reader_has_not_taken() -> None:
     link = Link(ours, LineConn(), "peer")
     assert link.unread() == 0
     peer.sendall(b"x" * 1000)
-    time.sleep(0.05)
+    wait_for(lambda: link.unread() == 1000, timeout=2.0)
     assert link.unread() == 1000
     assert link.bytes_acked() == 0  # not TCP: no progress to report
     link.close()

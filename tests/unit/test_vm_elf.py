@@ -1,4 +1,4 @@
-"""tests/vm.py's static-ELF check, on real files: the VM's initrd has no loader,
+"""remus/vm.py's static-ELF check, on real files: the VM's initrd has no loader,
 so its busybox must be statically linked (a dynamic one makes the guest kernel
 panic with `Failed to execute /init (error -2)`)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import VMError, elf_interpreter, require_static
+from remus.vm import VMError, elf_interpreter, require_static
 
 HELLO = "int main(void) { return 0; }\n"
 

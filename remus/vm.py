@@ -14,7 +14,9 @@ which may be installed and is dynamically linked: useless in an initrd that
 has no loader, so the busybox used is always ours and checked to be static).
 KVM is used when it works; otherwise QEMU emulates the CPU (TCG, ~10x slower).
 
-    .venv/bin/python -m tests.vm 'uname -r; cat /proc/cmdline'
+    .venv/bin/python -m remus.vm 'uname -r; cat /proc/cmdline'
+
+Used by tests/integration/test_vm_soft_dirty.py and bench/softdirty_bench.py.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from remus.paths import REPO
+
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "vm"
 # Host tools (command -> Debian package), installed if missing. Not busybox:
 # see static_busybox().

@@ -1,0 +1,32 @@
+"""Stand-ins for driving a Backup's handlers without a primary: its link, a
+primary's HELLO, a completed epoch (test_backup_instance, test_backup_standby)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from remus.backup import Backup
+from remus.protocol import messages as m
+
+
+class FakeLink:
+    peer = "10.0.0.1:1234"
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.conn = SimpleNamespace(our_nonce=b"n" * 16)
+
+    def send(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+
+def hello(instance: str | None, generation: int) -> m.Hello:
+    spec: dict[str, Any] = {"name": "kv"} | ({"instance": instance} if instance else {})
+    return m.Hello(version=m.PROTOCOL_VERSION, unit_id="kv", generation=generation,
+                   nonce=b"x" * 16, spec=spec)
+
+
+def commit(b: Backup, generation: int, epoch: int) -> None:
+    b.staged = SimpleNamespace(commit=lambda: None)  # type: ignore[assignment]
+    b._on_complete(FakeLink(), SimpleNamespace(ok=True, generation=generation, epoch=epoch))  # type: ignore[arg-type]
