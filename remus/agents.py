@@ -23,7 +23,7 @@ from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
-from remus.container import Container, DescribedContainer
+from remus.container import Container
 from remus.container import warm_up as container_warm_up
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
@@ -33,6 +33,7 @@ from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
 from remus.unit import UnitSpec, hold_inbound, start_unit
+from remus.unit_desc import UnitDescription
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
         container.remove()
         raise
     buffer = buffer_factory(spec.host_if)
-    spec_json = spec.to_json() | {"state_dirs": [str(x) for x in opts.state_dirs]}
-    cfg = PrimaryConfig(unit_id=spec.name, spec=spec_json, backup=opts.backup,
+    cfg = PrimaryConfig(unit_id=spec.name,
+                        spec=UnitDescription.for_run(spec, opts.state_dirs).to_json(),
+                        backup=opts.backup,
                         psk=opts.psk, timing=opts.timing, pid=pid,
                         netns_path=spec.netns_path, dump_root=_dump_root(spec.name),
                         compress=opts.compress, dirty_tracking=opts.dirty_tracking,
@@ -168,8 +170,7 @@ def make_protect_primary(opts: PrimaryOptions, pid: int, buffer_factory: Any
                           f"{host_if}")
     for w in desc.get("warnings", []):
         log.warning("container of pid %d: %s", pid, w)
-    spec = {"name": opts.name, "mode": "protect", "host_if": host_if, "netdesc": desc,
-            "state_dirs": [str(x) for x in opts.state_dirs]}
+    spec = UnitDescription.for_protect(opts.name, host_if, desc, opts.state_dirs).to_json()
     buffer = buffer_factory(host_if, bridged=desc.get("bridge") is not None)
 
     def fence() -> None:
@@ -214,19 +215,18 @@ def prepare_standby(spec_json: dict[str, Any], rebuild: bool = False) -> None:
 
     `rebuild`: the last build did not finish in this agent (or there was none):
     whatever container exists may be half-built, so it is built afresh."""
-    if spec_json.get("mode") == "protect":
+    unit = UnitDescription.from_json(spec_json)
+    c = unit.container()
+    if unit.mode == "protect":
         # Rebuilt on every HELLO: the standby follows the newest description.
-        _refuse_busy_standby(f"remus-{spec_json['name']}")
-        netdesc.build(spec_json["netdesc"], f"remus-{spec_json['name']}", active=False)
-        log.info("standby container remus-%s rebuilt from the primary's description",
-                 spec_json["name"])
-        return
-    spec = UnitSpec.from_json(spec_json)
-    c = Container(spec)
-    if rebuild or not c.exists():
-        _refuse_busy_standby(spec.netns)
+        _refuse_busy_standby(unit.netns)
         c.create(active=False)
-        log.info("standby container %s ready (address %s, link down)", spec.netns, spec.vip)
+        log.info("standby container %s rebuilt from the primary's description", unit.netns)
+        return
+    if rebuild or not c.exists():
+        _refuse_busy_standby(unit.netns)
+        c.create(active=False)
+        log.info("standby container %s ready (address %s, link down)", unit.netns, unit.where())
 
 
 def _refuse_busy_standby(netns: str) -> None:
@@ -246,15 +246,9 @@ def takeover(b: Backup, why: str) -> None:
     b.store.apply_pending()
     tl["applied"] = time.time()
     assert b.unit is not None
-    sj = b.unit["spec"]
-    container: Any
-    if sj.get("mode") == "protect":
-        container = DescribedContainer(sj["netdesc"], f"remus-{sj['name']}")
-        name, where = sj["name"], ", ".join(sj["netdesc"].get("ipv4", []))
-    else:
-        spec = UnitSpec.from_json(sj)
-        container = Container(spec)
-        name, where = spec.name, f"{spec.vip} on {spec.dev}"
+    unit = UnitDescription.from_json(b.unit["spec"])
+    container = unit.container()
+    name, where = unit.name, unit.where()
     if not b.standby_ready or not container.exists():
         # never built, or a build was cut short (its netns may lack the veth or routes)
         container.create(active=False)

@@ -30,6 +30,7 @@ from remus.link import Link, LinkClosed
 from remus.protocol import BackupConnection, EpochComplete
 from remus.protocol import messages as m
 from remus.stats import Series
+from remus.unit_desc import state_dirs_of
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,11 @@ class Backup(Takeover):
             log.error("primary reports an error: %s", ev.reason)
 
     def _on_hello(self, link: Link, ev: m.Hello) -> None:
-        theirs = sorted(str(Path(x)) for x in ev.spec.get("state_dirs", []))
+        try:
+            theirs = sorted(state_dirs_of(ev.spec))
+        except RemusError as e:
+            link.send(m.Error(reason=str(e)))
+            raise
         ours = sorted(str(x) for x in self.cfg.state_dirs)
         if theirs != ours:
             reason = (f"state directories differ: the primary replicates {theirs or 'none'}, this "

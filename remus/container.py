@@ -26,7 +26,7 @@ import ipaddress
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from remus import netdesc
 from remus.arp import gratuitous_arp
@@ -71,6 +71,20 @@ def _index(ipr: Any, ifname: str) -> int:
 
 def _sysctl(key: str, value: str) -> None:
     Path("/proc/sys", key.replace(".", "/")).write_text(value)
+
+
+class UnitContainer(Protocol):
+    """What agents need of a unit's container, built by remus run (Container) or
+    described by remus protect (DescribedContainer)."""
+
+    netns_path: str
+    host_if: str
+
+    def exists(self) -> bool: ...
+    def create(self, active: bool) -> None: ...
+    def activate(self, announce: bool = True) -> None: ...
+    def deactivate(self) -> None: ...
+    def remove(self) -> None: ...
 
 
 class Container:
