@@ -28,7 +28,7 @@ from remus.container import warm_up as container_warm_up
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
 from remus.netns import netns_of
-from remus.options import BackupOptions, PrimaryOptions
+from remus.options import PrimaryOptions
 from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
@@ -340,10 +340,7 @@ def serve_backup(b: Backup) -> None:
             signal.signal(s, h)
 
 
-def make_backup(opts: BackupOptions) -> Backup:
-    cfg = BackupConfig(listen=opts.listen, psk=opts.psk, workdir=opts.workdir,
-                       timing=opts.timing, auto_failover=opts.auto_failover,
-                       state_dirs=opts.state_dirs, extra={"name": opts.name})
+def make_backup(cfg: BackupConfig) -> Backup:
     try:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -17,7 +17,7 @@ from remus.checkpoint.tracking import DEFAULT_MODE as DEFAULT_DIRTY_TRACKING
 from remus.checkpoint.tracking import MODES as DIRTY_TRACKING_MODES
 from remus.config import DEFAULT_PORT, Timing, parse_addr, parse_duration
 from remus.errors import RemusError
-from remus.options import DEFAULT_ON_PEER_LOSS, ON_PEER_LOSS, BackupOptions, PrimaryOptions
+from remus.options import DEFAULT_ON_PEER_LOSS, ON_PEER_LOSS, PrimaryOptions
 
 log = logging.getLogger("remus")
 
@@ -265,17 +265,18 @@ def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
     """
     _require_root()
     from remus.agents import make_backup, serve_backup
+    from remus.backup import BackupConfig
 
     addr = parse_addr(listen, DEFAULT_PORT)
     dirs = [Path(d).resolve() for d in state_dirs]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    opts = BackupOptions(
+    cfg = BackupConfig(
         listen=addr, psk=_load_key(key_file), workdir=Path(workdir),
         timing=_timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
-        auto_failover=not no_auto_failover, name=str(addr[1]), state_dirs=dirs)
+        auto_failover=not no_auto_failover, state_dirs=dirs, extra={"name": str(addr[1])})
     try:
-        b = make_backup(opts)
+        b = make_backup(cfg)
         click.echo(f"remus: backup listening on {addr[0]}:{addr[1]}; {b.last_sentence}", err=True)
         serve_backup(b)
     except RemusError as e:

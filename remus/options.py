@@ -1,7 +1,8 @@
 """What the command line hands to the agents: typed, one default per setting.
 
-`remus run` and `remus protect` build PrimaryOptions, `remus backup`
-BackupOptions; remus.agents turns them into the agents' configurations.
+`remus run` and `remus protect` build PrimaryOptions; remus.agents turns
+them into the primary's configuration (`remus backup` builds the backup's
+BackupConfig directly: its options are that configuration).
 Defaults live here (and in remus.config for timings, remus.checkpoint.tracking
 for the dirty-tracking mode); the CLI shows the same ones.
 """
@@ -35,16 +36,3 @@ class PrimaryOptions:
     vip: str | None = None  # run: the unit's service address (CIDR)
     dev: str = "eth0"  # run: the host's LAN interface
     host_if: str | None = None  # protect: the expected host side of the veth
-
-
-@dataclass(frozen=True)
-class BackupOptions:
-    """`remus backup`."""
-
-    listen: tuple[str, int]
-    psk: bytes
-    workdir: Path
-    timing: Timing
-    auto_failover: bool = True
-    state_dirs: list[Path] = field(default_factory=list)
-    name: str = "default"
