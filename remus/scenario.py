@@ -155,6 +155,11 @@ class Scenario:
                 self.lab.crash(host)
             except Exception as e:  # a host that is already down is fine
                 log.debug("crash %s: %s", host, e)
+        # A real power cut empties tmpfs; the lab's leaves the crashed primary's
+        # dump directories in /dev/shm (the next agent would remove them).
+        from remus.agents import clean_stale_dump_roots
+
+        clean_stale_dump_roots()
         self.lab.up()
 
     def stop_all(self) -> None:
