@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import threading
@@ -18,12 +19,12 @@ from typing import Any
 
 import psutil
 
-from remus import netdesc
+from remus import netdesc, reprotect
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
-from remus.container import Container
+from remus.container import Container, UnitContainer
 from remus.container import warm_up as container_warm_up
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
@@ -196,7 +197,7 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
-def _fence(container: Container, pid: int) -> None:
+def _fence(container: UnitContainer, pid: int) -> None:
     """Cut the unit off the network first (a dying kernel still sends), then kill it."""
     container.deactivate()
     _kill(pid)
@@ -261,6 +262,7 @@ def takeover(b: Backup, why: str) -> None:
     # leaves the moment CRIU restores it; packets towards the unit are dropped
     # until its sockets exist (else its kernel answers them with RST).
     hold_inbound(container.host_if, True)
+    reprotect.clear_stale_rules(container.host_if)
     tl["held"] = time.time()
     try:
         container.activate(announce=True)
@@ -279,6 +281,7 @@ def takeover(b: Backup, why: str) -> None:
     log.info("restore: %d TCP send queue(s) marked for immediate transmission", queues)
     threading.Thread(target=_reap, args=(pid,), daemon=True).start()
     log.warning("unit %s restored from epoch %d as pid %d; %s is live", name, b.epoch, pid, where)
+    reprotect.start(b, unit, container, pid)
 
 
 def _tcp_out_segs(pid: int) -> int:
@@ -302,17 +305,36 @@ def _first_packet_out(tl: dict[str, float], pid: int, limit: float = 10.0) -> No
 
 
 def _reap(pid: int) -> None:
+    """Reap the restored unit (our child) once it has exited.
+
+    Not a blocking waitpid: while the unit is protected from here, the uffd-wp
+    tracker ptraces it, and a waitpid in another thread of this process would
+    take the tracee's ptrace stops from the tracker (which then waits for them
+    forever). A pidfd becomes readable only when the process has exited."""
     try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [])
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+    finally:
+        os.close(fd)
 
 
 def serve_backup(b: Backup) -> None:
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
+        p = b.reprotector
         if cmd == "status":
-            return {"ok": True, **b.status()}
+            return {"ok": True, **b.status(), "protection": p.status() if p else None}
+        if cmd == "set-interval" and p is not None:
+            from remus.config import check_interval
+
+            p.set_interval(check_interval(float(req["seconds"])))
+            return {"ok": True, "interval_ms": p.cfg.timing.interval * 1000}
         if cmd == "failover":
             if b.state == "replicating" and not req.get("force"):
                 raise RemusError("the primary is still connected: stop or fence it first "
@@ -335,6 +357,11 @@ def serve_backup(b: Backup) -> None:
         while b.state == "active" and not b.stop_event.is_set():
             time.sleep(0.2)
     finally:
+        if b.reprotector is not None:
+            # A clean stop: the restored unit keeps running, unprotected
+            # (remus.reprotect releases its output when its loop returns).
+            b.reprotector.stop("agent stopping")
+            b.reprotect_thread.join(timeout=10)
         ctl.close()
         for s, h in prev.items():
             signal.signal(s, h)

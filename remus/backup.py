@@ -29,12 +29,18 @@ from remus.errors import RemusError
 from remus.link import Link, LinkClosed
 from remus.protocol import BackupConnection, EpochComplete
 from remus.protocol import messages as m
+from remus.roles import B, BackupRole
 from remus.stats import Series
 from remus.unit_desc import state_dirs_of
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+def detector_tick(timing: Timing) -> float:
+    """How often the failure detector looks (remus.backup_takeover)."""
+    return min(timing.heartbeat / 2, 0.02)
 
 
 @dataclass
@@ -44,6 +50,9 @@ class BackupConfig:
     workdir: Path
     timing: Timing
     auto_failover: bool = True
+    # After a takeover, protect the unit in turn: "auto" (a backup at the old
+    # primary's address), "off", or HOST[:PORT] (remus.reprotect).
+    reprotect: str = "auto"
     state_dirs: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,10 +82,11 @@ class Backup(Takeover):
         self.unit_file = cfg.workdir / "unit.json"
         self.unit: dict[str, Any] | None = (json.loads(self.unit_file.read_text())
                                             if self.unit_file.exists() else None)
-        self.state = "waiting"  # waiting | replicating | idle | taking-over | active | failed
+        # The HA state and the failure detector's count (remus.roles): one owner,
+        # one lock, one transition table.
+        self.role = BackupRole(cfg.timing.takeover_timeout, detector_tick(cfg.timing), clock())
         self.link: Link | None = None
         self.peer = ""
-        self.last_heard = clock()
         self.apply_event = threading.Event()
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -100,6 +110,8 @@ class Backup(Takeover):
                               if self.epoch >= 0 else "empty: no checkpoint yet")
         self.started = clock()
         self._sk: socket.socket | None = None
+        self.reprotector: Any = None  # the Primary protecting the unit after a takeover
+        self.reprotect_thread: Any = None
         log.info("backup store at %s: %s", cfg.workdir, self.last_sentence)
 
     # -- loops ------------------------------------------------------------------
@@ -149,8 +161,18 @@ class Backup(Takeover):
         """The spec the connected (or last) primary sent in its HELLO."""
         return (self.unit or {}).get("spec") or {}
 
+    @property
+    def state(self) -> str:
+        """The HA state's name (remus.roles.B): waiting, replicating, idle,
+        primary-lost, taking-over, active, failed."""
+        return self.role.state.value
+
+    @property
+    def last_heard(self) -> float:
+        return self.role.last_heard
+
     def _heard(self) -> None:
-        self.last_heard = self.clock()
+        self.role.heard(self.clock())
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -179,7 +201,7 @@ class Backup(Takeover):
         stale: Link | None = None
         with self.lock:
             current = self.link if self.link is not None and not self.link.closed else None
-            if self.state in ("taking-over", "active"):
+            if self.role.state in (B.TAKING_OVER, B.ACTIVE, B.FAILED):
                 busy = f"this backup has taken over (state {self.state})"
             elif current is not None and not self._supersedes(first):
                 busy = f"another primary ({self.peer}) is connected"
@@ -204,10 +226,10 @@ class Backup(Takeover):
                          daemon=True).start()
         link.on_rx = self._heard  # authenticated and current: its bytes mean it is alive
         try:
-            self.last_heard = self.clock()
+            self._heard()
             self._on_event(link, first)
             for ev in link.events():
-                self.last_heard = self.clock()
+                self._heard()
                 self._on_event(link, ev)
         except (LinkClosed, RemusError) as err:
             log.warning("primary %s: %s", peer, err)
@@ -222,7 +244,7 @@ class Backup(Takeover):
         is free), so a busy link is never mistaken for a dead backup."""
         period = self.cfg.timing.heartbeat
         while not link.closed and not self.stop_event.wait(period):
-            if self.state != "replicating" or self.generation < 0:
+            if self.role.state is not B.REPLICATING or self.generation < 0:
                 continue
             try:
                 link.send(m.Heartbeat(generation=self.generation, epoch=self.epoch,
@@ -255,7 +277,7 @@ class Backup(Takeover):
                                   sent_ns=time.time_ns(), lease_ms=ev.lease_ms))
         elif isinstance(ev, m.Bye):
             log.info("primary ended protection: %s", ev.reason)
-            self.state = "idle"
+            self.role.fire("bye", self.clock())
             self.last_sentence = f"primary said bye: {ev.reason}"
         elif isinstance(ev, m.Error):
             log.error("primary reports an error: %s", ev.reason)
@@ -293,16 +315,16 @@ class Backup(Takeover):
             finally:
                 with self.lock:
                     self.preparing -= 1
-                    self.last_heard = self.clock()  # building took our time, not the primary's
-        if self.state in ("taking-over", "active", "failed"):
-            # a takeover ran while we waited to build: this primary is too late
+        # Atomic against a takeover (remus.roles): one that started while we built
+        # the standby wins, and this primary is too late. Also counts as heard
+        # (building took our time, not the primary's).
+        if not self.role.fire("welcome", self.clock()):
             reason = f"this backup has taken over (state {self.state})"
             link.send(m.Error(reason=reason))
             raise RemusError(reason)
         link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
                             else secrets.token_bytes(16),
                             generation=self.generation, committed_epoch=self.epoch))
-        self.state = "replicating"
         self.last_sentence = f"primary {link.peer} connected (unit {ev.unit_id}, generation {ev.generation})"
         log.info("%s", self.last_sentence)
 

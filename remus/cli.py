@@ -62,6 +62,9 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    from remus import stallwatch
+
+    stallwatch.start_from_env()
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +144,14 @@ def primary_options(f: Any) -> Any:
                      help="A directory whose contents belong to the unit (repeatable): its "
                      "changes are captured with each checkpoint and applied on the backup only "
                      "when that checkpoint commits. The backup needs the same --state-dir."),
+        click.option("--rejoin/--no-rejoin", default=True, show_default=True,
+                     help="If the backup has taken over (this primary was replaced, e.g. after "
+                     "a partition or a long stop), become the new primary's backup: the stale "
+                     "copy of the unit is killed, its held output dropped, and this agent "
+                     "listens where the new primary looks for a backup (this host's address on "
+                     "the link, the backup's port). --no-rejoin: exit instead."),
+        click.option("--rejoin-workdir", default=None, type=click.Path(file_okay=False),
+                     help="Store of this host as a rejoined backup (default /var/lib/remus/NAME)."),
         click.option("--trace", type=click.Path(dir_okay=False), default=None,
                      help="Append one JSON line per acknowledged epoch (boundary, sent, released "
                      "times, pause, bytes) to this file."),
@@ -209,7 +220,7 @@ def run(argv: tuple[str, ...], vip: str, dev: str, **kw: Any) -> None:
     holding the VIP, in its own cgroup. It is protected from its first epoch.
     """
     _require_root()
-    from remus.agents import make_run_primary, serve_primary
+    from remus.agents import make_run_primary
 
     name = kw["name"] or _default_name(list(argv))
     opts = _primary_opts(kw, name, vip=vip, dev=dev)
@@ -218,7 +229,7 @@ def run(argv: tuple[str, ...], vip: str, dev: str, **kw: Any) -> None:
         click.echo(f"remus: protecting {argv[0]} (unit {name}, pid {p.cfg.pid}, {vip}) -> "
                    f"backup {opts.backup[0]}:{opts.backup[1]} every "
                    f"{opts.timing.interval * 1000:g} ms", err=True)
-        serve_primary(p, name, on_stop)
+        _serve_or_rejoin(p, name, on_stop, kw)
     except RemusError as e:
         raise CliError(str(e)) from e
 
@@ -230,7 +241,7 @@ def run(argv: tuple[str, ...], vip: str, dev: str, **kw: Any) -> None:
 def protect(pid: int, host_if: str | None, **kw: Any) -> None:
     """Protect a running process PID that has its own network namespace."""
     _require_root()
-    from remus.agents import make_protect_primary, serve_primary
+    from remus.agents import make_protect_primary
 
     if not Path(f"/proc/{pid}").exists():
         raise CliError(f"no process with pid {pid}")
@@ -238,9 +249,42 @@ def protect(pid: int, host_if: str | None, **kw: Any) -> None:
     opts = _primary_opts(kw, name, host_if=host_if)
     try:
         p, on_stop = make_protect_primary(opts, pid, _buffer_factory(kw["netbuf"], kw["no_netbuf"]))
-        serve_primary(p, name, on_stop)
+        click.echo(f"remus: protecting pid {pid} (unit {name}) -> backup "
+                   f"{opts.backup[0]}:{opts.backup[1]} every {opts.timing.interval * 1000:g} ms",
+                   err=True)
+        _serve_or_rejoin(p, name, on_stop, kw)
     except RemusError as e:
         raise CliError(str(e)) from e
+
+
+def _serve_or_rejoin(p: Any, name: str, on_stop: Any, kw: dict[str, Any]) -> None:
+    """Protect until stopped; if replaced by the backup (fenced), become its backup."""
+    from remus.agents import make_backup, serve_backup, serve_primary
+    from remus.errors import FatalError
+    from remus.reprotect import rejoin_config
+    from remus.roles import P
+
+    click.echo(f"remus: {POLICY_SAYS[p.cfg.on_peer_loss]}", err=True)
+    try:
+        serve_primary(p, name, on_stop)
+    except FatalError:
+        if p.role.state is not P.FENCED or not kw["rejoin"]:
+            raise
+        workdir = Path(kw["rejoin_workdir"] or f"/var/lib/remus/{name}")
+        b = make_backup(rejoin_config(p, workdir, p.cfg.state_dirs))
+        click.echo(f"remus: replaced by the backup; this host is now its backup, listening on "
+                   f"{b.cfg.listen[0]}:{b.cfg.listen[1]} ({b.last_sentence})", err=True)
+        serve_backup(b)
+
+
+POLICY_SAYS = {
+    "stall": ("--on-peer-loss stall: if the backup is lost, the unit's output stays held "
+              "(the service stops answering) until a backup returns or takes over; never two "
+              "active copies. Use continue to keep serving unprotected instead."),
+    "continue": ("--on-peer-loss continue: if the backup is lost, the unit keeps serving "
+                 "UNPROTECTED (a failure of this host then loses its state), and the backup "
+                 "never takes over by itself (a partition would make two active copies)."),
+}
 
 
 @cli.command()
@@ -255,9 +299,14 @@ def protect(pid: int, host_if: str | None, **kw: Any) -> None:
 @click.option("--state-dir", "state_dirs", multiple=True, type=click.Path(file_okay=False),
               help="A state directory of the unit (repeatable); same paths as the primary's. "
               "Created if missing; its contents are replaced by the primary's.")
+@click.option("--reprotect", default="auto", show_default=True, metavar="auto|off|HOST[:PORT]",
+              help="After a takeover, protect the unit in turn: the restored unit runs solo "
+              "(unprotected, output flows) until a backup answers there, then output commit "
+              "resumes by itself. auto: the old primary's host (the address it announced; "
+              "start `remus backup` there when it is back). off: stay unprotected.")
 @timing_options
 def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
-           state_dirs: tuple[str, ...], **kw: Any) -> None:
+           state_dirs: tuple[str, ...], reprotect: str, **kw: Any) -> None:
     """Run the backup agent: receive checkpoints, take over when the primary dies.
 
     Crash-only: kill it at any moment and start it again; it resumes with its
@@ -274,7 +323,10 @@ def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
     cfg = BackupConfig(
         listen=addr, psk=_load_key(key_file), workdir=Path(workdir),
         timing=_timing(kw["interval"], kw["heartbeat"], kw["lease"], kw["takeover_timeout"]),
-        auto_failover=not no_auto_failover, state_dirs=dirs, extra={"name": str(addr[1])})
+        auto_failover=not no_auto_failover, state_dirs=dirs, reprotect=reprotect,
+        extra={"name": str(addr[1])})
+    if reprotect not in ("auto", "off"):
+        parse_addr(reprotect, DEFAULT_PORT)  # a bad address fails now, not at takeover
     try:
         b = make_backup(cfg)
         click.echo(f"remus: backup listening on {addr[0]}:{addr[1]}; {b.last_sentence}", err=True)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: offset of tcpi_bytes_acked in struct tcp_info (linux/tcp.h, Linux >= 4.1)
 TCPI_BYTES_ACKED = 120
+#: offset of tcpi_last_data_recv (u32, ms since the last data segment arrived)
+TCPI_LAST_DATA_RECV = 52
 
 
 class LinkClosed(RemusError):
@@ -126,6 +128,18 @@ class Link:
         except OSError:
             return 0
         return int(struct.unpack_from("<Q", info, TCPI_BYTES_ACKED)[0]) if len(info) >= 128 else 0
+
+    def recv_age(self) -> float | None:
+        """Seconds since the peer's last data segment reached our kernel (None if
+        unknown). The kernel stamps arrivals whether or not our reader runs, so a
+        starved reader (a busy core, a long GIL hold) does not age it."""
+        try:
+            info = self.sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            return None
+        if len(info) < TCPI_LAST_DATA_RECV + 4:
+            return None
+        return int(struct.unpack_from("<I", info, TCPI_LAST_DATA_RECV)[0]) / 1000.0
 
     def unread(self) -> int:
         """Bytes the peer sent that our reader has not taken from the socket yet."""

@@ -8,15 +8,18 @@ is reported, not papered over), and at the end reads every acknowledged key
 back over the same connection. The JSON it writes says how many acknowledged
 writes are missing (must be 0), the longest gap between replies (the service
 gap during a failover), and whether the connection survived.
-Also usable against memcached (`memcached` mode, text protocol).
+Also usable against memcached (`memcached` mode, text protocol). SIGINT or SIGTERM
+ends the write phase early (the read-back still runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -99,8 +102,12 @@ def run(mode: str, host: str, port: int, duration: float, inflight: int,
     sent = 0
     error = None
     pending: list[int] = []
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Ends the write phase early; the read-back over the same connection still runs.
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while time.time() - t0 < duration:
+        while time.time() - t0 < duration and not stop.is_set():
             while len(pending) < inflight:
                 sk.sendall(p.set_req(sent))
                 pending.append(sent)

@@ -42,6 +42,7 @@ from remus.primary_config import (
 from remus.primary_session import BackupSession
 from remus.primary_status import primary_status
 from remus.protocol import messages as m
+from remus.roles import PrimaryRole
 from remus.stats import Series
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,13 @@ class Primary(BackupSession):
         # (END sent); its pause and the pause's split (DumpResult.split)
         self.marks: dict[int, dict[str, Any]] = {}
         self.trace_f = open(cfg.trace, "a") if cfg.trace else None  # noqa: SIM115
-        self.protected = True
+        # The HA state (remus.roles): connecting, syncing, protected, stalled, solo...
+        self.role = PrimaryRole(cfg.on_peer_loss, clock(), solo=cfg.start_solo)
+        # Is self.buffer the real one? Not while solo (a NullBuffer: output flows).
+        self._buffer_live = not cfg.start_solo
+        self._failures = 0  # connection attempts failed in a row
+        self._said: str | None = None  # the last failure logged (once per change)
+        self.local_ip: str | None = None  # our end of the last link (where we'd be a backup)
         self.instance = secrets.token_hex(8)
 
     # -- public -------------------------------------------------------------
@@ -151,10 +158,7 @@ class Primary(BackupSession):
         while not self.stop_event.is_set() and self.fatal is None:
             if self.link is None or self.link.closed:
                 self._peer_lost()
-                if self.protected:
-                    self._connect()
-                else:
-                    self.stop_event.wait(0.2)
+                self._connect()
                 continue
             # Recomputed every pass so that set-interval takes effect at once.
             delay = last_start + self.cfg.timing.interval - self.clock()

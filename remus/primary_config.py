@@ -55,4 +55,13 @@ class PrimaryConfig:
     state_dirs: list[Path] = field(default_factory=list)  # replicated with each checkpoint
     unit_pids: Callable[[], list[int]] | None = None  # for files the unit has mmapped
     fence: Callable[[], None] | None = None  # kills our copy of the unit
+    # A fresh, not started output buffer for the unit: output commit comes back
+    # with a backup after a stretch of running solo (remus.roles: solo).
+    buffer_factory: Callable[[], Any] | None = None
+    # Start solo (output flows) until a backup attaches: the new primary after a
+    # takeover, whose only alternative would be to stall the service it just saved.
+    start_solo: bool = False
+    # What the HELLO tells the backup about how we protect (it re-protects the
+    # same way after a takeover): interval, dirty tracking, compression.
+    protection: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -24,9 +24,11 @@ from typing import IO, Any
 
 from remus.errors import FatalError, RemusError
 from remus.link import Link, LinkClosed
+from remus.netbuf import NullBuffer
 from remus.primary_config import BULK_PROOF, PrimaryConfig
 from remus.protocol import PrimaryConnection
 from remus.protocol import messages as m
+from remus.roles import P, PrimaryRole
 from remus.stats import Series
 
 log = logging.getLogger("remus.primary")
@@ -57,7 +59,11 @@ class BackupSession:
     last_sentence: str
     marks: dict[int, dict[str, Any]]
     trace_f: IO[str] | None
-    protected: bool
+    role: PrimaryRole
+    _buffer_live: bool
+    _failures: int
+    _said: str | None
+    local_ip: str | None
     instance: str
     _progress_link: Link | None
     _bytes_acked: int
@@ -76,6 +82,9 @@ class BackupSession:
             with self.cond:
                 self.inflight.clear()
                 self.cond.notify_all()
+            if link is self.link:
+                self.role.fire("link-lost", self.clock())
+                self._sync_output()
             self.wake.set()
 
     def _on_event(self, ev: Any) -> None:
@@ -93,6 +102,9 @@ class BackupSession:
             self.buffer.release(ev.epoch)
             released = time.time()
             self.acked = max(self.acked, ev.epoch)
+            if self.role.state is P.SYNCING:
+                log.info("protected by %s from epoch %d on", self._backup_name(), ev.epoch)
+            self.role.fire("acked", now)
             self._trace(ev.epoch, released)
             self.epochs_done += 1
             if sent is not None:
@@ -124,26 +136,49 @@ class BackupSession:
                 "split": marks.get("split"), "bytes": self.delta_bytes.last}) + "\n")
             self.trace_f.flush()
 
+    def _backup_name(self) -> str:
+        return f"{self.cfg.backup[0]}:{self.cfg.backup[1]}"
+
     def _peer_lost(self) -> None:
         """No backup link: apply --on-peer-loss once the lease has lapsed."""
-        if not self.protected or self.clock() < self.lease_until or self.acked < 0:
+        now = self.clock()
+        if now < self.lease_until:
             return
-        if self.cfg.on_peer_loss == "continue":
-            log.error("backup lost and lease expired: policy 'continue' -> running UNPROTECTED; "
-                      "output is released at once, a failure of this host now loses state")
-            self.buffer.close(release_all=True)
-            from remus.netbuf import NullBuffer
-
-            self.buffer = NullBuffer()
-            self.protected = False
-            self.last_sentence = "UNPROTECTED: backup lost (on-peer-loss continue)"
-        elif "stalled" not in self.last_sentence:
-            self.last_sentence = ("stalled: backup lost and lease expired; output held "
-                                  "(on-peer-loss stall), reconnecting")
+        nxt = self.role.lease_lapsed(now)
+        if nxt is None:
+            return
+        self.last_sentence = self.role.sentence(self._backup_name())
+        if nxt is P.SOLO:
+            log.error("backup lost and lease expired: --on-peer-loss continue -> running "
+                      "UNPROTECTED; output is released at once, a failure of this host now "
+                      "loses state; protection resumes when a backup answers")
+            self._sync_output()
+        else:
             log.warning("%s", self.last_sentence)
+
+    def _sync_output(self) -> None:
+        """Make the output buffer match the role: held (a real buffer) or open.
+
+        Open (solo): every held packet is released and the buffer removed. Held
+        again (a backup attached): a fresh buffer holds everything from now on,
+        before the first checkpoint of the link is taken, so nothing the unit
+        sends from here leaves before a checkpoint that contains it is acked."""
+        held = self.role.output_held
+        if held and not self._buffer_live:
+            if self.cfg.buffer_factory is None:
+                raise FatalError("output commit cannot resume: no output buffer to start "
+                                 "(PrimaryConfig.buffer_factory)")
+            buf = self.cfg.buffer_factory()
+            buf.start()
+            self.buffer, self._buffer_live = buf, True
+            log.info("output commit on again: the unit's output is held until the backup acks")
+        elif not held and self._buffer_live and self.role.state is P.SOLO:
+            old, self.buffer, self._buffer_live = self.buffer, NullBuffer(), False
+            old.close(release_all=True)
 
     def _fence(self, why: str) -> None:
         log.error("fencing: %s; killing this copy of the unit", why)
+        self.role.fire("fenced", self.clock())
         self.last_sentence = f"fenced: {why}"
         if self.cfg.fence is not None:
             self.cfg.fence()
@@ -155,14 +190,19 @@ class BackupSession:
         try:
             sk = socket.create_connection((host, port), timeout=self.cfg.connect_timeout)
         except OSError as e:
-            self.last_sentence = f"backup {host}:{port} unreachable: {e.strerror or e}"
-            log.warning("%s; retrying", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
+            self._not_connected(f"backup {host}:{port} unreachable: {e.strerror or e}")
             return
         gen = max(time.time_ns() // 1_000_000, self.generation + 1)
+        local_ip = sk.getsockname()[0]
         # "instance": this agent run. A backup may fail over only to a checkpoint of
         # the instance that last connected (not to one a stopped run left behind).
-        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss, "instance": self.instance}
+        # "rejoin": where a backup on this host would listen (the backup re-protects
+        # the unit there after a takeover); "protection": how it should protect.
+        spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss, "instance": self.instance,
+                "rejoin": f"{local_ip}:{port}",
+                "protection": {"interval": self.cfg.timing.interval,
+                               "dirty_tracking": self.cfg.dirty_tracking,
+                               "compress": self.cfg.compress, **self.cfg.protection}}
         conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec,
                                  nonce=secrets.token_bytes(16))
         link = Link(sk, conn, f"{host}:{port}")
@@ -172,9 +212,7 @@ class BackupSession:
             ev = next(link.events())
         except (LinkClosed, RemusError, StopIteration, OSError) as e:
             link.close()
-            self.last_sentence = f"handshake with {host}:{port} failed: {e}"
-            log.error("%s", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
+            self._not_connected(f"handshake with {host}:{port} failed: {e}")
             return
         if not isinstance(ev, m.Welcome):
             link.close()
@@ -182,20 +220,42 @@ class BackupSession:
             if "taken over" in reason:
                 self._fence(f"backup {host}:{port} has taken over")
                 return
-            self.last_sentence = f"backup {host}:{port} refused: {reason}"
-            log.error("%s", self.last_sentence)
-            self.stop_event.wait(self._retry_delay())
+            self._not_connected(f"backup {host}:{port} refused: {reason}", refused=True)
             return
         sk.settimeout(None)
         link.set_user_timeout(max(1.0, 5 * self.cfg.timing.lease))
         self.generation = gen
         self.need_full = True
-        self.link = link
+        self.local_ip = local_ip
         self.lease_until = self.clock() + self.cfg.timing.lease
+        self.role.fire("connected", self.clock())
+        self._sync_output()  # before the first dump of this link
+        self.link = link
+        self._failures, self._said = 0, None
+        self.last_sentence = self.role.sentence(self._backup_name())
         log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d)",
                  host, port, gen, ev.generation, ev.committed_epoch)
         threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
                          daemon=True).start()
+
+    def _not_connected(self, why: str, refused: bool = False) -> None:
+        """Say why (once per change, not every retry) and wait before the next try.
+
+        A backup that refuses (a configuration it will not accept) is retried
+        with back-off up to 5 s; an unreachable one as fast as the takeover
+        timeout needs while our output is held, every second while solo."""
+        self._failures += 1
+        if why != self._said:
+            log.log(logging.ERROR if refused else logging.WARNING, "%s; retrying", why)
+            self._said = why
+        self.last_sentence = f"{why}; {self.role.sentence(self._backup_name())}"
+        if refused:
+            delay = min(5.0, 0.1 * 2 ** min(self._failures, 6))
+        elif not self.role.output_held:
+            delay = 1.0
+        else:
+            delay = self._retry_delay()
+        self.stop_event.wait(delay)
 
     def _retry_delay(self) -> float:
         """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
@@ -220,16 +280,40 @@ class BackupSession:
             self._bytes_acked = acked
         self._lease_seen = self.lease_until
 
+    def _backup_spoke(self, link: Link) -> bool:
+        """Did the backup send us something within the lease that our receiver has
+        not turned into a renewal yet? Then the lease is renewed, not expired.
+
+        Our receiver and this thread share one interpreter: a long hold of the
+        GIL by another of our threads (a big epoch's copies) or a busy core can
+        keep the backup's heartbeats unread for longer than the lease, and the
+        lease must not expire because *we* were not running. The kernel stamps
+        every data segment as it arrives, and bytes waiting in our socket are
+        the backup's too. A partition, a stopped or a dead backup agent sends
+        no data, so neither renews anything then.
+        """
+        lease = self.cfg.timing.lease
+        age = link.recv_age()
+        if (age is None or age > lease) and link.unread() <= 0:
+            return False
+        log.debug("lease renewed from the socket: backup data %s ms ago, %d bytes unread",
+                  "?" if age is None else f"{age * 1000:.0f}", link.unread())
+        self.lease_until = self.clock() + lease
+        return True
+
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(self.cfg.timing.heartbeat):
             link = self.link
             if link is None or link.closed:
                 continue
             self._stream_progress(link)
-            if self.acked >= 0 and self.clock() > self.lease_until:
+            if self.acked >= 0 and self.clock() > self.lease_until and not self._backup_spoke(link):
                 # A partition leaves TCP open but silent: the lease is the truth.
-                log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms); "
-                            "dropping the link", self.cfg.timing.lease * 1000)
+                age = link.recv_age()
+                log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms; its "
+                            "last data reached this host %s ms ago); dropping the link",
+                            self.cfg.timing.lease * 1000,
+                            "?" if age is None else f"{age * 1000:.0f}")
                 link.close()
                 continue
             try:

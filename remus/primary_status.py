@@ -6,6 +6,8 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
+from remus.roles import P
+
 if TYPE_CHECKING:
     from remus.primary import Primary
 
@@ -50,8 +52,10 @@ def primary_status(p: Primary) -> dict[str, Any]:
         "lease_ms_left": round(max(0.0, p.lease_until - now) * 1000, 1),
         "netbuf": nb,
         "disk": dataclasses.asdict(p.disk.stats) if p.disk is not None else None,
-        "guarantee": p.protected and bool(nb.get("guarantee", True)),
-        "protected": p.protected,
+        "guarantee": p.role.output_held and bool(nb.get("guarantee", True)),
+        "protected": p.role.state is P.PROTECTED,
+        "state": p.role.state.value,
+        "state_since_s": round(now - p.role.since, 3),
         "on_peer_loss": p.cfg.on_peer_loss,
         "last": p.last_sentence,
     }

@@ -83,11 +83,12 @@ class Scenario:
         self.procs.append(p)
         return p
 
-    def start_backup(self) -> subprocess.Popen[bytes]:
-        bak = self.lab.addr("bak")
-        return self._spawn("bak", [*REMUS, "-v", "backup", "--listen", bak, "--key-file",
-                                   str(self.key), "--workdir", f"/var/lib/remus/{self.unit}",
-                                   *self.extra_backup], "backup.log")
+    def start_backup(self, host: str = "bak") -> subprocess.Popen[bytes]:
+        """`remus backup` on `host` (bak; or pri, rejoining after a failover)."""
+        return self._spawn(host, [*REMUS, "-v", "backup", "--listen", self.lab.addr(host),
+                                  "--key-file", str(self.key), "--workdir",
+                                  f"/var/lib/remus/{self.unit}", *self.extra_backup],
+                           "backup.log" if host == "bak" else f"backup-{host}.log")
 
     def start_primary(self) -> subprocess.Popen[bytes]:
         argv = self.command or SERVERS[self.server][0]
@@ -103,6 +104,14 @@ class Scenario:
             return None
         doc = json.loads(p.stdout)
         return doc if isinstance(doc, dict) else None
+
+    def primary_status(self, host: str) -> dict[str, Any] | None:
+        """The status of whoever protects the unit from `host`: the `remus run`
+        agent, or (after a takeover there) the backup agent's re-protection."""
+        st = self.status(host)
+        if st is not None and st.get("role") != "primary":
+            st = st.get("protection")
+        return st
 
     def wait_protected(self, timeout: float = 20.0, min_acked: int = 3) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

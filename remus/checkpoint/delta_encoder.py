@@ -85,7 +85,7 @@ class DeltaStats:
 def map_rows(path: Path) -> Rows:
     """A read-only (pages, 512) uint64 view of a pages file, via mmap.
 
-    MAP_POPULATE pre-faults the whole file in one syscall, which is ~30%
+    Pre-faulting the whole file first (_populate) is ~30%
     faster than faulting 4 KiB at a time while comparing. The mapping lives
     as long as the returned array (or any view of it).
     """
@@ -96,11 +96,31 @@ def map_rows(path: Path) -> Rows:
         return np.empty((0, PAGE_WORDS), dtype=np.uint64)
     fd = os.open(path, os.O_RDONLY)
     try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+    _populate(mm, size)
     return np.frombuffer(mm, dtype=np.uint64).reshape(-1, PAGE_WORDS)
+
+
+MADV_POPULATE_READ = 22  # Linux >= 5.14
+POPULATE_STEP = 16 << 20
+
+
+def _populate(mm: mmap.mmap, size: int) -> None:
+    """Pre-fault a mapping in steps, each a short hold of the GIL.
+
+    One MAP_POPULATE of a 1 GiB pages file held the GIL for 80-150 ms (the
+    mmap call does not release it): long enough to starve the threads that
+    answer heartbeats and cost a lease. MADV_POPULATE_READ in 16 MiB steps
+    is as fast and lets them run in between. Kernels without it fault
+    lazily while the pages are compared instead.
+    """
+    for off in range(0, size, POPULATE_STEP):
+        try:
+            mm.madvise(MADV_POPULATE_READ, off, min(POPULATE_STEP, size - off))
+        except OSError:
+            return
 
 
 @dataclass

@@ -12,7 +12,8 @@ stall (default): pri holds output once ACKs stop; bak takes over after
   --takeover-timeout and announces the VIP; the client's connection goes on
   through bak; after the first frame from bak no frame from pri ever reaches
   the client (one active copy). Healed, pri reconnects, is refused ("taken
-  over"), kills its unit and exits non-zero saying "fenced".
+  over"), kills its unit, says "fencing", and becomes the backup of bak, which
+  is then protected again (--rejoin, the default).
 continue: pri runs unprotected once its lease lapses (status protected false,
   last says UNPROTECTED); bak does not take over (state primary-lost); the
   client is served by pri only.
@@ -189,19 +190,23 @@ def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any,
     assert alive(unit_pid), "pri's unit died before the partition healed"
 
     healed_at = part.heal()
-    try:
-        rc = agent.wait(30)
-    except subprocess.TimeoutExpired:
+    # The old primary learns it was replaced, kills its unit and (--rejoin, the
+    # default) becomes the backup of the new primary, which is protected again.
+    if not wait_for(lambda: "now its backup" in (sc.workdir / "primary.log").read_text(
+            errors="replace"), timeout=30):
         pytest.fail(f"old primary did not fence itself within 30 s of the heal{logs(sc)}")
     fenced_at = time.time()
+    assert agent.poll() is None, f"the old primary's agent exited {agent.returncode}{logs(sc)}"
     res = sc.wait_client(client, "client.json", timeout=60)
     time.sleep(0.5)
     cap.stop()
 
     plog = (sc.workdir / "primary.log").read_text(errors="replace")
-    assert rc != 0 and "fenced" in plog, f"rc {rc}{logs(sc)}"
-    assert "taken over" in plog, logs(sc)
+    assert "fencing" in plog and "taken over" in plog, logs(sc)
     assert not alive(unit_pid), f"pri's unit (pid {unit_pid}) survived fencing"
+    again = wait_status(sc, "bak", lambda s: (s.get("protection") or {}).get("state")
+                        == "protected", 30)
+    assert again, f"bak not protected by the rejoined pri: {again}{logs(sc)}"
     assert res["connection_survived"] and res["verified"], res["error"]
     assert res["missing"] == 0 and res["wrong_values"] == 0, res["missing_sample"]
     after = [t for t in res["reply_times"] if t > cut_at]
@@ -224,9 +229,9 @@ def test_partition_stall_backup_takes_over_and_old_primary_fences(scenario: Any,
                                                             if f.time >= cut_at + grace][:5]
     print(f"\nstall: cut at 0, bak live at {bak['failover']['address_up'] - cut_at:.3f} s, "
           f"first frame from bak at {first_bak - cut_at:.3f} s, last from pri at "
-          f"{from_pri[-1].time - cut_at:.3f} s; healed at {healed_at - cut_at:.1f} s, old primary "
-          f"exited {rc} at {fenced_at - cut_at:.1f} s; client gap {res['max_gap_s']:.3f} s, "
-          f"{res['acked']} acked, 0 missing")
+          f"{from_pri[-1].time - cut_at:.3f} s; healed at {healed_at - cut_at:.1f} s, old "
+          f"primary fenced and rejoined as the backup at {fenced_at - cut_at:.1f} s; client "
+          f"gap {res['max_gap_s']:.3f} s, {res['acked']} acked, 0 missing")
 
 
 def test_partition_continue_primary_runs_unprotected(scenario: Any, wire: Any) -> None:

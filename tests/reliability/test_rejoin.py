@@ -1,0 +1,140 @@
+"""High availability that lasts: after a failover, protection comes back by itself.
+
+A protected redis on `pri`, its backup on `bak`, one loadgen client writing
+over ONE TCP connection to the VIP for the whole test.
+
+- Repeated failovers, alternating hosts: a power cut of the host running the
+  unit, the other host takes over and runs the unit solo (unprotected, output
+  flowing) while it looks for a backup at the old host's address; the old
+  host reboots and starts `remus backup`; protection resumes by itself (full
+  checkpoint, then deltas); then the next power cut, the other way. Asserted:
+  every round ends protected again, the client's connection survives every
+  failover, and every acknowledged write is there at the end.
+- A stale primary: the primary agent is stopped (SIGSTOP) for longer than the
+  takeover timeout, the backup takes over; when the old agent runs again it
+  learns it was replaced, kills its copy of the unit (never serving from it),
+  and becomes the backup of the new primary, which is then protected again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from remus.scenario import Scenario
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+ROUNDS = 5
+# Hang bounds (not speeds): how long a takeover, or a re-protection, may take
+# before the test says it did not happen.
+TAKEOVER_BOUND_S = 20.0
+REPROTECT_BOUND_S = 60.0
+
+
+def wait(what: str, fn: Any, timeout: float, sc: Scenario) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s (last {last!r})\n{logs(sc)}")
+
+
+def logs(sc: Scenario) -> str:
+    names = sorted(p.name for p in sc.workdir.glob("*.log"))
+    return "\n".join(sc.log_tail(n, 40) for n in names)
+
+
+def active_on(sc: Scenario, host: str) -> dict[str, Any] | None:
+    st = sc.status(host)
+    return st if st and st.get("state") == "active" else None
+
+
+def protected_from(sc: Scenario, host: str, past: int = 2) -> dict[str, Any] | None:
+    """The re-protection on `host` once it acked more than `past` epochs."""
+    st = sc.primary_status(host)
+    ok = st and st.get("state") == "protected" and st.get("acked_epoch", -1) > past
+    return st if ok else None
+
+
+def test_repeated_failovers_alternating_hosts_lose_nothing(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup("bak")
+    wait("backup up", lambda: sc.status("bak"), 30, sc)
+    sc.start_primary()
+    sc.wait_protected(timeout=30)
+    client = sc.start_client(600, "client.json", stall_timeout=30)
+    time.sleep(1.5)
+    running, other = "pri", "bak"
+    took: list[dict[str, float]] = []
+    for rnd in range(ROUNDS):
+        cut = time.monotonic()
+        sc.lab.crash(running)
+        st = wait(f"round {rnd}: takeover on {other}", lambda o=other: active_on(sc, o),
+                  TAKEOVER_BOUND_S, sc)
+        taken = time.monotonic()
+        prot = st.get("protection") or {}
+        assert prot.get("state") in ("solo", "syncing", "connecting"), st
+        assert prot.get("backup", "").startswith(sc.lab.addr(running)), st
+        sc.lab.up()  # the crashed host reboots ...
+        started = time.monotonic()
+        sc.start_backup(running)  # ... and its operator (or systemd) starts a backup
+        wait(f"round {rnd}: {other} protected again by {running}",
+             lambda o=other: protected_from(sc, o), REPROTECT_BOUND_S, sc)
+        took.append({"takeover_s": round(taken - cut, 3),
+                     "backup_start_to_protected_s": round(time.monotonic() - started, 3)})
+        assert client.poll() is None, f"client ended in round {rnd}\n{logs(sc)}"
+        time.sleep(1.0)  # the client keeps writing under protection
+        running, other = other, running
+    os.kill(client.pid, signal.SIGINT)  # ends its write phase; it then reads back
+    res = sc.wait_client(client, "client.json", timeout=120)
+    assert res["connection_survived"], f"{res['error']}\n{logs(sc)}"
+    assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res
+    print(f"\n{ROUNDS} failovers alternating hosts: {res['acked']} writes acked, 0 lost, one "
+          f"connection; max gap {res['max_gap_s']:.3f} s; rounds {took}")
+
+
+def test_stale_primary_after_sigstop_becomes_the_backup(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    sc.start_backup("bak")
+    wait("backup up", lambda: sc.status("bak"), 30, sc)
+    sc.start_primary()
+    st = sc.wait_protected(timeout=30)
+    agent, unit = int(st["pid"]), int(st["unit_pid"])
+    client = sc.start_client(600, "client.json", stall_timeout=30)
+    time.sleep(1.0)
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        wait("takeover on bak", lambda: active_on(sc, "bak"), TAKEOVER_BOUND_S, sc)
+        time.sleep(1.0)
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    # The old agent learns it was replaced: it kills its unit and becomes the backup.
+    wait("old primary's unit killed", lambda: not _alive(unit), 30, sc)
+    wait("pri rejoined as the backup",
+         lambda: (sc.status("pri") or {}).get("state") == "replicating", REPROTECT_BOUND_S, sc)
+    wait("bak protected again by pri", lambda: protected_from(sc, "bak"), REPROTECT_BOUND_S, sc)
+    pri = sc.status("pri") or {}
+    assert pri.get("role") == "backup" and pri.get("pid") == agent, pri
+    plog = (sc.workdir / "primary.log").read_text(errors="replace")
+    assert "fencing" in plog and "now its backup" in plog, plog[-3000:]
+    time.sleep(1.0)
+    os.kill(client.pid, signal.SIGINT)
+    res = sc.wait_client(client, "client.json", timeout=120)
+    assert res["connection_survived"], f"{res['error']}\n{logs(sc)}"
+    assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
