@@ -33,6 +33,7 @@ from remus.options import PrimaryOptions
 from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
+from remus.roles import P
 from remus.unit import UnitSpec, hold_inbound, start_unit
 from remus.unit_desc import UnitDescription
 
@@ -91,6 +92,8 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
         if cmd == "stop":
             p.stop()
             return {"ok": True, "message": "protection stopping; the unit keeps running"}
+        if cmd == "switchover":
+            return {"ok": True, **p.switchover(float(req.get("seconds", 30.0)))}
         raise RemusError(f"the primary does not understand {cmd!r}")
 
     ctl = ControlServer(socket_path("primary", unit_name), handle)
@@ -110,7 +113,7 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
         for s, h in prev.items():
             signal.signal(s, h)
         if on_stop is not None:
-            on_stop(released)
+            on_stop(released and p.role.state is not P.HANDED_OVER)
 
 
 def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
@@ -325,6 +328,24 @@ def _reap(pid: int) -> None:
 
 
 def serve_backup(b: Backup) -> None:
+    """Run a backup agent until stopped.
+
+    After a takeover the agent protects the unit (remus.reprotect); when that
+    protection hands the unit over (planned switchover) or is fenced, this
+    host has no unit any more and the agent starts over as a plain backup,
+    for the primary that now runs it."""
+    while True:
+        b.next_life = False
+        _serve_backup_once(b)
+        if not b.next_life:
+            return
+        b.join()
+        b = make_backup(b.cfg)
+        log.warning("the unit runs on the other host now; this agent is its backup again (%s)",
+                    b.last_sentence)
+
+
+def _serve_backup_once(b: Backup) -> None:
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         p = b.reprotector
@@ -335,6 +356,11 @@ def serve_backup(b: Backup) -> None:
 
             p.set_interval(check_interval(float(req["seconds"])))
             return {"ok": True, "interval_ms": p.cfg.timing.interval * 1000}
+        if cmd == "switchover":
+            if p is None:
+                raise RemusError("this is the backup: run `remus switchover` on the primary's "
+                                 "host")
+            return {"ok": True, **p.switchover(float(req.get("seconds", 30.0)))}
         if cmd == "failover":
             if b.state == "replicating" and not req.get("force"):
                 raise RemusError("the primary is still connected: stop or fence it first "

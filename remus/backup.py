@@ -112,6 +112,8 @@ class Backup(Takeover):
         self._sk: socket.socket | None = None
         self.reprotector: Any = None  # the Primary protecting the unit after a takeover
         self.reprotect_thread: Any = None
+        self.next_life = False  # serve again as a plain backup (remus.agents.serve_backup)
+        self._threads: list[threading.Thread] = []
         log.info("backup store at %s: %s", cfg.workdir, self.last_sentence)
 
     # -- loops ------------------------------------------------------------------
@@ -128,7 +130,9 @@ class Backup(Takeover):
         self._sk = sk
         self.apply_event.set()  # the backlog recover() left, if any
         for fn, name in ((self._apply_loop, "apply"), (self._detector_loop, "detector")):
-            threading.Thread(target=fn, name=name, daemon=True).start()
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info("listening on %s:%d", host, port)
         while not self.stop_event.is_set():
             try:
@@ -178,6 +182,12 @@ class Backup(Takeover):
         self.stop_event.set()
         if self.link is not None:
             self.link.close()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """After stop(): wait for the apply and detector loops (an apply in progress
+        finishes first; the store must have one owner)."""
+        for t in self._threads:
+            t.join(timeout)
 
     def _serve(self, sk: socket.socket, peer: str) -> None:
         conn = BackupConnection(self.cfg.psk, nonce=secrets.token_bytes(16),
@@ -275,6 +285,8 @@ class Backup(Takeover):
         elif isinstance(ev, m.Heartbeat):
             link.send(m.Heartbeat(generation=ev.generation, epoch=self.epoch, acked=self.epoch,
                                   sent_ns=time.time_ns(), lease_ms=ev.lease_ms))
+        elif isinstance(ev, m.Handover):
+            self._on_handover(link, ev)
         elif isinstance(ev, m.Bye):
             log.info("primary ended protection: %s", ev.reason)
             self.role.fire("bye", self.clock())
@@ -327,6 +339,24 @@ class Backup(Takeover):
                             generation=self.generation, committed_epoch=self.epoch))
         self.last_sentence = f"primary {link.peer} connected (unit {ev.unit_id}, generation {ev.generation})"
         log.info("%s", self.last_sentence)
+
+    def _on_handover(self, link: Link, ev: m.Handover) -> None:
+        """Planned switchover: the primary stopped its copy after we acked `ev.epoch`
+        (the protocol checked it is the epoch we completed and answered)."""
+        if (ev.generation, ev.epoch) != (self.generation, self.epoch):
+            log.error("handover of epoch (%d, %d), but the store holds (%d, %d): not taking "
+                      "over", ev.generation, ev.epoch, self.generation, self.epoch)
+            return
+        log.warning("planned switchover: primary %s handed over epoch %d", link.peer, ev.epoch)
+        # Not on this (the link's receiver) thread: the takeover closes the link.
+        threading.Thread(target=self._planned_takeover, args=(f"planned switchover from "
+                         f"{link.peer}",), name="takeover", daemon=True).start()
+
+    def _planned_takeover(self, why: str) -> None:
+        try:
+            self.failover(why)
+        except Exception:
+            pass  # logged by failover(); the state says failed
 
     def _on_complete(self, link: Link, ev: EpochComplete) -> None:
         staged, self.staged = self.staged, None

@@ -270,9 +270,13 @@ def _serve_or_rejoin(p: Any, name: str, on_stop: Any, kw: dict[str, Any]) -> Non
     except FatalError:
         if p.role.state is not P.FENCED or not kw["rejoin"]:
             raise
+    else:
+        if p.role.state is not P.HANDED_OVER or not kw["rejoin"]:
+            return
         workdir = Path(kw["rejoin_workdir"] or f"/var/lib/remus/{name}")
         b = make_backup(rejoin_config(p, workdir, p.cfg.state_dirs))
-        click.echo(f"remus: replaced by the backup; this host is now its backup, listening on "
+        click.echo(f"remus: the unit runs on the backup's host now; this host is now its backup, "
+                   f"listening on "
                    f"{b.cfg.listen[0]}:{b.cfg.listen[1]} ({b.last_sentence})", err=True)
         serve_backup(b)
 
@@ -439,6 +443,9 @@ def _attach_optional() -> None:
         cli.add_command(check_cmd)
     except ImportError:  # pragma: no cover
         pass
+    from remus.cli_switchover import switchover
+
+    cli.add_command(switchover)
     try:
         from remus.cli_lab import lab
 

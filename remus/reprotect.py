@@ -30,6 +30,7 @@ from remus.netbuf import NullBuffer, make_buffer
 from remus.netbuf.nfqueue_rules import QueueRules
 from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
+from remus.roles import P
 from remus.unit_desc import UnitDescription
 
 if TYPE_CHECKING:
@@ -94,14 +95,15 @@ def start(b: Backup, unit: UnitDescription, container: UnitContainer, pid: int) 
     p = Primary(cfg, NullBuffer())
     p.generation = max(p.generation, b.generation)  # newer than anything restored
     b.reprotector = p
-    b.reprotect_thread = threading.Thread(target=_run, args=(p,), name="reprotect", daemon=True)
+    b.reprotect_thread = threading.Thread(target=_run, args=(b, p), name="reprotect",
+                                          daemon=True)
     b.reprotect_thread.start()
     log.warning("unit %s runs SOLO (unprotected) until a backup answers at %s:%d; protection "
                 "then resumes by itself", unit.name, *to)
     return p
 
 
-def _run(p: Primary) -> None:
+def _run(b: Backup, p: Primary) -> None:
     released = False
     try:
         p.run()
@@ -112,6 +114,10 @@ def _run(p: Primary) -> None:
         log.exception("protection of the restored unit failed")
     finally:
         p.close(release_output=released or p.acked < 0 or not p.role.output_held)
+    if p.role.state in (P.HANDED_OVER, P.FENCED) and not b.stop_event.is_set():
+        # The unit runs on the other host now: become its backup (serve_backup).
+        b.next_life = True
+        b.stop()
 
 
 def rejoin_config(p: Primary, workdir: Path, state_dirs: list[Path]) -> BackupConfig:

@@ -23,6 +23,7 @@ from remus.protocol.messages import (
     EpochBegin,
     EpochDigest,
     EpochEnd,
+    Handover,
     Heartbeat,
     Hello,
     Message,
@@ -79,6 +80,8 @@ class BackupConnection(Connection):
             self._digest.add(msg)
         elif isinstance(msg, EpochEnd):
             return self._on_end(msg)
+        elif isinstance(msg, Handover):
+            self._on_handover(msg)
         elif isinstance(msg, Heartbeat) and msg.generation < self.generation:
             raise RemoteProtocolError(f"HEARTBEAT from generation {msg.generation}, older than "
                                       f"{self.generation}")
@@ -120,6 +123,17 @@ class BackupConnection(Connection):
                 f"epoch is ({self.completed_generation}, {self.completed_epoch})")
         self.last_epoch = self.open_epoch = e
         self._digest = EpochDigest()
+
+    def _on_handover(self, msg: Handover) -> None:
+        """Only from the epoch we completed last, and answered: the primary hands
+        over what we hold, nothing newer and nothing we may still refuse."""
+        pos = (msg.generation, msg.epoch)
+        if pos != (self.completed_generation, self.completed_epoch) or self._broken:
+            raise RemoteProtocolError(f"HANDOVER at {pos}, but the last completed epoch is "
+                                      f"({self.completed_generation}, {self.completed_epoch})")
+        if self._unanswered:
+            raise RemoteProtocolError(f"HANDOVER at {pos} before we answered epoch "
+                                      f"{self._unanswered[0].epoch}")
 
     def _in_open_epoch(self, epoch: int, what: str) -> None:
         if epoch != self.open_epoch:

@@ -41,6 +41,7 @@ from remus.protocol.messages import (
     EpochBegin,
     EpochEnd,
     Error,
+    Handover,
     Heartbeat,
     Hello,
     Message,
@@ -113,6 +114,7 @@ PRIMARY_SEND: Transitions = {
     (S.IN_EPOCH, EpochEnd): S.READY,
     **{(s, Heartbeat): s for s in _LIVE},
     **{(s, m): S.CLOSED for s in _LIVE for m in (Error, Bye)},
+    (S.READY, Handover): S.CLOSED,
 }
 PRIMARY_RECV: Transitions = {
     (S.SENT_HELLO, Welcome): S.READY,
@@ -135,6 +137,7 @@ BACKUP_RECV: Transitions = {
     **{(s, Heartbeat): s for s in (*_LIVE, S.CLOSED)},
     **{(s, m): S.CLOSED for s in (*_LIVE, S.CLOSED) for m in (Error, Bye)},
     **{(S.CLOSED, m): None for m in (EpochBegin, Chunk, EpochEnd)},
+    (S.READY, Handover): S.CLOSED,
 }
 
 

@@ -32,7 +32,7 @@ import xxhash
 
 from remus.protocol.frames import Buffer, LocalProtocolError, RemoteProtocolError, nbytes
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: HANDOVER (planned switchover)
 DIGEST_SIZE = 16
 
 # Byte fields at least this big become their own buffer instead of being
@@ -300,9 +300,22 @@ class Bye(Message):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Handover(Message):
+    """Primary -> backup, its last frame: a planned switchover. The unit is stopped
+    for good at (generation, epoch), which the backup has acknowledged: take
+    over from exactly that checkpoint now, without waiting for silence."""
+
+    TYPE: ClassVar[int] = 11
+    FIELDS: ClassVar[Fields] = (("generation", I64), ("epoch", I64))
+    generation: int
+    epoch: int
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Welcome, EpochBegin, Chunk, EpochEnd, Ack, Nack, Heartbeat, Error, Bye)
+    for cls in (Hello, Welcome, EpochBegin, Chunk, EpochEnd, Ack, Nack, Heartbeat, Error, Bye,
+                Handover)
 }
 
 

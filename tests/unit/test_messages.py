@@ -28,6 +28,7 @@ SAMPLES: list[m.Message] = [
     m.Heartbeat(generation=-1, epoch=-1, acked=-1, sent_ns=0),
     m.Error(reason="disk full: ünïcödé"),
     m.Bye(reason="primary stopping"),
+    m.Handover(generation=1_700_000_000_000, epoch=812),
 ]
 
 
@@ -42,7 +43,7 @@ def test_round_trip(msg: m.Message) -> None:
 
 def test_every_message_type_is_covered_and_codes_are_unique() -> None:
     assert {type(s) for s in SAMPLES} == set(m.MESSAGE_TYPES.values())
-    assert len(m.MESSAGE_TYPES) == 10
+    assert len(m.MESSAGE_TYPES) == 11
 
 
 @pytest.mark.parametrize("cls", list(m.MESSAGE_TYPES.values()), ids=lambda c: c.__name__)

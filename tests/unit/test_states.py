@@ -534,3 +534,38 @@ def test_random_stream_splits_deliver_exactly_what_was_sent() -> None:
                     assert isinstance(ev, EpochComplete) and ev.ok
             pos += step
         assert got == sent
+
+
+# -- planned switchover ----------------------------------------------------------
+def test_handover_of_the_acked_epoch_closes_both_ends() -> None:
+    pair = connected()
+    done = complete(pair, 0, -1)
+    ack(pair, done)
+    done = complete(pair, 1, 0)
+    ack(pair, done)
+    ho = m.Handover(generation=10, epoch=1)
+    assert pair.to_backup(pair.p(ho)) == [ho]
+    assert pair.primary.state is State.CLOSED and pair.backup.state is State.CLOSED
+
+
+@pytest.mark.parametrize("epoch,answered,match", [
+    (0, True, "last completed epoch is \\(10, 1\\)"),  # an older checkpoint
+    (2, True, "last completed epoch is \\(10, 1\\)"),  # one we do not hold
+    (1, False, "before we answered epoch 1"),          # one we may still refuse
+])
+def test_handover_of_anything_but_the_answered_last_epoch_is_refused(
+        epoch: int, answered: bool, match: str) -> None:
+    pair = connected()
+    ack(pair, complete(pair, 0, -1))
+    last = complete(pair, 1, 0)
+    if answered:
+        ack(pair, last)
+    with pytest.raises(RemoteProtocolError, match=match):
+        pair.to_backup(pair.p(m.Handover(generation=10, epoch=epoch)))
+
+
+def test_handover_mid_epoch_is_a_local_error() -> None:
+    pair = connected()
+    pair.p(m.EpochBegin(generation=10, epoch=0, base_epoch=-1, full=True))
+    with pytest.raises(LocalProtocolError):
+        pair.primary.send(m.Handover(generation=10, epoch=0))
