@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,8 @@ def _setup_logging(verbose: int) -> None:
     from remus import stallwatch
 
     stallwatch.start_from_env()
+    # `kill -USR1 AGENT` prints every thread's stack to the agent's stderr (a hang).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})

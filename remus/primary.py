@@ -410,15 +410,18 @@ class Primary(BackupSession):
                     disk_chunks, self.encoder.encode(d, full=full, parent=parent)):
                 link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
                 n += len(meta) + len(data)
+            # In flight before its END leaves: an ACK that overtakes our bookkeeping
+            # would find nothing to remove and leave e in flight for good (seen:
+            # a switchover waiting 30 s for an epoch acked long before).
+            with self.cond:
+                self.inflight[e] = self.clock()
             link.send_frames(lambda conn: conn.end_epoch())
         except BaseException:
             # The protocol has no way to abandon an announced epoch: drop the link
             # (the backup discards the partial epoch; the reconnect sends a full one).
             link.close()
             raise
-        with self.cond:
-            self.inflight[e] = self.clock()
-            self.marks.setdefault(e, {})["sent"] = time.time()
+        self.marks.setdefault(e, {})["sent"] = time.time()
         self.need_full = False
         self.last_sent = e
         self.delta_bytes.add(n)
