@@ -108,7 +108,19 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
     finally:
         ctl.close()
         # Never protected (no checkpoint acknowledged): the backup cannot take over,
-        # so blocking the unit's output would only take the service down.
+        # so blocking the unit's output would only take the service down. Protection
+        # that failed (checkpoints failing for good) follows --on-peer-loss: stall
+        # keeps the output held (the backup takes over from the last checkpoint),
+        # continue releases it (the backup never takes over by itself then).
+        given_up = not released and p.role.state is not P.FENCED
+        if given_up and p.acked >= 0 and p.cfg.on_peer_loss == "continue":
+            log.error("protection failed (%s); --on-peer-loss continue: releasing the unit's "
+                      "output, it runs UNPROTECTED", p.fatal)
+            released = True
+        elif given_up and p.acked >= 0:
+            log.error("protection failed (%s); --on-peer-loss stall: the unit's output stays "
+                      "held; the backup takes over from the last acknowledged checkpoint",
+                      p.fatal)
         p.close(release_output=released or p.acked < 0)
         for s, h in prev.items():
             signal.signal(s, h)

@@ -175,3 +175,40 @@ def crash_once(sc: Scenario, rng: random.Random, mode: str, trace: Path) -> dict
         "wrong_values": res["wrong_values"], "verified": res["verified"],
         "connection_survived": res["connection_survived"], "error": res["error"],
     }
+
+
+def wait_status(sc: Scenario, host: str, ok: Any, timeout: float, every: float = 0.1
+                ) -> dict[str, Any] | None:
+    """The status of `host` once `ok(status)` holds; None after `timeout` s (a hang bound)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = sc.status(host)
+        if st and ok(st):
+            return st
+        time.sleep(every)
+    return None
+
+
+def rejoin_after_cut(sc: Scenario, cut: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Power cut of `cut` (the host running the unit), failover to the other host,
+    `cut` reboots and starts `remus backup`: how long each step took (s).
+
+    `backup_start_to_protected_s` runs from starting the backup agent to the new
+    primary's first acknowledged checkpoint to it (the full copy included)."""
+    other = "bak" if cut == "pri" else "pri"
+    t0 = time.monotonic()
+    sc.lab.crash(cut)
+    active = wait_status(sc, other, lambda s: s.get("state") == "active", timeout)
+    if active is None:
+        raise RuntimeError(f"no takeover on {other} within {timeout:.0f} s")
+    t_active = time.monotonic()
+    sc.lab.up()
+    t_start = time.monotonic()
+    sc.start_backup(cut)
+    prot = wait_status(sc, other, lambda s: (s.get("protection") or {}).get("state")
+                       == "protected", timeout)
+    if prot is None:
+        raise RuntimeError(f"{other} not protected by {cut} within {timeout:.0f} s")
+    return {"takeover_s": round(t_active - t0, 3),
+            "backup_start_to_protected_s": round(time.monotonic() - t_start, 3),
+            "checkpoint_bytes": (prot.get("protection") or {}).get("checkpoint_bytes")}

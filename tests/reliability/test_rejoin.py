@@ -14,17 +14,24 @@ over ONE TCP connection to the VIP for the whole test.
   takeover timeout, the backup takes over; when the old agent runs again it
   learns it was replaced, kills its copy of the unit (never serving from it),
   and becomes the backup of the new primary, which is then protected again.
+- With a 1 GiB unit, while the new primary's first full checkpoint is on the
+  wire to the returning backup: that backup killed (the new primary goes back
+  to solo and retries; nothing half-copied is kept), or the new primary's host
+  losing power (the returning backup holds no checkpoint and never takes over).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import time
 from typing import Any
 
 import pytest
 
+from remus.paths import REPO
 from remus.scenario import Scenario
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -138,3 +145,62 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+# A unit whose first full checkpoint takes a while (about a second or more to
+# dump and stream here), so the tests below can act while it is on the wire.
+BIG = [sys.executable, str(REPO / "bench" / "filler.py"), "1024", "0", "0.05"]
+
+
+def failed_over_to_bak(sc: Scenario) -> dict[str, Any]:
+    """pri protected by bak, then a power cut of pri: bak runs the unit solo.
+    pri's disk holds no store (an earlier test may have left one there)."""
+    shutil.rmtree(sc.lab.host_dir("pri") / "var-lib" / "remus", ignore_errors=True)
+    sc.start_backup("bak")
+    wait("backup up", lambda: sc.status("bak"), 30, sc)
+    sc.start_primary()
+    sc.wait_protected(timeout=300, min_acked=2)
+    sc.lab.crash("pri")
+    st = wait("takeover on bak", lambda: active_on(sc, "bak"), 120, sc)
+    sc.lab.up()
+    return st
+
+
+def syncing(sc: Scenario, host: str) -> bool:
+    return (sc.primary_status(host) or {}).get("state") == "syncing"
+
+
+def test_returning_backup_dies_mid_full_copy(scenario: Any) -> None:
+    """The new primary stays safe (solo again, serving), and retries."""
+    sc = scenario(server="filler", command=BIG, status_timeout=20.0)
+    unit = int(failed_over_to_bak(sc)["unit_pid"])
+    sc.start_backup("pri")
+    wait("bak's first full checkpoint to pri under way", lambda: syncing(sc, "bak"), 60, sc)
+    st = sc.status("pri") or {}
+    os.kill(int(st["pid"]), signal.SIGKILL)  # mid full copy
+    wait("bak back to solo", lambda: (sc.primary_status("bak") or {}).get("state") == "solo",
+         30, sc)
+    assert _alive(unit), "the unit on bak died with its backup"
+    sc.start_backup("pri")  # it comes back: protection resumes by itself
+    wait("bak protected by pri", lambda: protected_from(sc, "bak"), REPROTECT_BOUND_S, sc)
+    assert _alive(unit)
+    blog = (sc.workdir / "backup-pri.log").read_text(errors="replace")
+    # the restarted backup found no committed epoch of that cut-off copy
+    assert blog.count("empty: no checkpoint yet") >= 2, blog[-2000:]
+
+
+def test_new_primary_dies_before_its_first_checkpoint_reached_the_backup(scenario: Any) -> None:
+    """No takeover from a partial checkpoint: the rejoined backup holds none."""
+    sc = scenario(server="filler", command=BIG, status_timeout=20.0)
+    failed_over_to_bak(sc)
+    sc.start_backup("pri")
+    wait("bak's first full checkpoint to pri under way", lambda: syncing(sc, "bak"), 60, sc)
+    sc.lab.crash("bak")
+    deadline = time.monotonic() + 5.0  # 15x the takeover timeout
+    while time.monotonic() < deadline:
+        st = sc.status("pri") or {}
+        assert st.get("state") in ("replicating", "waiting", "primary-lost"), (st, logs(sc))
+        time.sleep(0.2)
+    assert st.get("epoch", -1) < 0, st  # nothing committed
+    blog = (sc.workdir / "backup-pri.log").read_text(errors="replace")
+    assert "taking over" not in blog, blog[-2000:]
