@@ -151,7 +151,9 @@ def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
                         compress=opts.compress, dirty_tracking=opts.dirty_tracking,
                         on_peer_loss=opts.on_peer_loss,
                         trace=opts.trace, fence=lambda: _fence(container, pid),
-                        state_dirs=opts.state_dirs, unit_pids=cg.pids)
+                        state_dirs=opts.state_dirs, unit_pids=cg.pids,
+                        buffer_factory=lambda: buffer_factory(spec.host_if),
+                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")})
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -198,7 +200,10 @@ def make_protect_primary(opts: PrimaryOptions, pid: int, buffer_factory: Any
                         dump_root=_dump_root(opts.name), compress=opts.compress,
                         dirty_tracking=opts.dirty_tracking,
                         on_peer_loss=opts.on_peer_loss, trace=opts.trace, fence=fence,
-                        state_dirs=opts.state_dirs, unit_pids=lambda: _tree(pid))
+                        state_dirs=opts.state_dirs, unit_pids=lambda: _tree(pid),
+                        buffer_factory=lambda: buffer_factory(
+                            host_if, bridged=desc.get("bridge") is not None),
+                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")})
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None

@@ -177,6 +177,7 @@ def _buffer_factory(netbuf: str, no_netbuf: bool) -> Any:
     def make(host_if: str, **kw: Any) -> Any:
         return make_buffer(kind, host_if, **({} if kind == "none" else kw))
 
+    make.kind = kind  # type: ignore[attr-defined]  # the backup re-protects with the same
     return make
 
 

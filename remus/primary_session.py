@@ -34,6 +34,19 @@ from remus.stats import Series
 log = logging.getLogger("remus.primary")
 
 
+def retry_delay(failures: int, refused: bool, output_held: bool, heartbeat: float) -> float:
+    """Seconds before the next connection attempt.
+
+    Refused (the backup will not take us as we are): back-off, 0.2 s doubling to
+    5 s. Unreachable while our output is held: soon, well within the backup's
+    takeover timeout (it may be our last chance). Unreachable while solo: 1 s."""
+    if refused:
+        return min(5.0, 0.1 * 2.0 ** min(failures, 6))
+    if not output_held:
+        return 1.0
+    return min(0.5, max(0.02, heartbeat))
+
+
 class BackupSession:
     """Connection, receiver and liveness of the primary (see module doc)."""
 
@@ -249,17 +262,8 @@ class BackupSession:
             log.log(logging.ERROR if refused else logging.WARNING, "%s; retrying", why)
             self._said = why
         self.last_sentence = f"{why}; {self.role.sentence(self._backup_name())}"
-        if refused:
-            delay = min(5.0, 0.1 * 2 ** min(self._failures, 6))
-        elif not self.role.output_held:
-            delay = 1.0
-        else:
-            delay = self._retry_delay()
-        self.stop_event.wait(delay)
-
-    def _retry_delay(self) -> float:
-        """Reconnect well within the backup's takeover timeout (it may be our last chance)."""
-        return min(0.5, max(0.02, self.cfg.timing.heartbeat))
+        self.stop_event.wait(retry_delay(self._failures, refused, self.role.output_held,
+                                         self.cfg.timing.heartbeat))
 
     def _stream_progress(self, link: Link) -> None:
         """A big epoch on the wire that the backup keeps reading renews the lease.

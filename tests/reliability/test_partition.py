@@ -16,7 +16,7 @@ stall (default): pri holds output once ACKs stop; bak takes over after
   is then protected again (--rejoin, the default).
 continue: pri runs unprotected once its lease lapses (status protected false,
   last says UNPROTECTED); bak does not take over (state primary-lost); the
-  client is served by pri only.
+  client is served by pri only. Healed, pri is protected by bak again.
 """
 
 from __future__ import annotations
@@ -257,6 +257,9 @@ def test_partition_continue_primary_runs_unprotected(scenario: Any, wire: Any) -
     assert bak is not None and bak["state"] == "primary-lost", bak
     cap.stop()
     part.heal()
+    # Healed: pri finds its backup again, and output commit is back by itself.
+    again = wait_status(sc, "pri", lambda s: s["state"] == "protected" and s["guarantee"], 30)
+    assert again, f"pri not protected again after the heal: {sc.status('pri')}{logs(sc)}"
 
     assert res["connection_survived"] and res["verified"], res["error"]
     assert res["missing"] == 0 and res["wrong_values"] == 0
