@@ -12,6 +12,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -128,11 +129,59 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
             on_stop(released and p.role.state is not P.HANDED_OVER)
 
 
+def local_ip_towards(host: str) -> str:
+    """This host's address on the way to `host` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+        except OSError as e:
+            raise ConfigError(f"no route to {host}: {e.strerror}") from e
+        return str(s.getsockname()[0])
+
+
+def claim(opts: PrimaryOptions) -> tuple[Any, str]:
+    """With --coordinator: make sure no other host runs the unit before starting it
+    here. (coordinator, this host's name in its records), or (None, "")."""
+    if not opts.coordinator:
+        return None, ""
+    from remus.coordinator import CoordinatorUnavailable, ZkCoordinator, decide_claim, parse_url
+
+    coord = ZkCoordinator(opts.coordinator)
+    # Our name in the records: our address towards the backup (a fleet's primary
+    # learns its backup later: towards the coordinator then).
+    towards = (opts.backup[0] if opts.backup[0] != "fleet"
+               else parse_url(opts.coordinator)[0].split(",")[0].rsplit(":", 1)[0])
+    me = local_ip_towards(towards)
+    try:
+        d = coord.apply(opts.name, lambda r: decide_claim(r, me, None))
+    except CoordinatorUnavailable as e:
+        coord.close()
+        raise ConfigError(f"{e}: not starting (another host may run unit {opts.name})") from e
+    if not d.won:
+        coord.close()
+        raise ConfigError(f"{d.why}: not starting a second copy here (start `remus backup` "
+                          "on this host instead)")
+    log.info("coordinator %s: %s", opts.coordinator, d.why)
+    return coord, me
+
+
+def _fleet_resolver(opts: PrimaryOptions, coord: Any) -> Any:
+    """`--backup fleet`: the backup is where the fleet's leader placed it."""
+    if opts.backup[0] != "fleet":
+        return None
+    if coord is None:
+        raise ConfigError("--backup fleet needs --coordinator")
+    from remus.reprotect import fleet_backup_resolver
+
+    return fleet_backup_resolver(coord, opts.name)
+
+
 def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
                      ) -> tuple[Primary, Any]:
     """`remus run`: build the container, start argv in it, protect it."""
     if opts.vip is None:
         raise ConfigError("remus run needs --vip")
+    coord, me = claim(opts)
     spec = UnitSpec.for_run(opts.name, opts.vip, opts.dev)
     container = Container(spec)
     container.create(active=True)
@@ -153,7 +202,9 @@ def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
                         trace=opts.trace, fence=lambda: _fence(container, pid),
                         state_dirs=opts.state_dirs, unit_pids=cg.pids,
                         buffer_factory=lambda: buffer_factory(spec.host_if),
-                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")})
+                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")},
+                        coordinator=coord, coord_me=me,
+                        backup_resolver=_fleet_resolver(opts, coord))
     p = Primary(cfg, buffer)
     try:
         buffer.start()
@@ -181,6 +232,7 @@ def make_protect_primary(opts: PrimaryOptions, pid: int, buffer_factory: Any
             f"pid {pid} shares this host's network namespace: remus cannot hold its output or "
             "move its connections (transparent TCP failover needs the service in its own network "
             "namespace). Start it with `remus run -- CMD` instead, or put it in a container.")
+    coord, me = claim(opts)
     desc = netdesc.describe(pid)
     host_if = desc["host_if"]
     if opts.host_if and opts.host_if != host_if:
@@ -203,7 +255,8 @@ def make_protect_primary(opts: PrimaryOptions, pid: int, buffer_factory: Any
                         state_dirs=opts.state_dirs, unit_pids=lambda: _tree(pid),
                         buffer_factory=lambda: buffer_factory(
                             host_if, bridged=desc.get("bridge") is not None),
-                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")})
+                        protection={"netbuf": getattr(buffer_factory, "kind", "auto")},
+                        coordinator=coord, coord_me=me)
     p = Primary(cfg, buffer)
     buffer.start()
     return p, None

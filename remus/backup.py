@@ -53,6 +53,9 @@ class BackupConfig:
     # After a takeover, protect the unit in turn: "auto" (a backup at the old
     # primary's address), "off", or HOST[:PORT] (remus.reprotect).
     reprotect: str = "auto"
+    # remus.coordinator.Coordinator: a takeover must win its CAS first (None: the
+    # pair decides alone).
+    coordinator: Any = None
     state_dirs: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +116,9 @@ class Backup(Takeover):
         self.reprotector: Any = None  # the Primary protecting the unit after a takeover
         self.reprotect_thread: Any = None
         self.next_life = False  # serve again as a plain backup (remus.agents.serve_backup)
+        self._coord_retry_at = 0.0
+        self._coord_said: str | None = None
+        self.local_ip = ""  # our address on the last primary's link (our name for the coordinator)
         self._threads: list[threading.Thread] = []
         log.info("backup store at %s: %s", cfg.workdir, self.last_sentence)
 
@@ -209,17 +215,18 @@ class Backup(Takeover):
             link.close()
             return
         stale: Link | None = None
+        local_ip = sk.getsockname()[0]
         with self.lock:
             current = self.link if self.link is not None and not self.link.closed else None
             if self.role.state in (B.TAKING_OVER, B.ACTIVE, B.FAILED):
-                busy = f"this backup has taken over (state {self.state})"
+                busy = self._refusal()
             elif current is not None and not self._supersedes(first):
                 busy = f"another primary ({self.peer}) is connected"
             else:
                 # The same unit reconnecting with a newer generation (it dropped a link
                 # we still think is alive, e.g. after we were stalled): the old one is stale.
                 busy, stale = "", current
-                self.link, self.peer = link, peer
+                self.link, self.peer, self.local_ip = link, peer, local_ip
         if stale is not None:
             log.warning("primary of unit %s reconnected (generation %d): dropping the stale "
                         "link from %s", first.unit_id, first.generation, stale.peer)
@@ -262,6 +269,20 @@ class Backup(Takeover):
                                       lease_ms=int(self.cfg.timing.lease * 1000)))
             except (LinkClosed, RemusError):
                 return
+
+    def _refusal(self) -> str:
+        """Why a primary cannot have us as its backup now that we took over.
+
+        "taken over" makes the asking primary fence itself: said only while the
+        unit runs here. After our re-protection handed the unit over (or was
+        fenced) the asker is the unit's new primary, not a stale one: it is told
+        to retry, and finds this agent's next life as a plain backup."""
+        from remus.roles import P
+
+        p = self.reprotector
+        if p is not None and p.role.state in (P.HANDED_OVER, P.FENCED):
+            return "this agent is becoming a backup again after a handover; retry"
+        return f"this backup has taken over (state {self.state})"
 
     def _supersedes(self, hello: m.Hello) -> bool:
         """An authenticated HELLO from our unit's primary with a newer generation."""
@@ -331,7 +352,7 @@ class Backup(Takeover):
         # the standby wins, and this primary is too late. Also counts as heard
         # (building took our time, not the primary's).
         if not self.role.fire("welcome", self.clock()):
-            reason = f"this backup has taken over (state {self.state})"
+            reason = self._refusal()
             link.send(m.Error(reason=reason))
             raise RemusError(reason)
         link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from remus.coordinator import CoordinatorUnavailable, decide_takeover
 from remus.errors import RemusError
 from remus.link import Link
 from remus.roles import BackupRole, Silence, Verdict
@@ -43,6 +44,10 @@ class Takeover:
     takeover_fn: TakeoverFn | None
     timeline: dict[str, float]
     last_sentence: str
+    unit: dict[str, Any] | None
+    local_ip: str
+    _coord_retry_at: float
+    _coord_said: str | None
 
     def checkpoint_is_current(self) -> bool:
         raise NotImplementedError
@@ -54,11 +59,15 @@ class Takeover:
     def _detector_loop(self) -> None:
         while not self.stop_event.wait(self.role.tick_period):
             link = self.link
+            coordinated = self.cfg.coordinator is not None
+            if coordinated and self.clock() < self._coord_retry_at:
+                continue  # asked it a moment ago: it was unreachable
             d = self.role.tick(self.clock(), Silence(
                 has_checkpoint=self.epoch >= 0,
                 current=self.checkpoint_is_current(),
                 auto_failover=self.cfg.auto_failover,
-                policy=self._spec().get("on_peer_loss", "stall"),
+                # with a coordinator its CAS decides, whatever the primary's policy
+                policy="stall" if coordinated else self._spec().get("on_peer_loss", "stall"),
                 preparing=self.preparing > 0,
                 unread=link is not None and not link.closed and link.unread() > 0))
             if d.verdict is Verdict.LOST:
@@ -67,15 +76,41 @@ class Takeover:
             elif d.verdict is Verdict.TAKE_OVER:
                 try:
                     self.failover(d.sentence)
+                except CoordinatorUnavailable as e:
+                    self._coord_retry_at = self.clock() + 0.5
+                    self._say(f"primary silent, but {e}: not taking over until it answers")
                 except Exception:
                     pass  # logged by failover(); the state says failed
+                self.role.resync(self.clock())
             elif d.sentence:
                 log.warning("%s", d.sentence)
+
+    def _say(self, sentence: str) -> None:
+        self.last_sentence = sentence
+        if sentence != self._coord_said:
+            log.warning("%s", sentence)
+            self._coord_said = sentence
+
+    def _win_coordinator(self) -> None:
+        """A takeover only after winning the coordinator's CAS. Lost (the primary
+        went solo: it is alive and serving, or the record names another backup):
+        primary-lost, saying why; unreachable: CoordinatorUnavailable, nothing
+        changed (the caller asks again)."""
+        unit = (self.unit or {}).get("unit_id") or ""
+        me = self.local_ip
+        d = self.cfg.coordinator.apply(unit, lambda r: decide_takeover(r, me))
+        if not d.won:
+            self.role.fire("lost", self.clock())
+            self._say(f"not taking over: {d.why}")
+            raise RemusError(d.why)
+        log.warning("coordinator: %s", d.why)
 
     def failover(self, why: str) -> None:
         """Take over: finish applying, restore, bring the address up."""
         if self.epoch < 0:
             raise RemusError("no committed checkpoint to restore")
+        if self.cfg.coordinator is not None:
+            self._win_coordinator()
         self.role.require("takeover", self.clock())  # at most one, and no WELCOME after it
         self.timeline = {"detected": time.time()}
         log.warning("%s: taking over from epoch %d", why, self.epoch)

@@ -38,7 +38,7 @@ HOST = click.Choice(list(HOSTS))
 
 @click.group()
 def lab() -> None:
-    """Three emulated machines (pri, bak, client) in network + mount namespaces."""
+    """Five emulated machines (pri, bak, client, coord, spare) in network + mount namespaces."""
 
 
 @lab.command()

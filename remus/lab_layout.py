@@ -1,4 +1,4 @@
-"""The lab's layout: its three hosts, their names, addresses and paths, and the
+"""The lab's layout: its hosts (pri, bak, client, coord), their names, addresses and paths, and the
 lab dir's state file and lock.
 
 Each host is a network namespace (`remus-lab-<host>`) with a veth `eth0`
@@ -54,6 +54,11 @@ HOSTS: dict[str, HostSpec] = {
         HostSpec("pri", "10.77.0.1", "02:77:00:00:00:01", "02:77:00:00:01:01", True),
         HostSpec("bak", "10.77.0.2", "02:77:00:00:00:02", "02:77:00:00:01:02", True),
         HostSpec("client", "10.77.0.3", "02:77:00:00:00:03", "02:77:00:00:01:03", False),
+        # The coordinator's host (a ZooKeeper for `--coordinator`), a third party
+        # that neither agent's host failure takes down.
+        HostSpec("coord", "10.77.0.4", "02:77:00:00:00:04", "02:77:00:00:01:04", False),
+        # A third host for a fleet's units and backups (remus agent).
+        HostSpec("spare", "10.77.0.5", "02:77:00:00:00:05", "02:77:00:00:01:05", True),
     )
 }
 

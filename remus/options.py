@@ -36,3 +36,4 @@ class PrimaryOptions:
     vip: str | None = None  # run: the unit's service address (CIDR)
     dev: str = "eth0"  # run: the host's LAN interface
     host_if: str | None = None  # protect: the expected host side of the veth
+    coordinator: str | None = None  # zk://HOST:PORT/PATH (remus.coordinator)

@@ -39,6 +39,7 @@ from remus.primary_config import (
     MAX_FAILING_S,
     PrimaryConfig,
 )
+from remus.primary_coord import Coordinated
 from remus.primary_handover import Handover, HandoverRequest
 from remus.primary_session import BackupSession
 from remus.primary_status import primary_status
@@ -49,7 +50,7 @@ from remus.stats import Series
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-class Primary(BackupSession, Handover):
+class Primary(BackupSession, Handover, Coordinated):
     """Runs protection for one unit until stop() or a fatal error.
 
     The session with the backup (connect, receiver, lease, heartbeats, peer
@@ -110,7 +111,12 @@ class Primary(BackupSession, Handover):
         self.marks: dict[int, dict[str, Any]] = {}
         self.trace_f = open(cfg.trace, "a") if cfg.trace else None  # noqa: SIM115
         # The HA state (remus.roles): connecting, syncing, protected, stalled, solo...
-        self.role = PrimaryRole(cfg.on_peer_loss, clock(), solo=cfg.start_solo)
+        # With a coordinator a lost backup stalls us until its CAS says solo or fence.
+        self.role = PrimaryRole("stall" if cfg.coordinator is not None else cfg.on_peer_loss,
+                                clock(), solo=cfg.start_solo)
+        self._coord_asked = -1e9
+        self._coord_said: str | None = None
+        self._recorded_backup: str | None = None
         # Is self.buffer the real one? Not while solo (a NullBuffer: output flows).
         self._buffer_live = not cfg.start_solo
         self._failures = 0  # connection attempts failed in a row
@@ -128,7 +134,9 @@ class Primary(BackupSession, Handover):
         threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
                    threading.Thread(target=self._guard(self._heartbeat_loop), name="heartbeat",
                                     daemon=True),
-                   threading.Thread(target=self._reap_loop, name="reaper", daemon=True)]
+                   threading.Thread(target=self._reap_loop, name="reaper", daemon=True),
+                   threading.Thread(target=self._guard(self._coord_loop), name="coordinator",
+                                    daemon=True)]
         for t in threads:
             t.start()
         try:

@@ -64,4 +64,11 @@ class PrimaryConfig:
     # What the HELLO tells the backup about how we protect (it re-protects the
     # same way after a takeover): interval, dirty tracking, compression.
     protection: dict[str, Any] = field(default_factory=dict)
+    # remus.coordinator.Coordinator (None: the pair decides alone, per on_peer_loss),
+    # and this host's name in its records (its address on the replication link).
+    coordinator: Any = None
+    coord_me: str = ""
+    # Where the backup is, asked before each connection (a fleet's placement moves
+    # it); None from it: no backup placed yet. Without it, `backup` is fixed.
+    backup_resolver: Callable[[], tuple[str, int] | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

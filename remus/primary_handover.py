@@ -117,6 +117,10 @@ class Handover:
         old, self.buffer, self._buffer_live = self.buffer, NullBuffer(), False
         old.close(release_all=False)  # the unit's output after the final epoch: never
         how = "handover"
+        # Handed over from here on, whatever happens to the frame: the new primary
+        # connecting back must not be told "taken over" by this agent (see
+        # Backup._refusal) and fence the only copy.
+        self.role.fire("handed-over", self.clock())
         try:
             assert link is not None
             link.send(m.Handover(generation=self.generation, epoch=e))
@@ -125,7 +129,6 @@ class Handover:
             how = f"silence (the handover could not be sent: {err})"
         if link is not None:
             link.close()
-        self.role.fire("handed-over", self.clock())
         self.last_sentence = self.role.sentence(self._backup_name())
         self.stop_event.set()
         report = {"final_epoch": e, "generation": self.generation,

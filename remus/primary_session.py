@@ -76,6 +76,7 @@ class BackupSession:
     _buffer_live: bool
     _failures: int
     _said: str | None
+    _coord_lease_lapsed: Callable[[], None]  # remus.primary_coord
     local_ip: str | None
     instance: str
     _progress_link: Link | None
@@ -158,6 +159,9 @@ class BackupSession:
         if now < self.lease_until:
             return
         nxt = self.role.lease_lapsed(now)
+        if self.cfg.coordinator is not None:
+            self._coord_lease_lapsed()  # the coordinator, not the policy, decides
+            return
         if nxt is None:
             return
         self.last_sentence = self.role.sentence(self._backup_name())
@@ -199,6 +203,16 @@ class BackupSession:
         self.stop_event.set()
 
     def _connect(self) -> None:
+        if self.cfg.backup_resolver is not None:
+            try:
+                where = self.cfg.backup_resolver()
+            except RemusError as e:
+                self._not_connected(f"cannot tell where the backup is: {e}")
+                return
+            if where is None:
+                self._not_connected("no backup placed yet (the fleet has no host for it)")
+                return
+            self.cfg.backup = where
         host, port = self.cfg.backup
         try:
             sk = socket.create_connection((host, port), timeout=self.cfg.connect_timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ def target(b: Backup) -> tuple[str, int] | None:
     how = b.cfg.reprotect
     if how == "off":
         return None
+    if how == "fleet":  # asked again before each connection (fleet_backup_resolver)
+        return ("", b.cfg.listen[1])
     if how != "auto":
         return parse_addr(how, b.cfg.listen[1])
     announced = (b.unit or {}).get("spec", {}).get("rejoin")
@@ -53,6 +56,22 @@ def target(b: Backup) -> tuple[str, int] | None:
         return parse_addr(announced, b.cfg.listen[1])
     peer = b.peer.rsplit(":", 1)[0] if b.peer else ""
     return (peer, b.cfg.listen[1]) if peer else None
+
+
+def fleet_backup_resolver(coordinator: Any, unit: str) -> Callable[[], tuple[str, int] | None]:
+    """The backup of a fleet's unit: where the leader placed it (remus.placement)."""
+    from remus.fleet_store import FleetStore
+
+    store = FleetStore(coordinator)
+
+    def where() -> tuple[str, int] | None:
+        spec = store.services().get(unit)
+        p = store.placement(unit)
+        if spec is None or p is None or p.backup is None:
+            return None
+        return p.backup, spec.port
+
+    return where
 
 
 def clear_stale_rules(host_if: str) -> None:
@@ -91,7 +110,10 @@ def start(b: Backup, unit: UnitDescription, container: UnitContainer, pid: int) 
         dirty_tracking=str(prot.get("dirty_tracking", "auto")),
         on_peer_loss=str(spec.get("on_peer_loss", "stall")), fence=fence,
         state_dirs=list(b.cfg.state_dirs), unit_pids=cg.pids, buffer_factory=make,
-        start_solo=True, protection={"netbuf": netbuf})
+        start_solo=True, protection={"netbuf": netbuf}, coordinator=b.cfg.coordinator,
+        coord_me=b.local_ip,
+        backup_resolver=(fleet_backup_resolver(b.cfg.coordinator, unit.name)
+                         if b.cfg.reprotect == "fleet" else None))
     p = Primary(cfg, NullBuffer())
     p.generation = max(p.generation, b.generation)  # newer than anything restored
     b.reprotector = p
@@ -131,4 +153,6 @@ def rejoin_config(p: Primary, workdir: Path, state_dirs: list[Path]) -> BackupCo
     p.buffer.close(release_all=False)
     return BackupConfig(listen=(p.local_ip, p.cfg.backup[1]), psk=p.cfg.psk, workdir=workdir,
                         timing=p.cfg.timing, state_dirs=state_dirs,
+                        coordinator=p.cfg.coordinator,
+                        reprotect="fleet" if p.cfg.backup_resolver is not None else "auto",
                         extra={"name": str(p.cfg.backup[1])})

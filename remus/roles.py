@@ -130,6 +130,12 @@ class BackupRole:
         with self._lock:
             self.last_heard = max(self.last_heard, now)
 
+    def resync(self, now: float) -> None:
+        """The caller was busy on purpose (a takeover attempt that asked the
+        coordinator): that time is not a scheduling gap."""
+        with self._lock:
+            self._last_tick = now
+
     def silence(self, now: float) -> float:
         with self._lock:
             return now - self.last_heard

@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ SERVERS: dict[str, tuple[list[str], int]] = {
 
 
 LAB_LOCK = Path("/run/remus-lab-tests.lock")
+ZK_JAR = Path("/usr/share/java/zookeeper.jar")
+ZK_PORT = 2181
 
 
 @contextlib.contextmanager
@@ -65,6 +68,7 @@ class Scenario:
     extra_backup: list[str] = field(default_factory=list)
     command: list[str] | None = None  # overrides the server's command line
     status_timeout: float = 5.0  # per `remus status` call (more in an emulated VM)
+    coordinator: str | None = None  # zk://... for both agents (start_coordinator sets it)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -87,7 +91,8 @@ class Scenario:
         """`remus backup` on `host` (bak; or pri, rejoining after a failover)."""
         return self._spawn(host, [*REMUS, "-v", "backup", "--listen", self.lab.addr(host),
                                   "--key-file", str(self.key), "--workdir",
-                                  f"/var/lib/remus/{self.unit}", *self.extra_backup],
+                                  f"/var/lib/remus/{self.unit}", *self._coord_args(),
+                                  *self.extra_backup],
                            "backup.log" if host == "bak" else f"backup-{host}.log")
 
     def start_primary(self) -> subprocess.Popen[bytes]:
@@ -95,7 +100,51 @@ class Scenario:
         return self._spawn("pri", [*REMUS, "-v", "run", "--backup", self.lab.addr("bak"),
                                    "--key-file", str(self.key), "--vip", self.lab.vip,
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
-                                   self.interval, *self.extra_primary, "--", *argv], "primary.log")
+                                   self.interval, *self._coord_args(), *self.extra_primary,
+                                   "--", *argv], "primary.log")
+
+    def _coord_args(self) -> list[str]:
+        return ["--coordinator", self.coordinator] if self.coordinator else []
+
+    def start_agent(self, host: str) -> subprocess.Popen[bytes]:
+        """`remus agent` of a fleet on `host` (start_coordinator first)."""
+        return self._spawn(host, [*REMUS, "-v", "agent", "--coordinator", self.coordinator or "",
+                                  "--key-file", str(self.key), "--listen", self.lab.addr(host),
+                                  "--dev", self.lab.dev, "--log-dir",
+                                  str(self.workdir / f"fleet-{host}")], f"agent-{host}.log")
+
+    # -- coordinator --------------------------------------------------------
+    def start_coordinator(self, empty: bool = False, timeout: float = 60.0) -> str:
+        """A real ZooKeeper (Debian's package) on the `coord` host; its data on that
+        host's disk (`empty`: wiped first, a coordinator that lost everything).
+        Both agents started from now on use it. Returns its URL."""
+        if not ZK_JAR.exists():
+            raise FileNotFoundError(f"{ZK_JAR} missing: install Debian's zookeeper package "
+                                    "(bin/setup does)")
+        # /var/lib/zookeeper-lab on coord's disk (its /run does not survive a reboot)
+        disk = self.lab.host_dir("coord") / "var-lib" / "zookeeper-lab"
+        if empty:
+            shutil.rmtree(disk, ignore_errors=True)
+        disk.mkdir(parents=True, exist_ok=True)
+        data = "/var/lib/zookeeper-lab"
+        addr = self.lab.addr("coord")
+        cfg = self.workdir / "zoo.cfg"
+        # tickTime 500 ms: sessions of 1-10 s (ZooKeeper's bounds are 2 and 20 ticks).
+        cfg.write_text(f"tickTime=500\ndataDir={data}\nclientPort={ZK_PORT}\n"
+                       f"clientPortAddress={addr}\nadmin.enableServer=false\n")
+        self._spawn("coord", ["java", "-Xmx256m", "-cp", f"/etc/zookeeper/conf:{ZK_JAR}",
+                              "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg)],
+                    "zookeeper.log")
+        probe = (f"import socket; socket.create_connection(('{addr}', {ZK_PORT}), 1).close()")
+        deadline = time.monotonic() + timeout
+        while self.lab.run("client", [sys.executable, "-c", probe],
+                           capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ZooKeeper on {addr} not up within {timeout:.0f} s; see "
+                                   f"{self.workdir}/zookeeper.log")
+            time.sleep(0.2)
+        self.coordinator = f"zk://{addr}:{ZK_PORT}/remus-lab"
+        return self.coordinator
 
     def status(self, host: str, timeout: float | None = None) -> dict[str, Any] | None:
         p = self.lab.run(host, [*REMUS, "status", "--json"], capture_output=True, text=True,
@@ -159,7 +208,7 @@ class Scenario:
     def reset(self) -> None:
         """Power-cycle every lab host: no unit, agent or ARP entry survives."""
         self.stop_all()
-        for host in ("pri", "bak", "client"):
+        for host in self.lab.hosts:
             try:
                 self.lab.crash(host)
             except Exception as e:  # a host that is already down is fine

@@ -216,7 +216,8 @@ def test_cli_status_json_and_errors(lab: Lab) -> None:
     st = json.loads(res.output)
     assert st["up"] is True and st["vip"] == "10.77.0.100/24" and st["dev"] == "eth0"
     assert {h: st["hosts"][h]["addr"] for h in HOSTS} == {
-        "pri": "10.77.0.1", "bak": "10.77.0.2", "client": "10.77.0.3"}  # fmt: skip
+        "pri": "10.77.0.1", "bak": "10.77.0.2", "client": "10.77.0.3",
+        "coord": "10.77.0.4", "spare": "10.77.0.5"}  # fmt: skip
     res = CliRunner().invoke(lab_cli, ["exec", "nosuch", "--", "true"])
     assert res.exit_code != 0 and "unknown lab host 'nosuch'" in res.output
 

@@ -33,6 +33,7 @@ import pytest
 
 from remus.paths import REPO
 from remus.scenario import Scenario
+from tests.support.ha import active_on, logs, protected_from, wait
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -41,34 +42,6 @@ ROUNDS = 5
 # before the test says it did not happen.
 TAKEOVER_BOUND_S = 20.0
 REPROTECT_BOUND_S = 60.0
-
-
-def wait(what: str, fn: Any, timeout: float, sc: Scenario) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s (last {last!r})\n{logs(sc)}")
-
-
-def logs(sc: Scenario) -> str:
-    names = sorted(p.name for p in sc.workdir.glob("*.log"))
-    return "\n".join(sc.log_tail(n, 40) for n in names)
-
-
-def active_on(sc: Scenario, host: str) -> dict[str, Any] | None:
-    st = sc.status(host)
-    return st if st and st.get("state") == "active" else None
-
-
-def protected_from(sc: Scenario, host: str, past: int = 2) -> dict[str, Any] | None:
-    """The re-protection on `host` once it acked more than `past` epochs."""
-    st = sc.primary_status(host)
-    ok = st and st.get("state") == "protected" and st.get("acked_epoch", -1) > past
-    return st if ok else None
 
 
 def test_repeated_failovers_alternating_hosts_lose_nothing(scenario: Any) -> None:

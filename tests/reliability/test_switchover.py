@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from remus.scenario import REMUS, Scenario
-from tests.reliability.test_rejoin import active_on, logs, protected_from, wait
+from tests.support.ha import active_on, logs, protected_from, wait
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -17,7 +17,8 @@ from remus.lab_layout import HOSTS
 
 def test_layout_is_fixed_and_unique() -> None:
     assert {h: s.addr for h, s in HOSTS.items()} == {
-        "pri": "10.77.0.1", "bak": "10.77.0.2", "client": "10.77.0.3"}  # fmt: skip
+        "pri": "10.77.0.1", "bak": "10.77.0.2", "client": "10.77.0.3",
+        "coord": "10.77.0.4", "spare": "10.77.0.5"}  # fmt: skip
     macs = [s.mac for s in HOSTS.values()] + [s.port_mac for s in HOSTS.values()]
     assert len(set(macs)) == len(macs)
     lab = Lab("/x/lab")

@@ -1,0 +1,70 @@
+"""What the CLI modules share: the error type, durations, keys, timing options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from remus.config import Timing, parse_duration
+from remus.errors import RemusError
+
+
+class CliError(click.ClickException):
+    """A one-line error and exit status 1."""
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value, f"--{param.name}" if param else "duration")
+        except RemusError as e:
+            self.fail(str(e), param, ctx)
+
+
+DURATION = Duration()
+
+
+def _load_key(path: str) -> bytes:
+    from remus.protocol import load_key
+
+    try:
+        return load_key(Path(path))
+    except RemusError as e:
+        raise CliError(str(e)) from e
+
+
+def _timing(interval: float, heartbeat: float, lease: float, takeover: float) -> Timing:
+    try:
+        return Timing(interval=interval, heartbeat=heartbeat, lease=lease,
+                      takeover_timeout=takeover).validate()
+    except RemusError as e:
+        raise CliError(str(e)) from e
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise CliError("must run as root (CRIU, namespaces and netfilter need it)")
+
+
+def timing_options(f: Any) -> Any:
+    opts = [
+        click.option("--interval", type=DURATION, default="50ms", show_default=True,
+                     help="Epoch length: output waits up to this long plus the ACK round trip."),
+        click.option("--heartbeat", type=DURATION, default="50ms", show_default=True,
+                     help="Heartbeat period on the replication link."),
+        click.option("--lease", type=DURATION, default="200ms", show_default=True,
+                     help="The primary releases output only while its lease (renewed by ACKs "
+                          "and heartbeats) is valid. Must be < --takeover-timeout."),
+        click.option("--takeover-timeout", type=DURATION, default="300ms", show_default=True,
+                     help="Silence after which the backup declares the primary dead."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f

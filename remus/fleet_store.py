@@ -1,0 +1,242 @@
+"""A fleet's state in ZooKeeper, next to the units' records (remus.coordinator).
+
+Layout under the coordinator URL's PATH:
+
+    hosts/ADDR          ephemeral: a live agent (its free memory, pid)
+    services/NAME       what `remus ctl add` asked for (ServiceSpec)
+    units/NAME          who runs the unit: the pair's CAS (remus.coordinator)
+    placement/NAME      where the leader wants the primary and the backup
+    status/NAME/ADDR    ephemeral: what the agent on ADDR reports of the unit
+    requests/NAME       a switchover or failover asked for by `remus ctl`
+    leader              the election of the agent that places services
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remus.coordinator import CoordinatorUnavailable, UnitRecord, ZkCoordinator
+from remus.errors import ConfigError
+from remus.placement import Host, Placement
+
+FIRST_PORT = 7800  # backups of fleet services listen on FIRST_PORT, FIRST_PORT + 1, ...
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    vip: str
+    cmd: list[str]
+    port: int
+    interval_ms: float = 50.0
+    state_dirs: list[str] = field(default_factory=list)
+    dev: str = "eth0"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ServiceSpec:
+        d = json.loads(raw)
+        return cls(name=d["name"], vip=d["vip"], cmd=list(d["cmd"]), port=int(d["port"]),
+                   interval_ms=float(d.get("interval_ms", 50.0)),
+                   state_dirs=list(d.get("state_dirs", [])), dev=d.get("dev", "eth0"))
+
+
+class FleetStore:
+    """Reads and writes of the fleet's nodes; CoordinatorUnavailable when ZooKeeper
+    does not answer (the caller retries on its next cycle)."""
+
+    def __init__(self, coord: ZkCoordinator) -> None:
+        self.coord = coord
+        self.path = coord.path
+
+    @property
+    def zk(self) -> Any:
+        return self.coord._client()
+
+    def _get(self, path: str) -> tuple[bytes | None, int]:
+        from kazoo.exceptions import NoNodeError
+
+        def get() -> tuple[bytes | None, int]:
+            try:
+                raw, stat = self.zk.get(path)
+            except NoNodeError:
+                return None, -1
+            return raw, int(stat.version)
+
+        result: tuple[bytes | None, int] = self.coord._call(get)
+        return result
+
+    def _children(self, path: str) -> list[str]:
+        from kazoo.exceptions import NoNodeError
+
+        def ls() -> list[str]:
+            try:
+                return sorted(self.zk.get_children(path))
+            except NoNodeError:
+                return []
+
+        result: list[str] = self.coord._call(ls)
+        return result
+
+    # -- hosts ------------------------------------------------------------------------
+    def register_host(self, addr: str, info: dict[str, Any]) -> None:
+        from kazoo.exceptions import NodeExistsError
+
+        node = f"{self.path}/hosts/{addr}"
+
+        def put() -> None:
+            try:
+                self.zk.create(node, json.dumps(info).encode(), ephemeral=True, makepath=True)
+            except NodeExistsError:
+                self.zk.set(node, json.dumps(info).encode())
+
+        self.coord._call(put)
+
+    def hosts(self) -> dict[str, Host]:
+        out = {}
+        for addr in self._children(f"{self.path}/hosts"):
+            raw, _ = self._get(f"{self.path}/hosts/{addr}")
+            if raw is not None:
+                out[addr] = Host(addr, int(json.loads(raw).get("mem_available", 0)))
+        return out
+
+    # -- services -----------------------------------------------------------------------
+    def add_service(self, spec: ServiceSpec) -> None:
+        from kazoo.exceptions import NodeExistsError
+
+        def make() -> None:
+            try:
+                self.zk.create(f"{self.path}/services/{spec.name}", spec.to_json(),
+                               makepath=True)
+            except NodeExistsError as e:
+                raise ConfigError(f"service {spec.name} exists already") from e
+
+        self.coord._call(make)
+
+    def remove_service(self, name: str) -> None:
+        from kazoo.exceptions import NoNodeError
+
+        def rm() -> None:
+            for sub in ("services", "placement", "requests"):
+                try:
+                    self.zk.delete(f"{self.path}/{sub}/{name}", recursive=True)
+                except NoNodeError:
+                    pass
+
+        self.coord._call(rm)
+
+    def services(self) -> dict[str, ServiceSpec]:
+        out = {}
+        for name in self._children(f"{self.path}/services"):
+            raw, _ = self._get(f"{self.path}/services/{name}")
+            if raw is not None:
+                out[name] = ServiceSpec.from_json(raw)
+        return out
+
+    def next_port(self) -> int:
+        used = {s.port for s in self.services().values()}
+        port = FIRST_PORT
+        while port in used:
+            port += 1
+        return port
+
+    # -- units and placements ------------------------------------------------------------
+    def records(self, names: list[str]) -> dict[str, UnitRecord]:
+        out = {}
+        for n in names:
+            rec, _ = self.coord.read(n)
+            if rec is not None:
+                out[n] = rec
+        return out
+
+    def placements(self) -> dict[str, Placement]:
+        out = {}
+        for name in self._children(f"{self.path}/placement"):
+            raw, _ = self._get(f"{self.path}/placement/{name}")
+            if raw is not None:
+                d = json.loads(raw)
+                out[name] = Placement(d["primary"], d.get("backup"))
+        return out
+
+    def placement(self, name: str) -> Placement | None:
+        raw, _ = self._get(f"{self.path}/placement/{name}")
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return Placement(d["primary"], d.get("backup"))
+
+    def set_placement(self, name: str, p: Placement) -> None:
+        from kazoo.exceptions import NodeExistsError
+
+        node = f"{self.path}/placement/{name}"
+        raw = json.dumps(asdict(p)).encode()
+
+        def put() -> None:
+            try:
+                self.zk.create(node, raw, makepath=True)
+            except NodeExistsError:
+                self.zk.set(node, raw)
+
+        self.coord._call(put)
+
+    # -- status and requests --------------------------------------------------------------
+    def publish_status(self, name: str, addr: str, doc: dict[str, Any]) -> None:
+        from kazoo.exceptions import NodeExistsError
+
+        node = f"{self.path}/status/{name}/{addr}"
+        raw = json.dumps(doc).encode()
+
+        def put() -> None:
+            try:
+                self.zk.create(node, raw, ephemeral=True, makepath=True)
+            except NodeExistsError:
+                self.zk.set(node, raw)
+
+        self.coord._call(put)
+
+    def statuses(self, name: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for addr in self._children(f"{self.path}/status/{name}"):
+            raw, _ = self._get(f"{self.path}/status/{name}/{addr}")
+            if raw is not None:
+                out[addr] = json.loads(raw)
+        return out
+
+    def request(self, name: str, op: str, to: str | None = None) -> None:
+        node = f"{self.path}/requests/{name}"
+        raw = json.dumps({"op": op, "to": to}).encode()
+
+        def put() -> None:
+            self.zk.create(node, raw, makepath=True)
+
+        from kazoo.exceptions import NodeExistsError
+
+        try:
+            self.coord._call(put)
+        except NodeExistsError as e:
+            raise ConfigError(f"a request for {name} is pending already") from e
+
+    def take_request(self, name: str) -> dict[str, Any] | None:
+        """The pending request for `name`, removed (whoever deletes it carries it out)."""
+        from kazoo.exceptions import BadVersionError, NoNodeError
+
+        raw, version = self._get(f"{self.path}/requests/{name}")
+        if raw is None:
+            return None
+
+        def rm() -> bool:
+            try:
+                self.zk.delete(f"{self.path}/requests/{name}", version=version)
+            except (NoNodeError, BadVersionError):
+                return False
+            return True
+
+        req: dict[str, Any] = json.loads(raw)
+        return req if self.coord._call(rm) else None
+
+
+__all__ = ["CoordinatorUnavailable", "FleetStore", "ServiceSpec"]

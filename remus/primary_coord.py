@@ -1,0 +1,111 @@
+"""The primary's dealings with the coordinator (`--coordinator`, remus.coordinator).
+
+A mixin of remus.primary.Primary (which owns the state declared below).
+
+- Backup lost and lease lapsed: instead of --on-peer-loss, a CAS decides.
+  Won: the unit runs solo (output released, serving); lost (the backup took
+  over first): our copy is fenced; coordinator unreachable: output stays
+  held (stalled) and we ask again, so nothing serves twice.
+- Once a backup acknowledged our first checkpoint, the record says
+  `protected` with that backup (only then may it take over), and a record
+  that vanished (a coordinator restarted empty) is written again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from remus.coordinator import CoordinatorUnavailable, decide_solo, protected_by
+from remus.primary_config import PrimaryConfig
+from remus.roles import P, PrimaryRole
+
+log = logging.getLogger("remus.primary")
+
+ASK_EVERY = 0.5  # seconds between questions to an unreachable coordinator
+REASSERT_EVERY = 2.0  # seconds between checks that the record is still there
+
+
+class Coordinated:
+    """See module doc."""
+
+    # Owned and initialised by Primary.__init__:
+    cfg: PrimaryConfig
+    clock: Callable[[], float]
+    role: PrimaryRole
+    link: Any
+    stop_event: threading.Event
+    last_sentence: str
+    _coord_asked: float
+    _coord_said: str | None
+    _recorded_backup: str | None
+
+    def _sync_output(self) -> None:
+        raise NotImplementedError
+
+    def _fence(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _coord_say(self, sentence: str, level: int = logging.WARNING) -> None:
+        """Log once per change (the coordinator is asked every ASK_EVERY s)."""
+        self.last_sentence = sentence
+        if sentence != self._coord_said:
+            log.log(level, "%s", sentence)
+            self._coord_said = sentence
+
+    def _coord_lease_lapsed(self) -> None:
+        """Stalled after losing the backup: ask the coordinator whether to run solo."""
+        coord = self.cfg.coordinator
+        now = self.clock()
+        if coord is None or self.role.state is not P.STALLED or now - self._coord_asked < ASK_EVERY:
+            return
+        self._coord_asked = now
+        me = self.cfg.coord_me
+        try:
+            d = coord.apply(self.cfg.unit_id, lambda r: decide_solo(r, me))
+        except CoordinatorUnavailable as e:
+            self._coord_say(f"STALLED: backup lost and {e}; output held until one of them "
+                            "answers")
+            return
+        if not d.won:
+            self._fence(d.why)
+            return
+        self.role.fire("continue", now)
+        self._recorded_backup = None
+        self._sync_output()
+        self._coord_say(f"SOLO (UNPROTECTED): the coordinator agreed ({d.why}); serving, "
+                        f"looking for a backup at {self.cfg.backup[0]}", logging.ERROR)
+
+    def _coord_loop(self) -> None:
+        """Record who protects us; write the record again if it vanished."""
+        coord = self.cfg.coordinator
+        if coord is None:
+            return
+        last_check = 0.0
+        while not self.stop_event.wait(ASK_EVERY):
+            backup = self.link.peer.rsplit(":", 1)[0] if self.link is not None else None
+            due = self.clock() - last_check > REASSERT_EVERY
+            if self.role.state is not P.PROTECTED or backup is None:
+                continue
+            if backup == self._recorded_backup and not due:
+                continue
+            last_check = self.clock()
+            try:
+                d = coord.apply(self.cfg.unit_id,
+                                lambda r, b=backup, me=self.cfg.coord_me: protected_by(r, me, b))
+            except CoordinatorUnavailable as e:
+                if backup != self._recorded_backup:
+                    self._coord_say(f"protected by {backup}, but {e}: the backup cannot take "
+                                    "over until the coordinator records it")
+                else:  # recorded before: only the periodic check failed
+                    log.debug("coordinator check: %s", e)
+                continue
+            if not d.won:
+                self._fence(d.why)
+                return
+            if d.write is not None:
+                log.info("coordinator: %s", d.why)
+            self._recorded_backup = backup
+            self._coord_said = None

@@ -1,0 +1,186 @@
+"""A pair with a coordinator: a real ZooKeeper on the lab's `coord` host decides.
+
+- A power cut of the backup host: the primary goes solo once the coordinator
+  agrees and keeps serving (without a coordinator, `--on-peer-loss stall`
+  would hold its output for good); a backup started again on the rebooted
+  host brings protection back by itself.
+- The replication link cut, both hosts healthy: the primary's lease lapses
+  first and it wins the CAS (solo); the backup's takeover loses it: exactly
+  one copy serves (checked on the wire: no frame from bak). Healed, the
+  pair is protected again.
+- The coordinator down, both hosts healthy: no failover, protection goes on.
+  Then a power cut of the primary: no takeover while the coordinator is down
+  (nobody can tell the primary did not go solo); once it is back, the backup
+  takes over, and the client's connection survives.
+- The CAS race, 100 rounds against the real ZooKeeper: the primary going solo
+  and the backup taking over, at once, from two sessions: exactly one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from remus.scenario import ZK_JAR, Scenario
+from tests.support.ha import active_on, logs, protected_from, wait
+from tests.support.wire import macs
+
+pytestmark = [pytest.mark.root, pytest.mark.slow,
+              pytest.mark.skipif(not ZK_JAR.exists(), reason=f"{ZK_JAR} missing: install "
+                                 "Debian's zookeeper package (bin/setup does)")]
+
+BOUND_S = 60.0  # a hang bound, not a speed
+
+
+def state_of(sc: Scenario, host: str) -> str | None:
+    return (sc.primary_status(host) or {}).get("state")
+
+
+def coordinated_pair(sc: Scenario) -> Any:
+    sc.start_coordinator(empty=True)
+    sc.start_backup("bak")
+    wait("backup up", lambda: sc.status("bak"), 30, sc)
+    sc.start_primary()
+    sc.wait_protected(timeout=30)
+    wait("the coordinator records the backup", lambda: "coordinator: protected by"
+         in (sc.workdir / "primary.log").read_text(errors="replace"), 30, sc)
+    client = sc.start_client(600, "client.json", stall_timeout=30)
+    time.sleep(1.0)
+    return client
+
+
+def finish(sc: Scenario, client: Any) -> dict[str, Any]:
+    os.kill(client.pid, signal.SIGINT)
+    res: dict[str, Any] = sc.wait_client(client, "client.json", timeout=120)
+    assert res["connection_survived"], f"{res['error']}\n{logs(sc)}"
+    assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res
+    return res
+
+
+def test_backup_power_cut_primary_goes_solo_then_is_protected_again(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    client = coordinated_pair(sc)
+    cut = time.monotonic()
+    sc.lab.crash("bak")
+    wait("pri solo", lambda: state_of(sc, "pri") == "solo", BOUND_S, sc)
+    solo_after = time.monotonic() - cut
+    st = sc.status("pri") or {}
+    assert not st.get("guarantee") and "coordinator agreed" in st.get("last", ""), st
+    time.sleep(2.0)  # serving solo
+    sc.lab.up()
+    sc.start_backup("bak")
+    wait("pri protected again", lambda: protected_from(sc, "pri", past=-1), BOUND_S, sc)
+    time.sleep(1.0)
+    res = finish(sc, client)
+    print(f"\nbackup power cut with a coordinator: pri solo {solo_after:.2f} s after the cut, "
+          f"protected again after the restart; client gap {res['max_gap_s']:.3f} s, "
+          f"{res['acked']} acked, 0 lost")
+
+
+def test_link_cut_exactly_one_copy_serves(scenario: Any, wire: Any) -> None:
+    """Usually the primary wins (its lease lapses 100 ms before the backup's timeout);
+    either way one copy serves, never both, and the pair heals afterwards."""
+    part, cap = wire
+    sc = scenario(server="redis")
+    pri_mac, bak_mac = macs(sc.lab)
+    client = coordinated_pair(sc)
+    cap.start()
+    part.cut()
+    outcome = wait("one side decided", lambda: (
+        "pri" if state_of(sc, "pri") == "solo" and
+        (sc.status("bak") or {}).get("state") == "primary-lost" else
+        "bak" if active_on(sc, "bak") else None), BOUND_S, sc)
+    time.sleep(2.0)
+    if outcome == "pri":
+        bak = sc.status("bak") or {}
+        assert bak.get("state") == "primary-lost" and "not taking over" in bak["last"], bak
+    else:
+        assert "fenc" in (sc.status("pri") or {}).get("last", "") or \
+            "fencing" in (sc.workdir / "primary.log").read_text(errors="replace"), logs(sc)
+    cap.stop()
+    part.heal()
+    healed = "pri" if outcome == "pri" else "bak"
+    wait(f"{healed} protected again", lambda: protected_from(sc, healed, past=-1), BOUND_S, sc)
+    res = finish(sc, client)
+    frames = cap.frames()
+    from_bak = [f for f in frames if f.src_mac == bak_mac]
+    assert {f.src_mac for f in frames} <= {pri_mac, bak_mac}
+    if outcome == "pri":
+        assert not from_bak, from_bak[:3]
+    else:
+        late = [f for f in frames if f.src_mac == pri_mac and f.time >= from_bak[0].time]
+        assert not late, late[:3]
+    print(f"\nlink cut with a coordinator: {outcome} won the CAS and served alone; client gap "
+          f"{res['max_gap_s']:.3f} s")
+
+
+def test_coordinator_down_no_failover_until_it_returns(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    client = coordinated_pair(sc)
+    sc.lab.crash("coord")
+    before = (sc.status("pri") or {})["acked_epoch"]
+    time.sleep(3.0)
+    st = sc.status("pri") or {}
+    assert st["state"] == "protected" and st["acked_epoch"] > before + 20, st  # goes on
+    sc.lab.crash("pri")
+    deadline = time.monotonic() + 5.0  # 15x the takeover timeout
+    while time.monotonic() < deadline:
+        assert (sc.status("bak") or {}).get("state") == "replicating", logs(sc)
+        time.sleep(0.2)
+    blog = (sc.workdir / "backup.log").read_text(errors="replace")
+    assert "not taking over until it answers" in blog, blog[-2000:]
+    back = time.monotonic()
+    sc.lab.up()
+    sc.start_coordinator()  # the same data: it remembers the record
+    wait("takeover once the coordinator is back", lambda: active_on(sc, "bak"), BOUND_S, sc)
+    took = time.monotonic() - back
+    res = finish(sc, client)
+    print(f"\ncoordinator down: protection went on; a primary power cut waited for it; bak "
+          f"took over {took:.2f} s after it came back; client gap {res['max_gap_s']:.3f} s")
+
+
+RACE = r"""
+import json, sys, threading
+from remus.coordinator import UnitRecord, ZkCoordinator, decide_solo, decide_takeover
+url, rounds = sys.argv[1], int(sys.argv[2])
+pri, bak = ZkCoordinator(url), ZkCoordinator(url)
+results = []
+for i in range(rounds):
+    unit = f"race-{i}"
+    pri.create(unit, UnitRecord(1, "10.77.0.1", "10.77.0.2", "protected"))
+    go = threading.Barrier(2)
+    won = {}
+    def race(name, coord, rule):
+        go.wait()
+        won[name] = coord.apply(unit, rule).won
+    ts = [threading.Thread(target=race, args=("pri", pri, lambda r: decide_solo(r, "10.77.0.1"))),
+          threading.Thread(target=race, args=("bak", bak,
+                                              lambda r: decide_takeover(r, "10.77.0.2")))]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    rec = pri.read(unit)[0]
+    results.append({"pri": won["pri"], "bak": won["bak"], "primary": rec.primary})
+print(json.dumps(results))
+"""
+
+
+def test_cas_race_has_exactly_one_winner_100_times(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    url = sc.start_coordinator(empty=True)
+    p = sc.lab.run("client", [sys.executable, "-c", RACE, url, "100"], capture_output=True,
+                   text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    results = json.loads(p.stdout)
+    assert len(results) == 100
+    for r in results:
+        assert r["pri"] != r["bak"], r  # exactly one winner
+        assert r["primary"] == ("10.77.0.1" if r["pri"] else "10.77.0.2"), r
+    wins = sum(r["pri"] for r in results)
+    print(f"\nCAS race on ZooKeeper: 100 rounds, exactly one winner each; primary won {wins}, "
+          f"backup {100 - wins}")

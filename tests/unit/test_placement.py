@@ -1,0 +1,68 @@
+"""Fleet placement (remus.placement): pure rules, no coordinator."""
+
+from __future__ import annotations
+
+import pytest
+
+from remus.coordinator import UnitRecord
+from remus.placement import DEFAULT_NEED, Host, Placement, place
+
+pytestmark = pytest.mark.unit
+
+GIB = 1 << 30
+A, B, C = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+
+
+def hosts(*addrs: str, mem: int = 8 * GIB) -> dict[str, Host]:
+    return {a: Host(a, mem) for a in addrs}
+
+
+def test_new_services_spread_and_backups_never_share_the_primary_host() -> None:
+    out = place(["s1", "s2"], hosts(A, B, C), {}, {})
+    assert set(out) == {"s1", "s2"}
+    for p in out.values():
+        assert p.backup is not None and p.backup != p.primary
+    carried = [h for p in out.values() for h in (p.primary, p.backup)]
+    assert max(carried.count(h) for h in (A, B, C)) <= 2  # 4 roles on 3 hosts
+
+
+def test_a_running_unit_stays_where_its_record_says() -> None:
+    recs = {"s1": UnitRecord(3, C, A, "protected")}
+    out = place(["s1"], hosts(A, B, C), recs, {"s1": Placement(A, B)})
+    assert out == {"s1": Placement(C, B)}  # primary follows the record; backup kept (alive)
+
+
+def test_after_a_failover_the_backup_moves_to_a_spare() -> None:
+    # A died: B took over (the record says so); A is gone from the live hosts
+    recs = {"s1": UnitRecord(2, B, A, "solo")}
+    out = place(["s1"], hosts(B, C), recs, {"s1": Placement(A, B)})
+    assert out == {"s1": Placement(B, C)}
+
+
+def test_no_spare_means_degraded_then_protected_when_a_host_appears() -> None:
+    recs = {"s1": UnitRecord(2, B, None, "solo")}
+    out = place(["s1"], hosts(B), recs, {"s1": Placement(A, B)})
+    assert out == {"s1": Placement(B, None)}
+    out = place(["s1"], hosts(B, C), recs, {"s1": Placement(B, None)})
+    assert out == {"s1": Placement(B, C)}
+
+
+def test_nothing_changes_nothing_written() -> None:
+    cur = {"s1": Placement(A, B)}
+    assert place(["s1"], hosts(A, B, C), {"s1": UnitRecord(1, A, B, "protected")}, cur) == {}
+
+
+def test_memory_decides() -> None:
+    hs = {A: Host(A, 8 * GIB), B: Host(B, DEFAULT_NEED - 1), C: Host(C, 2 * GIB)}
+    out = place(["s1"], hs, {"s1": UnitRecord(1, A, None, "solo")}, {}, sizes={"s1": GIB})
+    assert out == {"s1": Placement(A, C)}  # B lacks memory
+    out = place(["s1"], hs, {"s1": UnitRecord(1, A, None, "solo")}, {}, sizes={"s1": 4 * GIB})
+    assert out == {"s1": Placement(A, None)}  # nobody has 4 GiB free: degraded
+
+
+def test_a_host_carrying_five_primaries_dies() -> None:
+    names = [f"s{i}" for i in range(5)]
+    recs = {n: UnitRecord(2, B, A, "solo") for n in names}  # all taken over by B
+    cur = {n: Placement(A, B) for n in names}
+    out = place(names, hosts(B, C), recs, cur)
+    assert all(out[n] == Placement(B, C) for n in names)
