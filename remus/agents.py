@@ -165,7 +165,7 @@ def claim(opts: PrimaryOptions) -> tuple[Any, str]:
     return coord, me
 
 
-def _fleet_resolver(opts: PrimaryOptions, coord: Any) -> Any:
+def _fleet_resolver(opts: PrimaryOptions, coord: Any, me: str) -> Any:
     """`--backup fleet`: the backup is where the fleet's leader placed it."""
     if opts.backup[0] != "fleet":
         return None
@@ -173,7 +173,7 @@ def _fleet_resolver(opts: PrimaryOptions, coord: Any) -> Any:
         raise ConfigError("--backup fleet needs --coordinator")
     from remus.reprotect import fleet_backup_resolver
 
-    return fleet_backup_resolver(coord, opts.name)
+    return fleet_backup_resolver(coord, opts.name, me)
 
 
 def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
@@ -204,7 +204,7 @@ def make_run_primary(opts: PrimaryOptions, argv: list[str], buffer_factory: Any
                         buffer_factory=lambda: buffer_factory(spec.host_if),
                         protection={"netbuf": getattr(buffer_factory, "kind", "auto")},
                         coordinator=coord, coord_me=me,
-                        backup_resolver=_fleet_resolver(opts, coord))
+                        backup_resolver=_fleet_resolver(opts, coord, me))
     p = Primary(cfg, buffer)
     try:
         buffer.start()

@@ -214,6 +214,10 @@ class BackupSession:
                 return
             self.cfg.backup = where
         host, port = self.cfg.backup
+        if self.cfg.coord_me and host == self.cfg.coord_me:
+            # Our own host's backup agent would answer "taken over" (it is us).
+            self._not_connected(f"the backup address {host} is this host")
+            return
         try:
             sk = socket.create_connection((host, port), timeout=self.cfg.connect_timeout)
         except OSError as e:

@@ -58,8 +58,13 @@ def target(b: Backup) -> tuple[str, int] | None:
     return (peer, b.cfg.listen[1]) if peer else None
 
 
-def fleet_backup_resolver(coordinator: Any, unit: str) -> Callable[[], tuple[str, int] | None]:
-    """The backup of a fleet's unit: where the leader placed it (remus.placement)."""
+def fleet_backup_resolver(coordinator: Any, unit: str, me: str
+                          ) -> Callable[[], tuple[str, int] | None]:
+    """The backup of a fleet's unit: where the leader placed it (remus.placement).
+
+    Never this host (`me`): right after a takeover the placement still names us
+    as the backup until the leader moves it, and a primary connecting to its own
+    host's backup agent would be told "taken over" and fence the only copy."""
     from remus.fleet_store import FleetStore
 
     store = FleetStore(coordinator)
@@ -67,7 +72,7 @@ def fleet_backup_resolver(coordinator: Any, unit: str) -> Callable[[], tuple[str
     def where() -> tuple[str, int] | None:
         spec = store.services().get(unit)
         p = store.placement(unit)
-        if spec is None or p is None or p.backup is None:
+        if spec is None or p is None or p.backup is None or p.backup == me:
             return None
         return p.backup, spec.port
 
@@ -112,7 +117,7 @@ def start(b: Backup, unit: UnitDescription, container: UnitContainer, pid: int) 
         state_dirs=list(b.cfg.state_dirs), unit_pids=cg.pids, buffer_factory=make,
         start_solo=True, protection={"netbuf": netbuf}, coordinator=b.cfg.coordinator,
         coord_me=b.local_ip,
-        backup_resolver=(fleet_backup_resolver(b.cfg.coordinator, unit.name)
+        backup_resolver=(fleet_backup_resolver(b.cfg.coordinator, unit.name, b.local_ip)
                          if b.cfg.reprotect == "fleet" else None))
     p = Primary(cfg, NullBuffer())
     p.generation = max(p.generation, b.generation)  # newer than anything restored
