@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .cache/.setup-stamp
 
-.PHONY: setup test test-fast test-unit test-integration check demo bench lab-down clean
+.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
 $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
@@ -37,6 +37,10 @@ test-integration: setup
 
 demo: setup
 	$(PY) bin/demo
+
+# A fleet: two services on three hosts and a ZooKeeper, a power cut, protection back by itself.
+fleet-demo: setup
+	$(PY) bin/fleet-demo
 
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)

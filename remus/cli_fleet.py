@@ -81,10 +81,12 @@ def ctl(ctx: click.Context, coordinator: str) -> None:
 @click.option("--interval", type=DURATION, default="50ms", show_default=True,
               help="Epoch length.")
 @click.option("--dev", default="eth0", show_default=True, help="The hosts' client interface.")
+@click.option("--on", "prefer", default=None, metavar="HOST",
+              help="Start it on HOST if that host is alive (default: the least loaded).")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def add(url: str, name: str, vip: str, state_dirs: tuple[str, ...], interval: float, dev: str,
-        cmd: tuple[str, ...]) -> None:
+        prefer: str | None, cmd: tuple[str, ...]) -> None:
     """Add a service: `remus ctl add NAME --vip CIDR -- CMD [ARGS]...`"""
     from remus.fleet_store import ServiceSpec
     from remus.unit import validate_name
@@ -93,7 +95,8 @@ def add(url: str, name: str, vip: str, state_dirs: tuple[str, ...], interval: fl
         validate_name(name)
         store = _store(url)
         spec = ServiceSpec(name=name, vip=vip, cmd=list(cmd), port=store.next_port(),
-                           interval_ms=interval * 1000, state_dirs=list(state_dirs), dev=dev)
+                           interval_ms=interval * 1000, state_dirs=list(state_dirs), dev=dev,
+                           prefer=prefer)
         store.add_service(spec)
     except RemusError as e:
         raise CliError(str(e)) from e

@@ -106,6 +106,9 @@ class FleetAgent:
     def cycle(self) -> str:
         mem = psutil.virtual_memory()
         self.store.register_host(self.cfg.me, {"mem_available": mem.available, "pid": os.getpid()})
+        for child in self.children.values():
+            if self.store.restore_service(child.spec):
+                log.warning("the coordinator had lost service %s: written back", child.spec.name)
         services = self.store.services()
         records = self.store.records(list(services))
         placements = self.store.placements()
@@ -264,7 +267,8 @@ class FleetAgent:
             for st in self.store.statuses(name).values():
                 if st.get("checkpoint_bytes"):
                     sizes[name] = int(st["checkpoint_bytes"])
-        for name, p in place(list(services), hosts, records, current, sizes).items():
+        prefer = {n: s.prefer for n, s in services.items() if s.prefer}
+        for name, p in place(list(services), hosts, records, current, sizes, prefer).items():
             self.store.set_placement(name, p)
             log.warning("placement of %s: primary %s, backup %s", name, p.primary,
                         p.backup or "NONE (degraded: no host can take it)")

@@ -33,6 +33,7 @@ class ServiceSpec:
     interval_ms: float = 50.0
     state_dirs: list[str] = field(default_factory=list)
     dev: str = "eth0"
+    prefer: str | None = None  # the host to start on (`remus ctl add --on`)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -42,7 +43,8 @@ class ServiceSpec:
         d = json.loads(raw)
         return cls(name=d["name"], vip=d["vip"], cmd=list(d["cmd"]), port=int(d["port"]),
                    interval_ms=float(d.get("interval_ms", 50.0)),
-                   state_dirs=list(d.get("state_dirs", [])), dev=d.get("dev", "eth0"))
+                   state_dirs=list(d.get("state_dirs", [])), dev=d.get("dev", "eth0"),
+                   prefer=d.get("prefer"))
 
 
 class FleetStore:
@@ -116,6 +118,25 @@ class FleetStore:
                 raise ConfigError(f"service {spec.name} exists already") from e
 
         self.coord._call(make)
+
+    def restore_service(self, spec: ServiceSpec) -> bool:
+        """Write a service back after the coordinator lost its data (True if it did).
+
+        Only when the services folder itself is gone: a single missing service
+        was removed by `remus ctl remove`, which must not be undone."""
+
+        def put() -> bool:
+            if self.zk.exists(f"{self.path}/services") is not None:
+                return False
+            self.zk.create(f"{self.path}/services/{spec.name}", spec.to_json(), makepath=True)
+            return True
+
+        from kazoo.exceptions import NodeExistsError
+
+        try:
+            return bool(self.coord._call(put))
+        except NodeExistsError:
+            return False
 
     def remove_service(self, name: str) -> None:
         from kazoo.exceptions import NoNodeError

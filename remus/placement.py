@@ -6,7 +6,8 @@ each unit: the pair's own CAS decides that, never placement) and the current
 placements. It returns the placements to write. Rules:
 
 - a unit that runs somewhere stays there (its record names the primary);
-  a new service goes to the live host with the most free memory per unit;
+  a new service goes to its preferred host if alive, else to the live host
+  carrying the fewest units (then: the most free memory);
 - its backup stays where it is while that host is alive and is not the
   primary's; otherwise another live host is chosen, never the primary's,
   with enough free memory for the unit (its checkpoint size when known),
@@ -56,10 +57,11 @@ def _pick(hosts: dict[str, Host], carried: dict[str, int], need: int,
 
 
 def place(services: list[str], hosts: dict[str, Host], records: dict[str, UnitRecord],
-          current: dict[str, Placement], sizes: dict[str, int] | None = None
-          ) -> dict[str, Placement]:
-    """The placements that must change (service -> new placement)."""
-    sizes = sizes or {}
+          current: dict[str, Placement], sizes: dict[str, int] | None = None,
+          prefer: dict[str, str] | None = None) -> dict[str, Placement]:
+    """The placements that must change (service -> new placement). `prefer`: the
+    host a new service should start on, when it is alive (`remus ctl add --on`)."""
+    sizes, prefer = sizes or {}, prefer or {}
     out: dict[str, Placement] = {}
     planned = dict(current)
     for name in sorted(services):
@@ -70,13 +72,18 @@ def place(services: list[str], hosts: dict[str, Host], records: dict[str, UnitRe
             primary = rec.primary
         elif cur is not None and cur.primary in hosts:
             primary = cur.primary
+        elif prefer.get(name) in hosts:
+            primary = prefer[name]
+            carried[primary] = carried.get(primary, 0) + 1
         else:
             picked = _pick(hosts, carried, need, set())
             if picked is None:
                 continue  # no live host at all: nothing to place it on
             primary = picked
             carried[primary] = carried.get(primary, 0) + 1
-        backup = cur.backup if cur is not None else None
+        # Where the backup is: the placement's, else the record's (a coordinator that
+        # lost its data gets the record back from the primary, not the placement).
+        backup = cur.backup if cur is not None else (rec.backup if rec is not None else None)
         if backup is None or backup == primary or backup not in hosts:
             backup = _pick(hosts, carried, need, {primary})
         new = Placement(primary, backup)

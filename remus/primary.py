@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from remus.checkpoint.criu import Criu, clear_stale_parasite_dir
+from remus.checkpoint.criu import Criu, clear_stale_parasite_dir, parasite_dir_lock
 from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.disk_delta import DiskDelta
 from remus.checkpoint.disk_track import DiskTracker
@@ -128,7 +128,8 @@ class Primary(BackupSession, Handover, Coordinated):
     # -- public -------------------------------------------------------------
     def run(self) -> None:
         self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
-        clear_stale_parasite_dir(self.cfg.pid)
+        with parasite_dir_lock(self.cfg.pid):
+            clear_stale_parasite_dir(self.cfg.pid)
         if self.disk is not None:
             self.disk.start()
         threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
@@ -233,15 +234,17 @@ class Primary(BackupSession, Handover, Coordinated):
             tracker.attach()  # new processes of the unit (ptrace: not during the dump)
         parent = self.chain.parent(self.need_full)
         try:
-            res = self.criu.dump(self.cfg.pid, d, notify=notify,
-                                 freeze_cgroup=self.cfg.freeze_cgroup,
-                                 track_mem=self.chain.track, parent=parent,
-                                 env=CRIU_ENV if tracker is not None else None)
+            with parasite_dir_lock(self.cfg.pid):
+                res = self.criu.dump(self.cfg.pid, d, notify=notify,
+                                     freeze_cgroup=self.cfg.freeze_cgroup,
+                                     track_mem=self.chain.track, parent=parent,
+                                     env=CRIU_ENV if tracker is not None else None)
         except CheckpointError as err:
             self.chain.failed(str(err))
             shutil.rmtree(d, ignore_errors=True)
             self._drop_disk(disk)
-            clear_stale_parasite_dir(self.cfg.pid)
+            with parasite_dir_lock(self.cfg.pid):
+                clear_stale_parasite_dir(self.cfg.pid)
             if not _alive(self.cfg.pid):
                 raise FatalError(f"the unit (pid {self.cfg.pid}) has exited") from err
             log.error("checkpoint of epoch %d failed: %s", e, err)

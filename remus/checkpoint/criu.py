@@ -11,19 +11,22 @@ the primary marks the output-buffer boundary and captures disk state.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from remus.errors import CheckpointError, HostError
-from remus.paths import criu_binary
+from remus.paths import RUN_DIR, criu_binary
 
+LOCK_DIR = RUN_DIR / "locks"
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str], None]
@@ -314,6 +317,32 @@ def link_parent(parent: Path, images_dir: Path) -> str:
         if f.name == "inventory.img" or f.name.startswith(("pagemap-", "pages-")):
             os.link(f, sub / f.name)
     return PARENT_DIR
+
+
+@contextlib.contextmanager
+def parasite_dir_lock(pid: int) -> Iterator[None]:
+    """Hold while dumping `pid` (and while clearing its stale parasite dir).
+
+    CRIU's parasite mounts its private /proc at the fixed name `proc.crtools`
+    in the dumped task's working directory. Two units with the same working
+    directory (two redis with --dir /tmp) dumped at once collide there: one
+    dump fails ("Can't create a directory"), and its clean-up may remove the
+    other's. Measured: 5 units on one host failed most of their dumps. Dumps
+    of units that share a working directory take turns (a host-wide lock per
+    directory); the common case, one unit per directory, never waits."""
+    try:
+        st = os.stat(f"/proc/{pid}/cwd")
+    except OSError:
+        yield
+        return
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_DIR / f"cwd-{st.st_dev}-{st.st_ino}.lock",
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def clear_stale_parasite_dir(pid: int) -> bool:

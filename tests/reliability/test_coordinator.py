@@ -29,7 +29,7 @@ import pytest
 
 from remus.scenario import ZK_JAR, Scenario
 from tests.support.ha import active_on, logs, protected_from, wait
-from tests.support.wire import macs
+from tests.support.wire import Partition, macs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not ZK_JAR.exists(), reason=f"{ZK_JAR} missing: install "
@@ -184,3 +184,54 @@ def test_cas_race_has_exactly_one_winner_100_times(scenario: Any) -> None:
     wins = sum(r["pri"] for r in results)
     print(f"\nCAS race on ZooKeeper: 100 rounds, exactly one winner each; primary won {wins}, "
           f"backup {100 - wins}")
+
+
+def test_primary_cut_off_from_the_coordinator_only_keeps_serving(scenario: Any, lab: Any
+                                                                 ) -> None:
+    sc = scenario(server="redis")
+    client = coordinated_pair(sc)
+    cut = Partition(lab, "pri", "coord")
+    try:
+        cut.cut()
+        before = (sc.status("pri") or {})["acked_epoch"]
+        time.sleep(4.0)  # past the coordinator's session: it plays no part while protected
+        st = sc.status("pri") or {}
+        assert st["state"] == "protected" and st["acked_epoch"] > before + 30, st
+        assert (sc.status("bak") or {}).get("state") == "replicating"
+    finally:
+        cut.heal()
+    res = finish(sc, client)
+    print(f"\nprimary cut off from the coordinator: protection went on; client gap "
+          f"{res['max_gap_s']:.3f} s")
+
+
+def test_both_lose_the_coordinator_then_their_link(scenario: Any, lab: Any) -> None:
+    """Nobody can decide: the primary holds its output, the backup does not take
+    over; the coordinator back, exactly one of them wins and the client is served."""
+    sc = scenario(server="redis")
+    client = coordinated_pair(sc)
+    cuts = [Partition(lab, "pri", "coord"), Partition(lab, "bak", "coord")]
+    link = Partition(lab, "pri", "bak")
+    try:
+        for c in cuts:
+            c.cut()
+        link.cut()
+        wait("pri stalled", lambda: state_of(sc, "pri") == "stalled", BOUND_S, sc)
+        time.sleep(3.0)
+        pri, bak = sc.status("pri") or {}, sc.status("bak") or {}
+        assert pri["state"] == "stalled" and "output held" in pri["last"], pri
+        assert bak["state"] == "replicating", bak
+        held = pri["netbuf"]["released_packets"]
+        time.sleep(1.0)
+        assert (sc.status("pri") or {})["netbuf"]["released_packets"] == held  # nothing out
+        for c in cuts:
+            c.heal()
+        outcome = wait("one side decided", lambda: (
+            "pri" if state_of(sc, "pri") == "solo" else
+            "bak" if active_on(sc, "bak") else None), BOUND_S, sc)
+    finally:
+        for c in (*cuts, link):
+            c.heal()
+    res = finish(sc, client)
+    print(f"\nboth lost the coordinator, then their link: output held, no takeover; the "
+          f"coordinator back, {outcome} won; client gap {res['max_gap_s']:.3f} s")

@@ -14,73 +14,47 @@ protected again" is printed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
 from typing import Any
 
 import pytest
 
-from remus.scenario import ZK_JAR, Scenario
+from remus.fleet_lab import FLEET, REDIS, all_protected, ctl, rows, start_client
+from remus.scenario import ZK_JAR
 from tests.support.ha import logs, wait
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not ZK_JAR.exists(), reason=f"{ZK_JAR} missing: install "
                                  "Debian's zookeeper package (bin/setup does)")]
 
-FLEET = ("pri", "bak", "spare")
 VIPS = {"kv": "10.77.0.100/24", "kv2": "10.77.0.101/24"}
 BOUND_S = 120.0  # a hang bound, not a speed
 
 
-def ctl(sc: Scenario, *args: str) -> str:
-    p = sc.lab.run("client", [sys.executable, "-m", "remus.cli", "ctl", "--coordinator",
-                              sc.coordinator or "", *args], capture_output=True, text=True,
-                   timeout=60)
-    assert p.returncode == 0, f"remus ctl {' '.join(args)}: {p.stderr}\n{logs(sc)}"
-    return p.stdout
-
-
-def rows(sc: Scenario) -> dict[str, dict[str, Any]]:
-    return {r["service"]: r for r in json.loads(ctl(sc, "list", "--json"))}
-
-
-def all_protected(sc: Scenario, alive: set[str]) -> dict[str, dict[str, Any]] | None:
-    addrs = {sc.lab.addr(h) for h in alive}
-    rs = rows(sc)
-    ok = len(rs) == len(VIPS) and all(
-        r["state"] == "protected" and r["primary"] in addrs and r["backup"] in addrs
-        and r["primary"] != r["backup"] for r in rs.values())
-    return rs if ok else None
-
-
-def client(sc: Scenario, name: str) -> Any:
-    vip = VIPS[name].split("/")[0]
-    return sc._spawn("client", [sys.executable, "-m", "remus.loadgen", "redis", "--host", vip,
-                                "--port", "6379", "--duration", "600", "--stall-timeout", "30",
-                                "--out", str(sc.workdir / f"{name}.json")], f"client-{name}.log")
+def up(sc: Any, hosts: tuple[str, ...]) -> None:
+    """A fresh ZooKeeper on coord and `remus agent` on each of `hosts`."""
+    sc.start_coordinator(empty=True)
+    for host in hosts:
+        sc.start_agent(host)
 
 
 def test_fleet_two_services_three_hosts_power_cut(scenario: Any) -> None:
     sc = scenario(server="redis")
-    sc.start_coordinator(empty=True)
-    for host in FLEET:
-        sc.start_agent(host)
-    redis = ["redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
-             "--protected-mode", "no", "--daemonize", "no", "--dir", "/tmp"]
+    up(sc, FLEET)
     for name, vip in VIPS.items():
-        ctl(sc, "add", name, "--vip", vip, "--", *redis)
-    before = wait("both services protected", lambda: all_protected(sc, set(FLEET)), BOUND_S, sc)
+        ctl(sc, "add", name, "--vip", vip, "--", *REDIS)
+    before = wait("both services protected", lambda: all_protected(sc, set(FLEET), 2), BOUND_S,
+                  sc)
     table_before = ctl(sc, "list")
-    clients = {name: client(sc, name) for name in VIPS}
+    clients = {name: start_client(sc, name, vip) for name, vip in VIPS.items()}
     time.sleep(2.0)
     victim = next(h for h in FLEET if sc.lab.addr(h) == before["kv"]["primary"])
     cut = time.monotonic()
     sc.lab.crash(victim)
     after = wait(f"both protected again without {victim}",
-                 lambda: all_protected(sc, set(FLEET) - {victim}), BOUND_S, sc)
+                 lambda: all_protected(sc, set(FLEET) - {victim}, 2), BOUND_S, sc)
     healed = time.monotonic() - cut
     table_after = ctl(sc, "list")
     assert after["kv"]["term"] > before["kv"]["term"], (before, after)
@@ -92,3 +66,62 @@ def test_fleet_two_services_three_hosts_power_cut(scenario: Any) -> None:
         assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res
     print(f"\nfleet: power cut of {victim}; both services protected again after "
           f"{healed:.2f} s\nbefore:\n{table_before}after:\n{table_after}")
+
+
+def test_empty_spare_pool_degraded_then_protected_when_a_host_appears(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    up(sc, ("pri", "bak"))
+    ctl(sc, "add", "kv", "--vip", VIPS["kv"], "--on", sc.lab.addr("pri"), "--", *REDIS)
+    wait("kv protected", lambda: all_protected(sc, {"pri", "bak"}, 1), BOUND_S, sc)
+    proc = start_client(sc, "kv", VIPS["kv"])
+    time.sleep(1.0)
+    sc.lab.crash("bak")  # the only other host: no spare left
+    wait("kv degraded", lambda: rows(sc)["kv"]["state"] == "degraded", BOUND_S, sc)
+    sc.lab.up()
+    sc.start_agent("spare")  # a host joins the pool
+    wait("kv protected by the new host", lambda: all_protected(sc, {"pri", "spare"}, 1),
+         BOUND_S, sc)
+    finish(sc, {"kv": proc})
+
+
+def test_coordinator_restarted_empty(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    up(sc, FLEET)
+    ctl(sc, "add", "kv", "--vip", VIPS["kv"], "--", *REDIS)
+    before = wait("kv protected", lambda: all_protected(sc, set(FLEET), 1), BOUND_S, sc)
+    proc = start_client(sc, "kv", VIPS["kv"])
+    time.sleep(1.0)
+    sc.lab.crash("coord")
+    sc.lab.up()
+    sc.start_coordinator(empty=True)  # it lost everything
+    after = wait("kv protected again", lambda: all_protected(sc, set(FLEET), 1), BOUND_S, sc)
+    assert after["kv"]["primary"] == before["kv"]["primary"], (before, after)  # did not move
+    finish(sc, {"kv": proc})
+
+
+def test_a_host_carrying_five_primaries_is_cut(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    up(sc, FLEET)
+    names = [f"s{i}" for i in range(1, 6)]
+    for i, name in enumerate(names):
+        ctl(sc, "add", name, "--vip", f"10.77.0.{110 + i}/24", "--interval", "100ms", "--on",
+            sc.lab.addr("pri"), "--", *REDIS)
+    before = wait("all five protected", lambda: all_protected(sc, set(FLEET), 5), 120, sc)
+    assert all(r["primary"] == sc.lab.addr("pri") for r in before.values()), before
+    proc = start_client(sc, "s1", "10.77.0.110/24")
+    time.sleep(1.0)
+    cut = time.monotonic()
+    sc.lab.crash("pri")
+    wait("all five protected again", lambda: all_protected(sc, {"bak", "spare"}, 5), 120, sc)
+    took = time.monotonic() - cut
+    finish(sc, {"s1": proc})
+    print(f"\nfleet: a host carrying 5 primaries cut; all 5 protected again after {took:.2f} s"
+          f"\n{ctl(sc, 'list')}")
+
+
+def finish(sc: Any, clients: dict[str, Any]) -> None:
+    for name, p in clients.items():
+        os.kill(p.pid, signal.SIGINT)
+        res = sc.wait_client(p, f"{name}.json", timeout=120)
+        assert res["connection_survived"], f"{name}: {res['error']}\n{logs(sc)}"
+        assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res

@@ -21,11 +21,12 @@ class Frame:
 
 
 class Partition:
-    """DROP between pri and bak, installed in pri's host netns; idempotent heal."""
+    """DROP between `host` and `peer` (pri and bak by default), installed in
+    host's netns; idempotent heal."""
 
-    def __init__(self, lab: Any) -> None:
-        self.netns = lab.netns_path("pri")
-        self.bak = lab.addr("bak")
+    def __init__(self, lab: Any, host: str = "pri", peer: str = "bak") -> None:
+        self.netns = lab.netns_path(host)
+        self.bak = lab.addr(peer)
         self.rules = [["INPUT", "-s", self.bak, "-j", "DROP"],
                       ["OUTPUT", "-d", self.bak, "-j", "DROP"]]
         self.active = False

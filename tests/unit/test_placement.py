@@ -66,3 +66,16 @@ def test_a_host_carrying_five_primaries_dies() -> None:
     cur = {n: Placement(A, B) for n in names}
     out = place(names, hosts(B, C), recs, cur)
     assert all(out[n] == Placement(B, C) for n in names)
+
+
+def test_preferred_host_for_new_services_only() -> None:
+    out = place(["s1", "s2"], hosts(A, B, C), {}, {}, prefer={"s1": C, "s2": "10.9.9.9"})
+    assert out["s1"].primary == C  # alive: there
+    assert out["s2"].primary in (A, B, C)  # not alive: anywhere
+    recs = {"s1": UnitRecord(2, A, B, "protected")}
+    assert place(["s1"], hosts(A, B, C), recs, {}, prefer={"s1": C})["s1"].primary == A
+
+
+def test_a_coordinator_that_lost_its_placements_keeps_the_recorded_backup() -> None:
+    recs = {"s1": UnitRecord(2, A, C, "protected")}  # written back by the primary
+    assert place(["s1"], hosts(A, B, C), recs, {}) == {"s1": Placement(A, C)}
