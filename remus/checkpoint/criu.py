@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from remus.errors import CheckpointError, HostError
-from remus.paths import RUN_DIR, criu_binary
+from remus.paths import criu_binary
 
-LOCK_DIR = RUN_DIR / "locks"
+# Shared memory, not /run: hosts that share a directory (the lab's hosts all
+# see one /tmp, each its own /run) must share the lock of that directory too.
+LOCK_DIR = Path("/dev/shm/remus-parasite-locks")
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str], None]
@@ -328,8 +330,8 @@ def parasite_dir_lock(pid: int) -> Iterator[None]:
     directory (two redis with --dir /tmp) dumped at once collide there: one
     dump fails ("Can't create a directory"), and its clean-up may remove the
     other's. Measured: 5 units on one host failed most of their dumps. Dumps
-    of units that share a working directory take turns (a host-wide lock per
-    directory); the common case, one unit per directory, never waits."""
+    of units that share a working directory take turns (a lock per directory,
+    in /dev/shm); the common case, one unit per directory, never waits."""
     try:
         st = os.stat(f"/proc/{pid}/cwd")
     except OSError:
