@@ -71,6 +71,12 @@ def render(s: dict[str, Any]) -> str:
             ("bytes/epoch p50", _bytes((s.get("bytes_per_epoch") or {}).get("p50"))),
             ("receive ms last/p50/p99", _ms(s.get("ack_latency_ms"))),
         ]
+        prot = s.get("protection")
+        if prot:  # the unit runs here since a takeover: its protection (remus.reprotect)
+            link = "connected" if prot.get("connected") else "not connected"
+            rows.append(("protection", f"{str(prot.get('state')).upper()}: backup "
+                         f"{prot.get('backup')} ({link}), epoch {prot.get('epoch')} / acked "
+                         f"{prot.get('acked_epoch')}"))
         fo = s.get("failover")
         if fo and fo.get("detected"):
             t0 = fo["detected"]

@@ -39,3 +39,4 @@ def test_status_shows_the_split() -> None:
         remus_post_dump_time=1000, remus_thaw_time=1000, remus_sockets=100).split()})
     line = next(ln for ln in text.splitlines() if ln.startswith("pause split"))
     assert "sockets 4.0 (100 x 40 us)" in line and "memory 2.0" in line
+
