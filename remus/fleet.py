@@ -215,7 +215,7 @@ class FleetAgent:
         backup_here = pl is not None and pl.backup == self.cfg.me and not runs_here
         if not (runs_here or backup_here):
             return
-        req = self.store.take_request(name) if runs_here or backup_here else None
+        req = self.store.take_request(name)
         if req is None:
             return
         op = req.get("op")

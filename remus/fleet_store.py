@@ -72,6 +72,27 @@ class FleetStore:
         result: tuple[bytes | None, int] = self.coord._call(get)
         return result
 
+    def _read_all(self, folder: str) -> dict[str, bytes]:
+        """name -> data of every node under PATH/folder (gone meanwhile: left out)."""
+        out = {}
+        for name in self._children(f"{self.path}/{folder}"):
+            raw, _ = self._get(f"{self.path}/{folder}/{name}")
+            if raw is not None:
+                out[name] = raw
+        return out
+
+    def _put(self, node: str, raw: bytes, ephemeral: bool = False) -> None:
+        """Create `node` with `raw`, or overwrite it if it exists."""
+        from kazoo.exceptions import NodeExistsError
+
+        def put() -> None:
+            try:
+                self.zk.create(node, raw, ephemeral=ephemeral, makepath=True)
+            except NodeExistsError:
+                self.zk.set(node, raw)
+
+        self.coord._call(put)
+
     def _children(self, path: str) -> list[str]:
         from kazoo.exceptions import NoNodeError
 
@@ -86,25 +107,11 @@ class FleetStore:
 
     # -- hosts ------------------------------------------------------------------------
     def register_host(self, addr: str, info: dict[str, Any]) -> None:
-        from kazoo.exceptions import NodeExistsError
-
-        node = f"{self.path}/hosts/{addr}"
-
-        def put() -> None:
-            try:
-                self.zk.create(node, json.dumps(info).encode(), ephemeral=True, makepath=True)
-            except NodeExistsError:
-                self.zk.set(node, json.dumps(info).encode())
-
-        self.coord._call(put)
+        self._put(f"{self.path}/hosts/{addr}", json.dumps(info).encode(), ephemeral=True)
 
     def hosts(self) -> dict[str, Host]:
-        out = {}
-        for addr in self._children(f"{self.path}/hosts"):
-            raw, _ = self._get(f"{self.path}/hosts/{addr}")
-            if raw is not None:
-                out[addr] = Host(addr, int(json.loads(raw).get("mem_available", 0)))
-        return out
+        return {addr: Host(addr, int(json.loads(raw).get("mem_available", 0)))
+                for addr, raw in self._read_all("hosts").items()}
 
     # -- services -----------------------------------------------------------------------
     def add_service(self, spec: ServiceSpec) -> None:
@@ -151,12 +158,7 @@ class FleetStore:
         self.coord._call(rm)
 
     def services(self) -> dict[str, ServiceSpec]:
-        out = {}
-        for name in self._children(f"{self.path}/services"):
-            raw, _ = self._get(f"{self.path}/services/{name}")
-            if raw is not None:
-                out[name] = ServiceSpec.from_json(raw)
-        return out
+        return {name: ServiceSpec.from_json(raw) for name, raw in self._read_all("services").items()}
 
     def next_port(self) -> int:
         used = {s.port for s in self.services().values()}
@@ -175,57 +177,21 @@ class FleetStore:
         return out
 
     def placements(self) -> dict[str, Placement]:
-        out = {}
-        for name in self._children(f"{self.path}/placement"):
-            raw, _ = self._get(f"{self.path}/placement/{name}")
-            if raw is not None:
-                d = json.loads(raw)
-                out[name] = Placement(d["primary"], d.get("backup"))
-        return out
+        return {name: _placement(raw) for name, raw in self._read_all("placement").items()}
 
     def placement(self, name: str) -> Placement | None:
         raw, _ = self._get(f"{self.path}/placement/{name}")
-        if raw is None:
-            return None
-        d = json.loads(raw)
-        return Placement(d["primary"], d.get("backup"))
+        return None if raw is None else _placement(raw)
 
     def set_placement(self, name: str, p: Placement) -> None:
-        from kazoo.exceptions import NodeExistsError
-
-        node = f"{self.path}/placement/{name}"
-        raw = json.dumps(asdict(p)).encode()
-
-        def put() -> None:
-            try:
-                self.zk.create(node, raw, makepath=True)
-            except NodeExistsError:
-                self.zk.set(node, raw)
-
-        self.coord._call(put)
+        self._put(f"{self.path}/placement/{name}", json.dumps(asdict(p)).encode())
 
     # -- status and requests --------------------------------------------------------------
     def publish_status(self, name: str, addr: str, doc: dict[str, Any]) -> None:
-        from kazoo.exceptions import NodeExistsError
-
-        node = f"{self.path}/status/{name}/{addr}"
-        raw = json.dumps(doc).encode()
-
-        def put() -> None:
-            try:
-                self.zk.create(node, raw, ephemeral=True, makepath=True)
-            except NodeExistsError:
-                self.zk.set(node, raw)
-
-        self.coord._call(put)
+        self._put(f"{self.path}/status/{name}/{addr}", json.dumps(doc).encode(), ephemeral=True)
 
     def statuses(self, name: str) -> dict[str, dict[str, Any]]:
-        out = {}
-        for addr in self._children(f"{self.path}/status/{name}"):
-            raw, _ = self._get(f"{self.path}/status/{name}/{addr}")
-            if raw is not None:
-                out[addr] = json.loads(raw)
-        return out
+        return {addr: json.loads(raw) for addr, raw in self._read_all(f"status/{name}").items()}
 
     def request(self, name: str, op: str, to: str | None = None) -> None:
         node = f"{self.path}/requests/{name}"
@@ -258,6 +224,11 @@ class FleetStore:
 
         req: dict[str, Any] = json.loads(raw)
         return req if self.coord._call(rm) else None
+
+
+def _placement(raw: bytes) -> Placement:
+    d = json.loads(raw)
+    return Placement(d["primary"], d.get("backup"))
 
 
 __all__ = ["CoordinatorUnavailable", "FleetStore", "ServiceSpec"]

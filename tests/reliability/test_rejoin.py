@@ -34,6 +34,7 @@ import pytest
 from remus.paths import REPO
 from remus.scenario import Scenario
 from tests.support.ha import active_on, logs, protected_from, wait
+from tests.support.procs import alive
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -97,7 +98,7 @@ def test_stale_primary_after_sigstop_becomes_the_backup(scenario: Any) -> None:
     finally:
         os.kill(agent, signal.SIGCONT)
     # The old agent learns it was replaced: it kills its unit and becomes the backup.
-    wait("old primary's unit killed", lambda: not _alive(unit), 30, sc)
+    wait("old primary's unit killed", lambda: not alive(unit), 30, sc)
     wait("pri rejoined as the backup",
          lambda: (sc.status("pri") or {}).get("state") == "replicating", REPROTECT_BOUND_S, sc)
     wait("bak protected again by pri", lambda: protected_from(sc, "bak"), REPROTECT_BOUND_S, sc)
@@ -110,14 +111,6 @@ def test_stale_primary_after_sigstop_becomes_the_backup(scenario: Any) -> None:
     res = sc.wait_client(client, "client.json", timeout=120)
     assert res["connection_survived"], f"{res['error']}\n{logs(sc)}"
     assert res["verified"] and res["missing"] == 0 and res["wrong_values"] == 0, res
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 # A unit whose first full checkpoint takes a while (about a second or more to
@@ -153,10 +146,10 @@ def test_returning_backup_dies_mid_full_copy(scenario: Any) -> None:
     os.kill(int(st["pid"]), signal.SIGKILL)  # mid full copy
     wait("bak back to solo", lambda: (sc.primary_status("bak") or {}).get("state") == "solo",
          30, sc)
-    assert _alive(unit), "the unit on bak died with its backup"
+    assert alive(unit), "the unit on bak died with its backup"
     sc.start_backup("pri")  # it comes back: protection resumes by itself
     wait("bak protected by pri", lambda: protected_from(sc, "bak"), REPROTECT_BOUND_S, sc)
-    assert _alive(unit)
+    assert alive(unit)
     blog = (sc.workdir / "backup-pri.log").read_text(errors="replace")
     # the restarted backup found no committed epoch of that cut-off copy
     assert blog.count("empty: no checkpoint yet") >= 2, blog[-2000:]
