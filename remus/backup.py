@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -29,6 +28,8 @@ from remus.errors import RemusError
 from remus.link import Link, LinkClosed
 from remus.protocol import BackupConnection, EpochComplete
 from remus.protocol import messages as m
+from remus.protocol.connection import Keys
+from remus.protocol.keys import fingerprint
 from remus.roles import B, BackupRole
 from remus.stats import Series
 from remus.unit_desc import state_dirs_of
@@ -46,7 +47,7 @@ def detector_tick(timing: Timing) -> float:
 @dataclass
 class BackupConfig:
     listen: tuple[str, int]
-    psk: bytes
+    psk: Keys  # one key, or the key file's ring (read again when it changes)
     workdir: Path
     timing: Timing
     auto_failover: bool = True
@@ -196,8 +197,7 @@ class Backup(Takeover):
             t.join(timeout)
 
     def _serve(self, sk: socket.socket, peer: str) -> None:
-        conn = BackupConnection(self.cfg.psk, nonce=secrets.token_bytes(16),
-                                committed_generation=self.generation,
+        conn = BackupConnection(self.cfg.psk, committed_generation=self.generation,
                                 committed_epoch=self.epoch)
         link = Link(sk, conn, peer)
         # Authenticate first: an unauthenticated peer learns nothing, not even "busy".
@@ -355,10 +355,10 @@ class Backup(Takeover):
             reason = self._refusal()
             link.send(m.Error(reason=reason))
             raise RemusError(reason)
-        link.send(m.Welcome(nonce=link.conn.our_nonce if hasattr(link.conn, "our_nonce")
-                            else secrets.token_bytes(16),
-                            generation=self.generation, committed_epoch=self.epoch))
-        self.last_sentence = f"primary {link.peer} connected (unit {ev.unit_id}, generation {ev.generation})"
+        link.send(m.Welcome(nonce=link.conn.our_nonce, generation=self.generation,
+                            committed_epoch=self.epoch))
+        self.last_sentence = (f"primary {link.peer} connected (unit {ev.unit_id}, generation "
+                              f"{ev.generation}, key {fingerprint(link.conn.sealed_with)})")
         log.info("%s", self.last_sentence)
 
     def _on_handover(self, link: Link, ev: m.Handover) -> None:

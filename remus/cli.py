@@ -5,8 +5,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
-import os
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -136,19 +134,63 @@ def failover(force: bool, socket: str | None) -> None:
     click.echo(f"took over: unit pid {ans.get('unit_pid')} from epoch {ans.get('epoch')}")
 
 
-@cli.command()
+KEYGEN_HELP = """Write a new random 256-bit pre-shared key (mode 0600) to PATH,
+or rotate the keys of PATH without downtime.
+
+The key authenticates both agents and encrypts the replication stream
+(AES-256-GCM with per-connection keys from an X25519 exchange). Every host
+of a pair or fleet needs the same file.
+
+\b
+Rotation, three phases; finish each phase on every host before the next:
+  remus keygen --stage FILE     # 1. add a new key: accepted, not used yet
+                                #    (copy FILE to every host)
+  remus keygen --promote FILE   # 2. the new key is used from now (every host)
+  remus keygen --retire FILE    # 3. drop the old key (every host)
+
+Running agents read FILE again for each new connection; connections already
+open keep their session keys. Nothing restarts, no checkpoint is lost.
+"""
+
+
+@cli.command(help=KEYGEN_HELP)
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
-def keygen(path: str, force: bool) -> None:
-    """Write a new random pre-shared key (mode 0600) to PATH."""
+@click.option("--stage", "phase", flag_value="stage", help="Rotation 1: add a new key.")
+@click.option("--promote", "phase", flag_value="promote",
+              help="Rotation 2: use the newest key from now on.")
+@click.option("--retire", "phase", flag_value="retire", help="Rotation 3: keep only the key in use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def keygen(path: str, force: bool, phase: str | None, as_json: bool) -> None:
+    from remus.protocol import keys as K
+
     p = Path(path)
-    if p.exists() and not force:
-        raise CliError(f"{p} exists (use --force to replace it)")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    click.echo(f"wrote a 256-bit key to {p}; copy it to the other host")
+    try:
+        if phase is None:
+            if p.exists() and not force:
+                raise CliError(f"{p} exists (use --force to replace it, or --stage to rotate)")
+            new: tuple[bytes, ...] = (K.new_key(),)
+            said = f"wrote a 256-bit key to {p}; copy it to the other host(s)"
+        else:
+            old = K.load_keys(p)
+            new = {"stage": K.stage, "promote": K.promote, "retire": K.retire}[phase](old)
+            said = {
+                "stage": "staged a new key (accepted, not used yet). Copy the file to every "
+                         "host, then run --promote on each.",
+                "promote": "the newest key is used from now on. Run --promote on every host, "
+                           "then --retire on each.",
+                "retire": f"kept only the key in use; dropped {len(old) - 1}.",
+            }[phase]
+        K.write_keys(p, new)
+    except RemusError as e:
+        raise CliError(str(e)) from e
+    prints = [K.fingerprint(k) for k in new]
+    if as_json:
+        click.echo(json.dumps({"path": str(p), "phase": phase or "new", "keys": prints,
+                               "sealing": prints[0]}))
+    else:
+        click.echo(f"{p}: {said}")
+        click.echo(f"keys (fingerprints, first seals): {', '.join(prints)}")
 
 
 def _attach_optional() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from remus.config import Timing, parse_duration
 from remus.errors import RemusError
+
+if TYPE_CHECKING:
+    from remus.protocol.keys import KeyRing
 
 
 class CliError(click.ClickException):
@@ -31,11 +34,13 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def _load_key(path: str) -> bytes:
-    from remus.protocol import load_key
+def _load_key(path: str) -> KeyRing:
+    """The key file's ring: checked now, read again by the agents when it changes
+    (a key rotation needs no restart)."""
+    from remus.protocol.keys import KeyRing
 
     try:
-        return load_key(Path(path))
+        return KeyRing(Path(path))
     except RemusError as e:
         raise CliError(str(e)) from e
 

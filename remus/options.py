@@ -14,6 +14,7 @@ from pathlib import Path
 
 from remus.checkpoint.tracking import DEFAULT_MODE
 from remus.config import Timing
+from remus.protocol.connection import Keys
 
 #: --on-peer-loss
 ON_PEER_LOSS = ("stall", "continue")
@@ -26,7 +27,7 @@ class PrimaryOptions:
 
     name: str
     backup: tuple[str, int]
-    psk: bytes
+    psk: Keys  # one key, or the key file's ring (read again when it changes)
     timing: Timing
     compress: bool = True
     dirty_tracking: str = DEFAULT_MODE

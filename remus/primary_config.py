@@ -9,6 +9,7 @@ from typing import Any
 
 from remus.checkpoint.tracking import DEFAULT_MODE
 from remus.config import Timing
+from remus.protocol.connection import Keys
 
 # The unit cannot be checkpointed: give up (saying why) after this many failures
 # in a row spanning at least this long. Output stays held meanwhile.
@@ -37,7 +38,7 @@ class PrimaryConfig:
     unit_id: str
     spec: dict[str, Any]
     backup: tuple[str, int]
-    psk: bytes
+    psk: Keys  # one key, or the key file's ring (read again when it changes)
     timing: Timing
     pid: int  # root of the dumped tree
     netns_path: str | None

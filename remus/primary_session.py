@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from remus.netbuf import NullBuffer
 from remus.primary_config import BULK_PROOF, PrimaryConfig
 from remus.protocol import PrimaryConnection
 from remus.protocol import messages as m
+from remus.protocol.keys import fingerprint
 from remus.roles import P, PrimaryRole
 from remus.stats import Series
 
@@ -234,8 +234,7 @@ class BackupSession:
                 "protection": {"interval": self.cfg.timing.interval,
                                "dirty_tracking": self.cfg.dirty_tracking,
                                "compress": self.cfg.compress, **self.cfg.protection}}
-        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec,
-                                 nonce=secrets.token_bytes(16))
+        conn = PrimaryConnection(self.cfg.psk, self.cfg.unit_id, gen, spec)
         link = Link(sk, conn, f"{host}:{port}")
         try:
             link.send_raw(conn.start())
@@ -264,8 +263,9 @@ class BackupSession:
         self.link = link
         self._failures, self._said = 0, None
         self.last_sentence = self.role.sentence(self._backup_name())
-        log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d)",
-                 host, port, gen, ev.generation, ev.committed_epoch)
+        log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d; "
+                 "key %s)", host, port, gen, ev.generation, ev.committed_epoch,
+                 fingerprint(conn.sealed_with))
         threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
                          daemon=True).start()
 

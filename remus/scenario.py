@@ -69,6 +69,7 @@ class Scenario:
     command: list[str] | None = None  # overrides the server's command line
     status_timeout: float = 5.0  # per `remus status` call (more in an emulated VM)
     coordinator: str | None = None  # zk://... for both agents (start_coordinator sets it)
+    host_keys: dict[str, Path] = field(default_factory=dict)  # a host's own key file
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,10 @@ class Scenario:
             self.key.write_text(os.urandom(32).hex() + "\n")
             self.key.chmod(0o600)
         self.port = SERVERS[self.server][1] if self.server in SERVERS else 0
+
+    def key_of(self, host: str) -> Path:
+        """The key file `host`'s agents use: the shared one unless host_keys says."""
+        return self.host_keys.get(host, self.key)
 
     # -- agents -------------------------------------------------------------
     def _spawn(self, host: str, argv: list[str], logname: str) -> subprocess.Popen[bytes]:
@@ -90,7 +95,7 @@ class Scenario:
     def start_backup(self, host: str = "bak") -> subprocess.Popen[bytes]:
         """`remus backup` on `host` (bak; or pri, rejoining after a failover)."""
         return self._spawn(host, [*REMUS, "-v", "backup", "--listen", self.lab.addr(host),
-                                  "--key-file", str(self.key), "--workdir",
+                                  "--key-file", str(self.key_of(host)), "--workdir",
                                   f"/var/lib/remus/{self.unit}", *self._coord_args(),
                                   *self.extra_backup],
                            "backup.log" if host == "bak" else f"backup-{host}.log")
@@ -98,7 +103,7 @@ class Scenario:
     def start_primary(self) -> subprocess.Popen[bytes]:
         argv = self.command or SERVERS[self.server][0]
         return self._spawn("pri", [*REMUS, "-v", "run", "--backup", self.lab.addr("bak"),
-                                   "--key-file", str(self.key), "--vip", self.lab.vip,
+                                   "--key-file", str(self.key_of("pri")), "--vip", self.lab.vip,
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
                                    self.interval, *self._coord_args(), *self.extra_primary,
                                    "--", *argv], "primary.log")
@@ -109,7 +114,8 @@ class Scenario:
     def start_agent(self, host: str) -> subprocess.Popen[bytes]:
         """`remus agent` of a fleet on `host` (start_coordinator first)."""
         return self._spawn(host, [*REMUS, "-v", "agent", "--coordinator", self.coordinator or "",
-                                  "--key-file", str(self.key), "--listen", self.lab.addr(host),
+                                  "--key-file", str(self.key_of(host)), "--listen",
+                                  self.lab.addr(host),
                                   "--dev", self.lab.dev, "--log-dir",
                                   str(self.workdir / f"fleet-{host}")], f"agent-{host}.log")
 

@@ -6,12 +6,15 @@ import hmac
 import logging
 from collections import deque
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from remus.protocol.connection import (
     BACKUP_RECV,
     BACKUP_SEND,
     Connection,
     EpochComplete,
     Event,
+    Keys,
     State,
     check_nonce,
 )
@@ -46,9 +49,10 @@ class BackupConnection(Connection):
     SEND = BACKUP_SEND
     RECV = BACKUP_RECV
 
-    def __init__(self, psk: bytes, nonce: bytes | None = None, committed_generation: int = -1,
-                 committed_epoch: int = -1, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
-        super().__init__(psk, nonce, max_payload, State.WAIT_HELLO)
+    def __init__(self, psk: Keys, kex_key: X25519PrivateKey | None = None,
+                 committed_generation: int = -1, committed_epoch: int = -1,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        super().__init__(psk, kex_key, max_payload, State.WAIT_HELLO)
         self.completed_generation = committed_generation
         self.completed_epoch = committed_epoch
         self.generation = committed_generation  # generation of the incoming stream

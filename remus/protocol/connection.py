@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from remus.errors import ConfigError
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from remus.protocol.frames import (
     NONCE_SIZE,
     Buffer,
@@ -31,9 +31,13 @@ from remus.protocol.frames import (
     FrameWriter,
     LocalProtocolError,
     RemoteProtocolError,
-    check_key,
     derive_session_keys,
+    kex_public,
+    kex_shared,
+    key_list,
+    new_kex_key,
 )
+from remus.protocol.keys import KeyRing
 from remus.protocol.messages import (
     Ack,
     Bye,
@@ -104,6 +108,9 @@ Event = Message | EpochComplete | ConnectionClosed
 # authenticated and dropped": frames the peer had in flight after we closed.
 Transitions = Mapping[tuple[State, type[Message]], State | None]
 
+# One PSK, a ring of them (the first seals, all open), or a key file's ring.
+Keys = bytes | Sequence[bytes] | KeyRing
+
 S = State
 _LIVE = (S.READY, S.IN_EPOCH)
 
@@ -147,15 +154,16 @@ class Connection:
     SEND: ClassVar[Transitions]
     RECV: ClassVar[Transitions]
 
-    def __init__(self, psk: bytes, nonce: bytes | None, max_payload: int, initial: State) -> None:
-        check_key(psk)
-        self.our_nonce = os.urandom(NONCE_SIZE) if nonce is None else bytes(nonce)
-        if len(self.our_nonce) != NONCE_SIZE:
-            raise ConfigError(f"nonce must be {NONCE_SIZE} bytes")
+    def __init__(self, psk: Keys, kex_key: X25519PrivateKey | None, max_payload: int,
+                 initial: State) -> None:
+        keys = key_list(psk.keys() if isinstance(psk, KeyRing) else psk)
+        self._kex = new_kex_key() if kex_key is None else kex_key
+        # Our "nonce" is our ephemeral X25519 public key: fresh per connection.
+        self.our_nonce = kex_public(self._kex)
         self.peer_nonce: bytes | None = None
-        self._psk = bytes(psk)
-        self._writer = FrameWriter(psk, max_payload)
-        self._reader = FrameDecoder(psk, max_payload)
+        self._psk = keys[0]
+        self._writer = FrameWriter(keys[0], max_payload)
+        self._reader = FrameDecoder(keys, max_payload)
         self._state = initial
         self._peer_closed = False
         self._closed_event: ConnectionClosed | None = None
@@ -247,8 +255,21 @@ class Connection:
             raise LocalProtocolError(f"connection is in state ERROR: {self._error}")
 
     def _set_session_keys(self, nonce_primary: bytes, nonce_backup: bytes, primary: bool) -> None:
-        p2b, b2p = derive_session_keys(self._psk, nonce_primary, nonce_backup)
+        """Derive both directions' keys from the X25519 exchange. The PSK is the
+        one the HELLO was sealed with: ours on the primary, the one that
+        opened it on the backup (which then also seals its WELCOME with it)."""
+        psk = self._psk
+        if not primary and self._reader.matched_psk is not None:
+            psk = self._reader.matched_psk
+            self._writer.use_psk(psk)
+        shared = kex_shared(self._kex, nonce_backup if primary else nonce_primary)
+        p2b, b2p = derive_session_keys(psk, shared, nonce_primary, nonce_backup)
         self._writer.session_key, self._reader.session_key = (p2b, b2p) if primary else (b2p, p2b)
+
+    @property
+    def sealed_with(self) -> bytes:
+        """The PSK this connection's first frames were sealed with."""
+        return self._reader.matched_psk or self._psk
 
     # -- role hooks ----------------------------------------------------------
     def _on_receive(self, msg: Message) -> Event:

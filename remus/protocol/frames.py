@@ -1,46 +1,56 @@
-"""Frame layer of the replication protocol: header, payload, HMAC tag, keys.
+"""Frame layer of the replication protocol: header, sealed payload, keys.
 
 Pure code: bytes in, frames out (and back). No sockets, no clocks.
 
-Wire layout of one frame (integers big-endian; the header is the struct
-built from HEADER_LAYOUT below, ``!4sBBHQI``, 20 bytes)::
+Every frame is sealed with AES-256-GCM (an AEAD): the payload is encrypted
+and the header is authenticated with it, so the stream is confidential (a
+checkpoint carries the service's whole memory) and cannot be forged,
+replayed or reordered. Wire layout of one frame (integers big-endian; the
+header is the struct built from HEADER_LAYOUT below, ``!4sBBHQI``, 20 bytes)::
 
     offset  size  field    meaning
     ------  ----  -------  ----------------------------------------------
     0       4     magic    b"RMUS"
-    4       1     version  FRAME_VERSION (1)
+    4       1     version  FRAME_VERSION (2)
     5       1     type     message type code (remus.protocol.messages)
     6       2     flags    0 (reserved: anything else is rejected)
     8       8     seq      0, 1, 2, ... counted per direction of a connection
-    16      4     length   payload length n, at most max_payload
-    20      n     payload  message body (remus.protocol.messages)
-    20+n    32    tag      HMAC-SHA256(key, header || payload)
+    16      4     length   n, the length of the body
+    20      n     body     the sealed payload (seq 0: a 12-byte random nonce first)
+    20+n    16    tag      the GCM tag over header (associated data) and body
 
 Keys: the first frame of each direction (seq 0: HELLO, WELCOME, or an ERROR
-refusing the connection) is tagged with the pre-shared key (PSK). Every later
-frame is tagged with a per-direction session key derived from the PSK and
-both sides' nonces (derive_session_keys), so a recorded session cannot be
-replayed against a new connection and a frame reflected back to its sender
-does not verify. The key is chosen by the seq the receiver *expects*, never
-by the seq an attacker wrote into the header.
+refusing the connection) is sealed with a key derived from the pre-shared key
+(PSK) and a random nonce carried in the frame. The HELLO and the WELCOME carry
+each side's ephemeral X25519 public key; every later frame is sealed with a
+per-direction session key derived (HKDF-SHA256, salted with the PSK) from the
+X25519 shared secret and both public keys, with the frame's seq as its nonce.
+So a session key is never used twice across connections (a nonce never
+repeats under one key), a recorded session cannot be replayed against a new
+connection, a frame reflected back to its sender does not open, and a PSK
+stolen later does not open a recorded session (forward secrecy). The key is
+chosen by the seq the receiver *expects*, never by the seq an attacker wrote
+into the header.
+
+A receiver accepts the first frame under any key of its key ring (a key
+rotation: remus.protocol.keys); the connection then lives on the key that
+opened it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import logging
 import os
-import re
-import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from remus.errors import ConfigError, ProtocolError
-
-log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -60,7 +70,7 @@ class RemoteProtocolError(ProtocolError):
 
 
 MAGIC = b"RMUS"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: AES-256-GCM sealed frames, X25519 session keys (1: HMAC tags)
 
 # (field, struct format) in wire order; the header struct is built from it.
 HEADER_LAYOUT: tuple[tuple[str, str], ...] = (
@@ -73,15 +83,15 @@ HEADER_LAYOUT: tuple[tuple[str, str], ...] = (
 )
 HEADER = struct.Struct("!" + "".join(fmt for _, fmt in HEADER_LAYOUT))
 HEADER_SIZE = HEADER.size
-TAG_SIZE = hashlib.sha256().digest_size
+TAG_SIZE = 16                    # the GCM tag
+FIRST_NONCE_SIZE = 12            # the random nonce of a seq-0 frame
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_LENGTH_FIELD = 0xFFFF_FFFF
 
 MIN_KEY_SIZE = 16
-NONCE_SIZE = 16
-SESSION_LABEL = b"remus-session-v1"
-PRIMARY_TO_BACKUP = b"\x01"
-BACKUP_TO_PRIMARY = b"\x02"
+NONCE_SIZE = 32                  # a connection's "nonce" is its X25519 public key
+FIRST_FRAME_LABEL = b"remus-first-frame-v2"
+SESSION_LABEL = b"remus-session-v2"
 
 # Compact the receive buffer only when this much has been consumed, so that
 # many small frames do not each pay for a memmove of what follows them.
@@ -90,7 +100,7 @@ _COMPACT_AT = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One authenticated, in-sequence frame."""
+    """One authenticated, in-sequence, opened frame."""
 
     msg_type: int
     flags: int
@@ -109,79 +119,117 @@ def check_key(key: bytes) -> None:
         raise ConfigError(f"the pre-shared key must be at least {MIN_KEY_SIZE} bytes")
 
 
-def load_key(path: str | os.PathLike[str]) -> bytes:
-    """Read a PSK file: raw bytes or hex text, surrounding whitespace stripped.
+def key_list(psk: bytes | Sequence[bytes]) -> tuple[bytes, ...]:
+    """One PSK or a ring of them (the first seals, all open) as a checked tuple."""
+    keys = (bytes(psk),) if isinstance(psk, bytes | bytearray) else tuple(bytes(k) for k in psk)
+    if not keys:
+        raise ConfigError("no pre-shared key")
+    for k in keys:
+        check_key(k)
+    return keys
 
-    Content that is entirely an even number of hex digits is decoded as hex;
-    anything else is taken as raw bytes. Raises ConfigError if the file cannot
-    be read or the key is shorter than MIN_KEY_SIZE bytes. A world-readable
-    file only logs a warning.
-    """
-    p = Path(path)
+
+def first_frame_key(psk: bytes) -> bytes:
+    """The AES key that seals seq-0 frames under psk."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=FIRST_FRAME_LABEL).derive(psk)
+
+
+def new_kex_key() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def kex_public(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes_raw()
+
+
+def kex_shared(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The X25519 shared secret; RemoteProtocolError for a malformed or
+    low-order peer key (which would give an all-zero secret)."""
     try:
-        mode = p.stat().st_mode
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read key file {p}: {e.strerror or e}") from e
-    if mode & stat.S_IROTH:
-        log.warning("key file %s is world-readable; anyone on this host can forge "
-                    "checkpoints (chmod 600 it)", p)
-    text = raw.strip()
-    key = bytes.fromhex(text.decode("ascii")) if re.fullmatch(rb"(?:[0-9a-fA-F]{2})+", text) \
-        else text
-    if len(key) < MIN_KEY_SIZE:
-        raise ConfigError(f"key file {p} holds {len(key)} bytes; at least {MIN_KEY_SIZE} needed")
-    return key
+        return private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+    except ValueError as e:
+        raise RemoteProtocolError(f"unusable key-exchange value from the peer: {e}") from e
 
 
-def derive_session_keys(psk: bytes, nonce_primary: bytes,
-                        nonce_backup: bytes) -> tuple[bytes, bytes]:
+def derive_session_keys(psk: bytes, shared: bytes, public_primary: bytes,
+                        public_backup: bytes) -> tuple[bytes, bytes]:
     """(primary->backup key, backup->primary key) for one connection.
 
-    session = HMAC-SHA256(psk, SESSION_LABEL + nonce_primary + nonce_backup);
-    each direction's key is HMAC-SHA256(session, direction byte).
+    HKDF-SHA256 of the X25519 shared secret, salted with the PSK (only PSK
+    holders get the keys: the handshake is authenticated) and bound to both
+    public keys; 64 bytes split into the two directions' AES-256 keys.
     """
-    session = hmac.new(psk, SESSION_LABEL + nonce_primary + nonce_backup, hashlib.sha256).digest()
-    p2b = hmac.new(session, PRIMARY_TO_BACKUP, hashlib.sha256).digest()
-    b2p = hmac.new(session, BACKUP_TO_PRIMARY, hashlib.sha256).digest()
-    return p2b, b2p
+    okm = HKDF(hashes.SHA256(), 64, salt=psk,
+               info=SESSION_LABEL + public_primary + public_backup).derive(shared)
+    return okm[:32], okm[32:]
+
+
+def _seq_nonce(seq: int) -> bytes:
+    return b"\0\0\0\0" + seq.to_bytes(8, "big")
+
+
+def _join(parts: Sequence[Buffer]) -> Buffer:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def seal_frame(aead: AESGCM, msg_type: int, seq: int, payload: Buffer | Sequence[Buffer],
+               flags: int = 0) -> list[Buffer]:
+    """Frame and seal a payload given as one buffer or several (concatenated).
+
+    seq 0 gets a random nonce carried in the body; later frames use their seq
+    (the caller guarantees one key per direction of one connection). Returns
+    [header, body..., tag-bearing ciphertext]. Raises LocalProtocolError for
+    fields out of range.
+    """
+    parts: list[Buffer] = [payload] if isinstance(payload, bytes | bytearray | memoryview) \
+        else list(payload)
+    plain = _join(parts) if parts else b""
+    first = seq == 0
+    nonce = os.urandom(FIRST_NONCE_SIZE) if first else _seq_nonce(seq) if seq > 0 else b""
+    length = nbytes(plain) + (FIRST_NONCE_SIZE if first else 0)
+    try:
+        header = HEADER.pack(MAGIC, FRAME_VERSION, msg_type, flags, seq, length)
+    except (struct.error, OverflowError) as e:
+        raise LocalProtocolError(f"cannot encode frame header: {e}") from e
+    sealed = aead.encrypt(nonce, plain, header)  # ciphertext || tag
+    return [header, nonce, sealed] if first else [header, sealed]
 
 
 def encode_frame(key: bytes, msg_type: int, seq: int, payload: Buffer | Sequence[Buffer],
                  flags: int = 0) -> list[Buffer]:
-    """Frame a payload given as one buffer or several (concatenated on the wire).
-
-    Returns [header, *payload parts, tag]: the payload is not copied, so the
-    caller must not modify it until the buffers are written. Raises
-    LocalProtocolError for fields out of range.
-    """
-    parts: list[Buffer] = [payload] if isinstance(payload, bytes | bytearray | memoryview) \
-        else list(payload)
-    length = sum(nbytes(p) for p in parts)
-    try:
-        header = HEADER.pack(MAGIC, FRAME_VERSION, msg_type, flags, seq, length)
-    except struct.error as e:
-        raise LocalProtocolError(f"cannot encode frame header: {e}") from e
-    mac = hmac.new(key, header, hashlib.sha256)
-    for p in parts:
-        mac.update(p)
-    return [header, *parts, mac.digest()]
+    """seal_frame with a raw key: for seq 0 the PSK, later the direction's
+    session key (tests and tools; the writer keeps its cipher)."""
+    aead = AESGCM(first_frame_key(key) if seq == 0 else key)
+    return seal_frame(aead, msg_type, seq, payload, flags)
 
 
 class FrameWriter:
-    """Numbers and tags the frames of one direction (single writer)."""
+    """Numbers and seals the frames of one direction (single writer)."""
 
     def __init__(self, psk: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         check_key(psk)
-        self._psk = bytes(psk)
         self.max_payload = max_payload
-        self.session_key: bytes | None = None
+        self._first = AESGCM(first_frame_key(psk))
+        self._session: AESGCM | None = None
         self.next_seq = 0
+
+    def use_psk(self, psk: bytes) -> None:
+        """Seal the first frame with psk instead (the key the peer's first frame used)."""
+        check_key(psk)
+        self._first = AESGCM(first_frame_key(psk))
+
+    @property
+    def session_key(self) -> None:
+        return None  # write-only: the key is not kept in the clear
+
+    @session_key.setter
+    def session_key(self, key: bytes | None) -> None:
+        self._session = None if key is None else AESGCM(key)
 
     def encode(self, msg_type: int, payload: Buffer | Sequence[Buffer]) -> list[Buffer]:
         """Frame the next message; the seq advances only if encoding succeeds."""
-        key = self._psk if self.next_seq == 0 else self.session_key
-        if key is None:
+        aead = self._first if self.next_seq == 0 else self._session
+        if aead is None:
             raise LocalProtocolError("no session key yet: only the first frame can be sent "
                                      "before the handshake completes")
         size = nbytes(payload) if isinstance(payload, bytes | bytearray | memoryview) \
@@ -189,32 +237,44 @@ class FrameWriter:
         if size > self.max_payload:
             raise LocalProtocolError(f"payload of {size} bytes exceeds max_payload "
                                      f"{self.max_payload}")
-        frame = encode_frame(key, msg_type, self.next_seq, payload)
+        frame = seal_frame(aead, msg_type, self.next_seq, payload)
         self.next_seq += 1
         return frame
 
 
 class FrameDecoder:
-    """Splits a byte stream into authenticated, in-sequence frames.
+    """Splits a byte stream into opened, authenticated, in-sequence frames.
 
     feed() appends received bytes (b"" means EOF); next_frame() returns the
     next complete frame or None. Header checks (magic, version, length bound)
     happen as soon as the 20 header bytes are there, before any payload is
-    buffered. A bad tag, a seq other than the expected one, non-zero flags or
-    EOF inside a frame raise RemoteProtocolError, after which the decoder
-    refuses further use.
+    buffered, so an oversized frame never makes us allocate. A frame that does
+    not open (wrong key, any flipped bit), a seq other than the expected one,
+    non-zero flags or EOF inside a frame raise RemoteProtocolError, after
+    which the decoder refuses further use. The first frame opens under any
+    key of the ring; `matched_psk` is the one that opened it.
     """
 
-    def __init__(self, psk: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
-        check_key(psk)
-        self._psk = bytes(psk)
+    def __init__(self, psk: bytes | Sequence[bytes],
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self._psks = key_list(psk)
+        self._firsts: list[AESGCM] | None = None  # built on the first frame
+        self.matched_psk: bytes | None = None
         self.max_payload = max_payload
-        self.session_key: bytes | None = None
+        self._session: AESGCM | None = None
         self.expected_seq = 0
         self._buf = bytearray()
         self._pos = 0  # start of unconsumed bytes in _buf
         self._eof = False
         self._failed: str | None = None
+
+    @property
+    def session_key(self) -> None:
+        return None  # write-only
+
+    @session_key.setter
+    def session_key(self, key: bytes | None) -> None:
+        self._session = None if key is None else AESGCM(key)
 
     @property
     def eof(self) -> bool:
@@ -256,23 +316,30 @@ class FrameDecoder:
         if magic != MAGIC:
             raise RemoteProtocolError(f"bad frame magic {magic!r} (not a remus peer?)")
         if version != FRAME_VERSION:
-            raise RemoteProtocolError(f"unsupported frame version {version}")
-        if length > self.max_payload:
+            raise RemoteProtocolError(
+                f"unsupported frame version {version} (this side speaks {FRAME_VERSION}: "
+                "run the same remus version on both hosts)")
+        first = self.expected_seq == 0
+        extra = FIRST_NONCE_SIZE if first else 0
+        if length > self.max_payload + extra:
             raise RemoteProtocolError(f"frame payload of {length} bytes exceeds max_payload "
                                       f"{self.max_payload}")
+        if length < extra:
+            raise RemoteProtocolError(f"first frame of {length} bytes is shorter than its nonce")
         total = HEADER_SIZE + length + TAG_SIZE
         if avail < total:
             self._check_eof(avail)
             return None
-        start, body_end = self._pos, self._pos + HEADER_SIZE + length
-        key = self._key()
+        start = self._pos
         with memoryview(self._buf) as mv:
-            tag = hmac.new(key, mv[start:body_end], hashlib.sha256).digest()
-            good = hmac.compare_digest(tag, bytes(mv[body_end:body_end + TAG_SIZE]))
-            payload = bytes(mv[start + HEADER_SIZE:body_end]) if good else b""
-        if not good:
-            hint = " (wrong pre-shared key?)" if self.expected_seq == 0 else ""
-            raise RemoteProtocolError(f"bad tag on frame {self.expected_seq}{hint}")
+            header = bytes(mv[start:start + HEADER_SIZE])
+            body = mv[start + HEADER_SIZE + extra:start + total]
+            if first:
+                payload = self._open_first(bytes(mv[start + HEADER_SIZE:start + HEADER_SIZE
+                                                    + extra]), body, header)
+            else:
+                payload = self._open(body, header)
+            body.release()
         if seq != self.expected_seq:
             raise RemoteProtocolError(f"frame seq {seq}, expected {self.expected_seq} "
                                       "(replayed, reordered or lost frame)")
@@ -282,13 +349,27 @@ class FrameDecoder:
         self.expected_seq += 1
         return Frame(msg_type, flags, seq, payload)
 
-    def _key(self) -> bytes:
-        if self.expected_seq == 0:
-            return self._psk
-        if self.session_key is None:
+    def _open_first(self, nonce: bytes, body: memoryview, header: bytes) -> bytes:
+        if self._firsts is None:
+            self._firsts = [AESGCM(first_frame_key(k)) for k in self._psks]
+        for psk, aead in zip(self._psks, self._firsts, strict=True):
+            try:
+                payload = aead.decrypt(nonce, body, header)
+            except InvalidTag:
+                continue
+            self.matched_psk = psk
+            return payload
+        raise RemoteProtocolError("frame 0 does not open under our key (wrong pre-shared key?)")
+
+    def _open(self, body: memoryview, header: bytes) -> bytes:
+        if self._session is None:
             raise RemoteProtocolError(f"frame {self.expected_seq} arrived before the handshake "
                                       "completed")
-        return self.session_key
+        try:
+            return self._session.decrypt(_seq_nonce(self.expected_seq), body, header)
+        except InvalidTag:
+            raise RemoteProtocolError(f"bad tag on frame {self.expected_seq} (forged, corrupted "
+                                      "or replayed from another connection)") from None
 
     def _consume(self, n: int) -> None:
         self._pos += n

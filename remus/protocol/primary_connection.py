@@ -6,7 +6,17 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from remus.protocol.connection import PRIMARY_RECV, PRIMARY_SEND, Connection, Event, State, check_nonce
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from remus.protocol.connection import (
+    PRIMARY_RECV,
+    PRIMARY_SEND,
+    Connection,
+    Event,
+    Keys,
+    State,
+    check_nonce,
+)
 from remus.protocol.frames import DEFAULT_MAX_PAYLOAD, LocalProtocolError, RemoteProtocolError
 from remus.protocol.messages import (
     PROTOCOL_VERSION,
@@ -34,9 +44,10 @@ class PrimaryConnection(Connection):
     SEND = PRIMARY_SEND
     RECV = PRIMARY_RECV
 
-    def __init__(self, psk: bytes, unit_id: str, generation: int, spec: Mapping[str, Any],
-                 nonce: bytes | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
-        super().__init__(psk, nonce, max_payload, State.IDLE)
+    def __init__(self, psk: Keys, unit_id: str, generation: int, spec: Mapping[str, Any],
+                 kex_key: X25519PrivateKey | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        super().__init__(psk, kex_key, max_payload, State.IDLE)
         self.unit_id, self.spec, self.generation = unit_id, spec, generation
         self.last_epoch = -1               # newest epoch begun in self.generation
         self._base: int | None = None      # newest epoch a delta may apply on

@@ -18,7 +18,7 @@ class FakeLink:
 
     def __init__(self) -> None:
         self.sent: list[Any] = []
-        self.conn = SimpleNamespace(our_nonce=b"n" * 16)
+        self.conn = SimpleNamespace(our_nonce=b"n" * 32, sealed_with=b"k" * 32)
 
     def send(self, msg: Any) -> None:
         self.sent.append(msg)
@@ -27,7 +27,7 @@ class FakeLink:
 def hello(instance: str | None, generation: int) -> m.Hello:
     spec: dict[str, Any] = {"name": "kv"} | ({"instance": instance} if instance else {})
     return m.Hello(version=m.PROTOCOL_VERSION, unit_id="kv", generation=generation,
-                   nonce=b"x" * 16, spec=spec)
+                   nonce=b"x" * 32, spec=spec)
 
 
 def commit(b: Backup, generation: int, epoch: int) -> None:

@@ -1,17 +1,17 @@
-"""Frame layer: layout, tags, seq, limits, buffering, key files."""
+"""Frame layer: layout, sealing (AES-256-GCM), seq, limits, buffering, session keys."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import struct
-from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from remus.errors import ConfigError
 from remus.protocol.frames import (
+    FIRST_NONCE_SIZE,
     HEADER_SIZE,
     TAG_SIZE,
     FrameDecoder,
@@ -20,7 +20,9 @@ from remus.protocol.frames import (
     RemoteProtocolError,
     derive_session_keys,
     encode_frame,
-    load_key,
+    kex_public,
+    kex_shared,
+    new_kex_key,
 )
 
 PSK = b"k" * 32
@@ -42,23 +44,39 @@ def decode_all(data: bytes, session_key: bytes | None = SESSION, **kw: int) -> l
 
 
 def test_header_layout_matches_the_declared_table() -> None:
-    data = frame_bytes(b"xyz", seq=0, msg_type=9)
-    assert HEADER_SIZE == 20
-    assert data[:4] == b"RMUS"
-    assert struct.unpack("!BBHQI", data[4:20]) == (1, 9, 0, 0, 3)
-    assert data[20:23] == b"xyz"
-    assert len(data) == 20 + 3 + TAG_SIZE
+    first = frame_bytes(b"xyz", seq=0, msg_type=9)
+    assert HEADER_SIZE == 20 and TAG_SIZE == 16
+    assert first[:4] == b"RMUS"
+    # seq 0: the body starts with the frame's random nonce.
+    assert struct.unpack("!BBHQI", first[4:20]) == (2, 9, 0, 0, FIRST_NONCE_SIZE + 3)
+    assert len(first) == 20 + FIRST_NONCE_SIZE + 3 + TAG_SIZE
+    later = frame_bytes(b"xyz", seq=1, key=SESSION, msg_type=9)
+    assert struct.unpack("!BBHQI", later[4:20]) == (2, 9, 0, 1, 3)
+    assert len(later) == 20 + 3 + TAG_SIZE
 
 
-def test_recorded_frame_still_decodes() -> None:
-    # Golden bytes: a change of layout, key use or tag breaks compatibility.
-    recorded = bytes.fromhex(
-        "524d5553" "01" "06" "0000" "0000000000000000" "00000003" "616263"
-        "ad4ca0b2caae690d8dea61792a9147e49a46de6a2581af9df5d60e59325764c3"
-    )
-    produced = frame_bytes(b"abc")
-    assert produced == recorded
-    assert decode_all(produced) == [b"abc"]
+def test_session_frame_is_aes_gcm_with_the_seq_as_nonce() -> None:
+    # Built by hand from the primitive: a change of layout, nonce or
+    # associated data breaks compatibility and this test.
+    header = bytes.fromhex("524d5553" "02" "06" "0000" "0000000000000007" "00000003")
+    nonce = bytes(4) + (7).to_bytes(8, "big")
+    by_hand = header + AESGCM(SESSION).encrypt(nonce, b"abc", header)
+    assert frame_bytes(b"abc", seq=7, key=SESSION) == by_hand
+    dec = FrameDecoder(PSK)
+    dec.expected_seq, dec.session_key = 7, SESSION
+    dec.feed(by_hand)
+    frame = dec.next_frame()
+    assert frame is not None and frame.payload == b"abc"
+
+
+def test_the_payload_is_not_on_the_wire() -> None:
+    secret = b"password=hunter2 " * 100
+    for seq, key in ((0, PSK), (1, SESSION)):
+        data = frame_bytes(secret, seq=seq, key=key)
+        assert b"hunter2" not in data
+    # seq 0 has a random nonce: the same frame never repeats on the wire.
+    assert frame_bytes(secret) != frame_bytes(secret)
+    assert decode_all(frame_bytes(secret)) == [secret]
 
 
 def test_round_trip_several_frames_in_one_feed() -> None:
@@ -68,10 +86,9 @@ def test_round_trip_several_frames_in_one_feed() -> None:
     assert decode_all(data) == payloads
 
 
-def test_encode_does_not_copy_the_payload() -> None:
+def test_payload_in_several_parts() -> None:
     big = bytearray(os.urandom(1 << 20))
-    parts = encode_frame(PSK, 4, 0, [b"head", big])
-    assert parts[2] is big
+    parts = encode_frame(PSK, 4, 0, [b"head", memoryview(big)])
     assert decode_all(b"".join(parts)) == [b"head" + bytes(big)]
 
 
@@ -97,7 +114,7 @@ def test_wrong_key_rejected_with_hint() -> None:
 
 
 def test_first_frame_uses_psk_later_frames_session_key() -> None:
-    # seq 1 tagged with the PSK must not verify once the session key is in use.
+    # seq 1 sealed with the PSK must not open once the session key is in use.
     data = frame_bytes(b"a", seq=0) + frame_bytes(b"b", seq=1, key=PSK)
     with pytest.raises(RemoteProtocolError, match="bad tag on frame 1"):
         decode_all(data)
@@ -126,11 +143,19 @@ def test_oversize_length_rejected_from_the_header_alone() -> None:
     assert decode_all(frame_bytes(b"y" * 1000), max_payload=1000) == [b"y" * 1000]
 
 
-@pytest.mark.parametrize("offset,value", [(0, b"XMUS"), (4, b"\x02")])
-def test_bad_magic_or_version_rejected(offset: int, value: bytes) -> None:
+@pytest.mark.parametrize("offset,value,says", [(0, b"XMUS", "magic"),
+                                               (4, b"\x01", "same remus version")])
+def test_bad_magic_or_version_rejected(offset: int, value: bytes, says: str) -> None:
     data = bytearray(frame_bytes(b"z"))
     data[offset:offset + len(value)] = value
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError, match=says):
+        decode_all(bytes(data))
+
+
+def test_first_frame_shorter_than_its_nonce_rejected() -> None:
+    data = bytearray(frame_bytes(b""))
+    struct.pack_into("!I", data, 16, FIRST_NONCE_SIZE - 1)
+    with pytest.raises(RemoteProtocolError, match="shorter than its nonce"):
         decode_all(bytes(data))
 
 
@@ -212,45 +237,39 @@ def test_short_psk_refused() -> None:
         FrameDecoder(b"short")
 
 
-def test_session_keys_depend_on_nonces_and_direction() -> None:
-    a, b = os.urandom(16), os.urandom(16)
-    p2b, b2p = derive_session_keys(PSK, a, b)
+def test_session_keys_depend_on_the_exchange_the_psk_and_direction() -> None:
+    a, b = new_kex_key(), new_kex_key()
+    pa, pb = kex_public(a), kex_public(b)
+    shared = kex_shared(a, pb)
+    assert kex_shared(b, pa) == shared  # both ends agree
+    p2b, b2p = derive_session_keys(PSK, shared, pa, pb)
     assert p2b != b2p and len(p2b) == 32
-    assert derive_session_keys(PSK, a, b) == (p2b, b2p)
-    assert derive_session_keys(PSK, a, os.urandom(16))[0] != p2b
-    assert derive_session_keys(PSK, b, a)[0] != p2b
-    assert derive_session_keys(b"x" * 32, a, b)[0] != p2b
+    assert derive_session_keys(PSK, shared, pa, pb) == (p2b, b2p)
+    assert derive_session_keys(PSK, kex_shared(a, kex_public(new_kex_key())), pa, pb)[0] != p2b
+    assert derive_session_keys(PSK, shared, pb, pa)[0] != p2b
+    assert derive_session_keys(b"x" * 32, shared, pa, pb)[0] != p2b
 
 
-# -- key files ---------------------------------------------------------------
-def _key_file(tmp_path: Path, content: bytes, mode: int = 0o600) -> Path:
-    p = tmp_path / "key"
-    p.write_bytes(content)
-    p.chmod(mode)
-    return p
+def test_a_low_order_peer_key_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="key-exchange"):
+        kex_shared(new_kex_key(), bytes(32))  # all-zero shared secret
 
 
-def test_load_key_hex_and_raw(tmp_path: Path) -> None:
-    key = os.urandom(32)
-    assert load_key(_key_file(tmp_path, key.hex().encode() + b"\n")) == key
-    assert load_key(_key_file(tmp_path, b"  a raw passphrase key \n")) == b"a raw passphrase key"
+# -- key rings -----------------------------------------------------------------
+def test_first_frame_opens_under_any_key_of_the_ring() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    for sender in (old, new):
+        dec = FrameDecoder([new, old])
+        dec.feed(frame_bytes(b"hi", key=sender))
+        frame = dec.next_frame()
+        assert frame is not None and frame.payload == b"hi"
+        assert dec.matched_psk == sender
+    dec = FrameDecoder([new, old])
+    dec.feed(frame_bytes(b"hi", key=b"x" * 32))
+    with pytest.raises(RemoteProtocolError, match="pre-shared key"):
+        dec.next_frame()
 
 
-def test_load_key_too_short(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="at least 16"):
-        load_key(_key_file(tmp_path, os.urandom(15).hex().encode()))  # 30 hex chars = 15 bytes
-
-
-def test_load_key_unreadable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
-        load_key(tmp_path / "missing")
-
-
-def test_load_key_world_readable_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="remus.protocol.frames"):
-        assert load_key(_key_file(tmp_path, b"k" * 20, mode=0o644)) == b"k" * 20
-    assert "world-readable" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="remus.protocol.frames"):
-        load_key(_key_file(tmp_path, b"k" * 20, mode=0o600))
-    assert "world-readable" not in caplog.text
+def test_empty_ring_refused() -> None:
+    with pytest.raises(ConfigError, match="no pre-shared key"):
+        FrameDecoder([])

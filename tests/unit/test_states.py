@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from remus.protocol import (
     NEED_DATA,
@@ -23,7 +23,7 @@ from remus.protocol import (
     encode_message,
 )
 from remus.protocol import messages as m
-from remus.protocol.frames import derive_session_keys
+from remus.protocol.frames import derive_session_keys, kex_public, kex_shared, new_kex_key
 
 PSK = b"p" * 32
 SPEC = {"vip": "10.9.0.2/24", "state_dirs": ["/srv/unit"]}
@@ -51,6 +51,7 @@ class Pair:
 
     primary: PrimaryConnection
     backup: BackupConnection
+    primary_kex: X25519PrivateKey
     p2b: list[bytes] = field(default_factory=list)
     b2p: list[bytes] = field(default_factory=list)
 
@@ -70,12 +71,19 @@ class Pair:
     def to_primary(self, data: bytes) -> list[Event]:
         return drain(self.primary, data)
 
+    def session_keys(self) -> tuple[bytes, bytes]:
+        """(primary->backup, backup->primary), derived as an outsider holding the
+        PSK and the primary's private key would."""
+        shared = kex_shared(self.primary_kex, self.backup.our_nonce)
+        return derive_session_keys(PSK, shared, self.primary.our_nonce, self.backup.our_nonce)
+
 
 def make_pair(generation: int = 10, backup_gen: int = -1, backup_epoch: int = -1,
               backup_psk: bytes = PSK) -> Pair:
-    return Pair(PrimaryConnection(PSK, "unit-a", generation, SPEC),
+    kex = new_kex_key()
+    return Pair(PrimaryConnection(PSK, "unit-a", generation, SPEC, kex_key=kex),
                 BackupConnection(backup_psk, committed_generation=backup_gen,
-                                 committed_epoch=backup_epoch))
+                                 committed_epoch=backup_epoch), kex)
 
 
 def connected(**kw: Any) -> Pair:
@@ -181,10 +189,11 @@ def test_wrong_psk_rejected_by_backup_at_hello() -> None:
 
 
 def test_wrong_psk_rejected_by_primary_at_welcome() -> None:
-    primary = PrimaryConnection(PSK, "u", 1, {})
+    kex = new_kex_key()
+    primary = PrimaryConnection(PSK, "u", 1, {}, kex_key=kex)
     backup = BackupConnection(b"q" * 32)
     # Accept the HELLO regardless, as a backup with a forged/other key would.
-    other = PrimaryConnection(b"q" * 32, "u", 1, {}, nonce=primary.our_nonce)
+    other = PrimaryConnection(b"q" * 32, "u", 1, {}, kex_key=kex)
     primary.start()
     drain(backup, other.start())
     with pytest.raises(RemoteProtocolError, match="pre-shared key"):
@@ -260,12 +269,14 @@ class RawPrimary:
     """Speaks valid frames but any message sequence: to test the backup's checks."""
 
     def __init__(self, backup: BackupConnection, generation: int = 10) -> None:
-        self.nonce, self.seq, self.backup = os.urandom(16), 0, backup
+        kex = new_kex_key()
+        self.nonce, self.seq, self.backup = kex_public(kex), 0, backup
         self.key = PSK
         self.send(m.Hello(version=m.PROTOCOL_VERSION, unit_id="u", generation=generation,
                           nonce=self.nonce, spec={}))
         backup.welcome()
-        self.key = derive_session_keys(PSK, self.nonce, backup.our_nonce)[0]
+        self.key = derive_session_keys(PSK, kex_shared(kex, backup.our_nonce), self.nonce,
+                                       backup.our_nonce)[0]
 
     def send(self, msg: m.Message) -> list[Event]:
         data = b"".join(encode_frame(self.key, msg.TYPE, self.seq, encode_message(msg)))
@@ -412,7 +423,7 @@ def test_primary_rejects_answers_for_unknown_epochs(answer: m.Message) -> None:
     send_epoch(pair, 0, -1)
     send_epoch(pair, 1, 0)
     raw_frame = b"".join(encode_frame(
-        derive_session_keys(PSK, pair.primary.our_nonce, pair.backup.our_nonce)[1],
+        pair.session_keys()[1],
         answer.TYPE, 1, encode_message(answer)))
     with pytest.raises(RemoteProtocolError):
         pair.to_primary(raw_frame)
@@ -425,7 +436,7 @@ def test_primary_rejects_a_welcome_from_a_newer_generation() -> None:
         pair.backup.send(m.Welcome(nonce=pair.backup.our_nonce, generation=11,
                                    committed_epoch=0))
     # Build a WELCOME claiming generation 11 by hand (PSK-tagged, seq 0).
-    welcome = m.Welcome(nonce=os.urandom(16), generation=11, committed_epoch=0)
+    welcome = m.Welcome(nonce=kex_public(new_kex_key()), generation=11, committed_epoch=0)
     data = b"".join(encode_frame(PSK, welcome.TYPE, 0, encode_message(welcome)))
     with pytest.raises(RemoteProtocolError, match="newer"):
         pair.to_primary(data)
@@ -447,7 +458,7 @@ def test_local_misuse_raises_and_leaves_state_unchanged() -> None:
     with pytest.raises(LocalProtocolError):
         p.start()
     with pytest.raises(LocalProtocolError, match="nonce"):
-        b.send(m.Welcome(nonce=os.urandom(16), generation=-1, committed_epoch=-1))
+        b.send(m.Welcome(nonce=kex_public(new_kex_key()), generation=-1, committed_epoch=-1))
     drain(p, b.welcome())
     with pytest.raises(LocalProtocolError):
         p.end_epoch()
