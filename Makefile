@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .cache/.setup-stamp
 
-.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench lab-down clean
+.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
 $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
@@ -44,6 +44,12 @@ fleet-demo: setup
 
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The protocol and store fuzzers at length (`make test` runs 150 examples each).
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	REMUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/unit/test_fuzz_protocol.py \
+	  --hypothesis-show-statistics
 
 lab-down: setup
 	./bin/remus lab down

@@ -32,7 +32,7 @@ import xxhash
 
 from remus.protocol.frames import Buffer, LocalProtocolError, RemoteProtocolError, nbytes
 
-PROTOCOL_VERSION = 3  # 3: HANDOVER (planned switchover)
+PROTOCOL_VERSION = 4  # 3: HANDOVER (planned switchover); 4: sealed frames, X25519 in HELLO/WELCOME
 DIGEST_SIZE = 16
 
 # Byte fields at least this big become their own buffer instead of being
