@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .cache/.setup-stamp
 
-.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz lab-down clean
+.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz soak lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
 $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
@@ -44,6 +44,11 @@ fleet-demo: setup
 
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# >= 100 random power cuts, one JSON summary (bench/results/soak.json); ~25 minutes.
+SOAK_ARGS ?= --cuts 100
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 # The protocol and store fuzzers at length (`make test` runs 150 examples each).
 FUZZ_EXAMPLES ?= 5000

@@ -8,13 +8,14 @@ primary connection (only one primary at a time), apply, failure detector.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,12 @@ class Backup(Takeover):
         self._began = 0.0
         self.epochs_received = 0
         self.rejected = 0
+        # Why this backup cannot hold checkpoints now (its store cannot be written,
+        # or a committed epoch cannot be applied), None when it can. While set,
+        # epochs are refused (NACK, with this reason) instead of acknowledged: an
+        # ACK promises a checkpoint a takeover can restore.
+        self.store_problem: str | None = None
+        self._epoch_failed: str | None = None  # the open epoch could not be staged
         self.timeline: dict[str, float] = {}
         self.last_sentence = (f"recovered generation {self.generation} epoch {self.epoch}"
                               if self.epoch >= 0 else "empty: no checkpoint yet")
@@ -295,12 +302,14 @@ class Backup(Takeover):
             self._on_hello(link, ev)
         elif isinstance(ev, m.EpochBegin):
             self._abort_staged()
-            self.staged = self.store.begin(ev.generation, ev.epoch, ev.base_epoch, ev.full)
-            self._cur_bytes = 0
-            self._began = self.clock()
+            self._cur_bytes, self._began, self._epoch_failed = 0, self.clock(), None
+            with self._storing():
+                self.staged = self.store.begin(ev.generation, ev.epoch, ev.base_epoch, ev.full)
         elif isinstance(ev, m.Chunk):
-            self.staged.add(ev.kind, ev.name, ev.meta, ev.data)
             self._cur_bytes += len(ev.meta) + len(ev.data)
+            if self.staged is not None:
+                with self._storing():
+                    self.staged.add(ev.kind, ev.name, ev.meta, ev.data)
         elif isinstance(ev, EpochComplete):
             self._on_complete(link, ev)
         elif isinstance(ev, m.Heartbeat):
@@ -379,19 +388,33 @@ class Backup(Takeover):
         except Exception:
             pass  # logged by failover(); the state says failed
 
+    @contextlib.contextmanager
+    def _storing(self) -> Iterator[None]:
+        """Writing the open epoch to the store. A store that cannot be written (a
+        full or failing disk) fails this epoch only: the link stays up, the rest of
+        the epoch is read and dropped, and its end is NACKed with the reason."""
+        try:
+            yield
+        except OSError as e:
+            self._epoch_failed = (f"backup store {self.store.workdir} cannot be written: "
+                                  f"{e.strerror or e}")
+            self._abort_staged()
+
     def _on_complete(self, link: Link, ev: EpochComplete) -> None:
         staged, self.staged = self.staged, None
-        if not ev.ok or staged is None:
+        reason = ev.reason if not ev.ok else self._epoch_failed
+        if reason is None and staged is None:
+            reason = "no epoch staged"
+        if reason is None and staged is not None:
+            # The commit point, before the ACK leaves: the epoch survives a kill -9 of
+            # this agent. Not a power cut of this host: the store runs without fsync
+            # (CheckpointStore(fsync=False)); the primary still holds the state then.
+            reason = self._commit(staged)
+        if reason is not None:
             if staged is not None:
                 staged.abort()
-            self.rejected += 1
-            log.error("epoch %d rejected: %s", ev.epoch, ev.reason)
-            link.send(m.Nack(generation=ev.generation, epoch=ev.epoch, reason=ev.reason))
+            self._refuse(link, ev, reason)
             return
-        # The commit point, before the ACK leaves: the epoch survives a kill -9 of
-        # this agent. Not a power cut of this host: the store runs without fsync
-        # (CheckpointStore(fsync=False)); the primary still holds the state then.
-        staged.commit()
         self.generation, self.epoch = ev.generation, ev.epoch
         instance = self._spec().get("instance")
         if self.unit is not None and self.unit.get("checkpoint_instance") != instance:
@@ -403,6 +426,38 @@ class Backup(Takeover):
         self.epochs_received += 1
         self.apply_event.set()
         self.last_sentence = f"acked epoch {ev.epoch}"
+
+    def _commit(self, staged: Any) -> str | None:
+        """Commit the epoch; None if it may be acknowledged, else why not.
+
+        Normally the epoch is applied in the background after the ACK. While the
+        store has a problem (an epoch that could not be applied) it is applied
+        here first: only an epoch that reached the images is acknowledged, and
+        the problem clears when one does (a full checkpoint replaces the rest)."""
+        try:
+            staged.commit()
+            if self.store_problem is not None:
+                self.store.apply_pending()
+        except (OSError, RemusError) as e:
+            self._store_failed(e)
+            return self.store_problem
+        if self.store_problem is not None:
+            log.warning("backup store works again: %s is over", self.store_problem)
+            self.store_problem = None
+        return None
+
+    def _store_failed(self, e: BaseException) -> None:
+        err = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        problem = f"backup store {self.store.workdir} cannot hold checkpoints: {err}"
+        if problem != self.store_problem:
+            log.error("%s; refusing epochs until a checkpoint is applied again", problem)
+        self.store_problem = problem
+
+    def _refuse(self, link: Link, ev: EpochComplete, reason: str) -> None:
+        self.rejected += 1
+        log.error("epoch %d rejected: %s", ev.epoch, reason)
+        self.last_sentence = f"refused epoch {ev.epoch}: {reason}"
+        link.send(m.Nack(generation=ev.generation, epoch=ev.epoch, reason=reason))
 
     def _abort_staged(self) -> None:
         if self.staged is not None:
@@ -416,8 +471,11 @@ class Backup(Takeover):
             self.apply_event.clear()
             try:
                 self.store.apply_pending()
-            except Exception:
+            except Exception as e:
+                # The epoch was acknowledged but cannot be restored: say so in status
+                # and refuse further epochs until one applies.
                 log.exception("applying committed epochs failed")
+                self._store_failed(e)
 
     def status(self) -> dict[str, Any]:
         return backup_status(self)

@@ -32,6 +32,8 @@ def backup_status(b: Backup) -> dict[str, Any]:
         "epochs_rejected": b.rejected,
         "store": getattr(b.store, "stats", None) and _plain(b.store.stats),
         "failover": b.timeline or None,
+        # Why epochs are refused now (full disk, an epoch that does not apply), or None.
+        "store_problem": b.store_problem,
         "last": b.last_sentence,
     }
 

@@ -121,6 +121,10 @@ class Primary(BackupSession, Handover, Coordinated):
         self._buffer_live = not cfg.start_solo
         self._failures = 0  # connection attempts failed in a row
         self._said: str | None = None  # the last failure logged (once per change)
+        self._nacks = 0  # generations the backup refused in a row (reset by an ACK)
+        self._nacked_gen = -1  # the last generation it refused
+        self._new_generation = False  # the next full checkpoint opens a new generation
+        self._retry_at = 0.0  # after a refusal: no checkpoint before this (back-off)
         self._handover: HandoverRequest | None = None  # a switchover asked for
         self.local_ip: str | None = None  # our end of the last link (where we'd be a backup)
         self.instance = secrets.token_hex(8)
@@ -173,6 +177,12 @@ class Primary(BackupSession, Handover, Coordinated):
             if self.link is None or self.link.closed:
                 self._peer_lost()
                 self._connect()
+                continue
+            if (wait := self._retry_at - self.clock()) > 0:
+                # The backup refused the last checkpoint (e.g. its disk is full): the
+                # link and heartbeats stay, the next full checkpoint waits.
+                self.wake.wait(wait)
+                self.wake.clear()
                 continue
             # Recomputed every pass so that set-interval takes effect at once.
             delay = last_start + self.cfg.timing.interval - self.clock()
@@ -327,6 +337,11 @@ class Primary(BackupSession, Handover, Coordinated):
         self.marks.setdefault(e, {})["send_start"] = time.time()
         if full:
             self.encoder.reset()
+        if full and self._new_generation:
+            # After a refusal, on the same link: a higher generation, full (the
+            # protocol's rule for a broken generation).
+            self.generation = max(time.time_ns() // 1_000_000, self.generation + 1)
+            self._new_generation = False
         # A dump tracked against another parent than our base is no delta: skip it
         # before announcing anything (the chain restarts with an untracked dump).
         self.encoder.check_base(d, full, parent)

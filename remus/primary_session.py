@@ -76,6 +76,10 @@ class BackupSession:
     _buffer_live: bool
     _failures: int
     _said: str | None
+    _nacks: int
+    _nacked_gen: int
+    _new_generation: bool
+    _retry_at: float
     _coord_lease_lapsed: Callable[[], None]  # remus.primary_coord
     local_ip: str | None
     instance: str
@@ -113,6 +117,7 @@ class BackupSession:
                     del self.inflight[k]
                 self.cond.notify_all()
             self.lease_until = now + self.cfg.timing.lease
+            self._nacks = 0
             self.buffer.release(ev.epoch)
             released = time.time()
             self.acked = max(self.acked, ev.epoch)
@@ -125,16 +130,37 @@ class BackupSession:
                 self.ack_latency.add((now - sent) * 1000)
             self.last_sentence = f"acked epoch {ev.epoch}"
         elif isinstance(ev, m.Nack):
-            log.error("backup rejected epoch %d: %s; starting a new generation", ev.epoch, ev.reason)
-            self.need_full = True
-            if self.link is not None:
-                self.link.close()
+            self._on_nack(ev, now)
         elif isinstance(ev, m.Heartbeat):
             self.lease_until = now + self.cfg.timing.lease
         elif isinstance(ev, m.Error):
             log.error("backup reports an error: %s", ev.reason)
             if self.link is not None:
                 self.link.close()
+
+    def _on_nack(self, ev: m.Nack, now: float) -> None:
+        """The backup refused an epoch: its generation is over. The next checkpoint
+        is full, in a new generation, on the same link (heartbeats go on: a refusal
+        is no reason for the backup to think us dead), after a back-off that grows
+        while the backup keeps refusing (a full disk refuses every one). Output
+        stays held meanwhile."""
+        with self.cond:
+            self.inflight.pop(ev.epoch, None)
+            self.cond.notify_all()
+        if ev.generation != self.generation or ev.generation == self._nacked_gen:
+            return  # the rest of a generation already refused
+        self._nacked_gen = ev.generation
+        self._nacks += 1
+        delay = retry_delay(self._nacks, True, True, self.cfg.timing.heartbeat)
+        why = f"backup {self._backup_name()} refused epoch {ev.epoch}: {ev.reason}"
+        if ev.reason != self._said:  # the reason, not the epoch: once per change
+            log.error("%s; output stays held, a full checkpoint follows (retrying with "
+                      "back-off)", why)
+            self._said = ev.reason
+        self.last_sentence = f"{why}; output held, full checkpoint in {delay:.1f} s"
+        self.need_full = self._new_generation = True
+        self._retry_at = now + delay
+        self.wake.set()
 
     # -- connection -----------------------------------------------------------
     def _trace(self, epoch: int, released: float) -> None:
@@ -261,7 +287,9 @@ class BackupSession:
         self.role.fire("connected", self.clock())
         self._sync_output()  # before the first dump of this link
         self.link = link
-        self._failures, self._said = 0, None
+        self._failures = 0
+        if not self._nacks:
+            self._said = None  # a refusal that repeats is said once, not per link
         self.last_sentence = self.role.sentence(self._backup_name())
         log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d; "
                  "key %s)", host, port, gen, ev.generation, ev.committed_epoch,

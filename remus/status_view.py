@@ -83,6 +83,8 @@ def render(s: dict[str, Any]) -> str:
             steps = [f"{k} +{(v - t0) * 1000:.0f} ms" for k, v in fo.items()
                      if k not in ("detected", "unit_pid") and isinstance(v, int | float)]
             rows.append(("failover", "detected, " + ", ".join(steps)))
+    if s.get("store_problem"):
+        rows.append(("PROBLEM", f"{s['store_problem']} (epochs are refused, output held)"))
     rows.append(("last", str(s.get("last"))))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -145,6 +145,8 @@ def test_decoder_with_a_damaged_stream(payloads: list[bytes], edits: list[Any],
     data = bytearray(stream)
     for op, pos, val in edits:
         pos %= max(len(data), 1)
+        if not data:
+            break
         if op == "flip":
             data[pos] ^= 1 << (val % 8)
         elif op == "cut":

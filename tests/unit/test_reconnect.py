@@ -50,3 +50,37 @@ def test_the_same_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> No
     assert caplog.records[0].levelno == logging.ERROR  # a refusal needs the operator
     assert "connecting" in s.last_sentence and "timed out" in s.last_sentence
     assert s._failures == 20
+
+
+class Refused(Session):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = threading.Condition()
+        self.wake = threading.Event()
+        self.generation, self.inflight = 7, {3: 0.0, 4: 0.0}
+        self._nacks, self._nacked_gen, self._retry_at = 0, -1, 0.0
+        self.need_full = self._new_generation = False
+        self.link = SimpleNamespace(closed=False, close=lambda: pytest.fail("link closed"))
+
+
+def test_a_refused_epoch_keeps_the_link_and_backs_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A NACK (a full disk at the backup) is no reason to drop the link: heartbeats
+    go on, so the backup never takes the primary for dead; the next checkpoint is
+    full, in a new generation, after a back-off that grows while refusals repeat."""
+    from remus.protocol import messages as m
+
+    s = Refused()
+    reason = "backup store /var/lib/remus/kv/store cannot be written: No space left on device"
+    with caplog.at_level(logging.ERROR, logger="remus.primary"):
+        s._on_nack(m.Nack(generation=7, epoch=3, reason=reason), now=100.0)
+        s._on_nack(m.Nack(generation=7, epoch=4, reason=reason), now=100.0)  # same generation
+    assert s.inflight == {} and s.need_full and s._new_generation
+    assert s._nacks == 1 and s._retry_at == pytest.approx(100.2)
+    assert "No space left" in s.last_sentence and "output held" in s.last_sentence
+    delays = []
+    for gen in (8, 9, 10, 11, 12, 13, 14):
+        s.generation = gen
+        s._on_nack(m.Nack(generation=gen, epoch=gen, reason=reason), now=200.0)
+        delays.append(s._retry_at - 200.0)
+    assert delays == sorted(delays) and delays[-1] == 5.0
+    assert len(caplog.records) == 1  # the same refusal, said once
