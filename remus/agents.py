@@ -25,12 +25,14 @@ from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
 from remus.checkpoint.criu import Criu
+from remus.checkpoint.disk_apply import sync_to_disk
 from remus.container import Container, UnitContainer
 from remus.container import warm_up as container_warm_up
 from remus.control import ControlServer, socket_path
 from remus.errors import ConfigError, FatalError, RemusError
 from remus.netns import netns_of
 from remus.options import PrimaryOptions
+from remus.paths import RUN_DIR
 from remus.primary import Primary
 from remus.primary_config import PrimaryConfig
 from remus.proc import run_cmd
@@ -319,6 +321,11 @@ def takeover(b: Backup, why: str) -> None:
     tl = b.timeline
     b.store.apply_pending()
     tl["applied"] = time.time()
+    if b.cfg.state_dirs:
+        # On stable storage before the unit resumes: what it fsync'd on the primary
+        # must survive a power cut of this host right after the takeover.
+        sync_to_disk(b.cfg.state_dirs)
+        tl["synced"] = time.time()
     assert b.unit is not None
     unit = UnitDescription.from_json(b.unit["spec"])
     container = unit.container()
@@ -329,7 +336,10 @@ def takeover(b: Backup, why: str) -> None:
     cg = UnitCgroup(name)
     cg.create()
     criu = Criu(netns=container.netns_path)
-    images, queues = restore_prep.prepare(b.store.images_dir(), b.cfg.workdir / "restore")
+    # The scratch copy lives in RAM (/run): a takeover must not need space on the
+    # store's disk, which may be full (the store itself is intact: it refused
+    # what it could not keep).
+    images, queues = restore_prep.prepare(b.store.images_dir(), RUN_DIR / f"restore-{name}")
     tl["prepared"] = time.time()
     # The address comes up before the restore so that the unit's queued output
     # leaves the moment CRIU restores it; packets towards the unit are dropped

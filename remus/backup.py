@@ -255,7 +255,7 @@ class Backup(Takeover):
             for ev in link.events():
                 self._heard()
                 self._on_event(link, ev)
-        except (LinkClosed, RemusError) as err:
+        except (LinkClosed, RemusError, OSError) as err:
             log.warning("primary %s: %s", peer, err)
         finally:
             if self.link is link:  # a superseded link must not touch its successor's epoch
@@ -345,7 +345,11 @@ class Backup(Takeover):
         # (after `remus stop` or a restart) has not vouched for it yet.
         held = (self.unit or {}).get("checkpoint_instance") if self.epoch >= 0 else None
         self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held}
-        self._save_unit()
+        try:
+            self._save_unit()
+        except OSError as e:
+            # Kept in memory; epochs are refused until the store can be written.
+            self._store_failed(e)
         if self.prepare is not None:
             with self.lock:
                 self.preparing += 1
@@ -396,8 +400,8 @@ class Backup(Takeover):
         try:
             yield
         except OSError as e:
-            self._epoch_failed = (f"backup store {self.store.workdir} cannot be written: "
-                                  f"{e.strerror or e}")
+            self._store_failed(e)
+            self._epoch_failed = self.store_problem
             self._abort_staged()
 
     def _on_complete(self, link: Link, ev: EpochComplete) -> None:
@@ -419,7 +423,12 @@ class Backup(Takeover):
         instance = self._spec().get("instance")
         if self.unit is not None and self.unit.get("checkpoint_instance") != instance:
             self.unit["checkpoint_instance"] = instance  # once per agent run
-            self._save_unit()
+            try:
+                self._save_unit()
+            except OSError as e:  # the checkpoint would not count after a restart here
+                self._store_failed(e)
+                self._refuse(link, ev, self.store_problem or str(e))
+                return
         link.send(m.Ack(generation=ev.generation, epoch=ev.epoch))
         self.ack_time.add((self.clock() - self._began) * 1000)
         self.epoch_bytes.add(self._cur_bytes)

@@ -84,7 +84,12 @@ class RedoWriter:
         self._f.close()
 
     def discard(self) -> None:
-        self._f.close()
+        """Throw the log away. Never raises for a full or failing disk: closing
+        flushes buffered records, which is what may fail, and the file goes anyway."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
         self.path.unlink(missing_ok=True)
 
 

@@ -47,6 +47,9 @@ def test_aof_survives_power_cut_in_memory_and_on_disk(scenario: Any) -> None:
 
     st = sc.status("bak")
     assert st is not None and st["state"] == "active"
+    # The applied state directory reached stable storage before the unit resumed.
+    fo = st["failover"]
+    assert fo["applied"] <= fo["synced"] <= fo["restore_start"] <= fo["restored"], fo
     restored_keys = int(_cli(lab, "client", "DBSIZE"))
     assert restored_keys >= acked
     # The restored memory and the backup's files must be the same moment: stop the

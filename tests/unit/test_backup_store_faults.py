@@ -81,7 +81,8 @@ def test_a_full_disk_refuses_the_epoch_and_keeps_what_was_committed(
 
     # Space again: the primary's next try (a new generation, full) is acknowledged.
     monkeypatch.setattr(RedoWriter, "append", real_append)
-    assert isinstance(send(b, link, 2, 2, epochs[1], True), m.Ack)
+    assert isinstance(send(b, link, 2, 2, epochs[3], True), m.Ack)
+    assert b.status()["store_problem"] is None
 
 
 def test_an_epoch_that_does_not_apply_stops_the_acks_until_one_does(

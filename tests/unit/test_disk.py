@@ -456,3 +456,17 @@ def test_writes_before_and_after_a_rename_in_one_epoch(pair: Pair) -> None:
         f.write(b"late")
     chunks = pair.sync()
     assert data_bytes(chunks) == 3 * BLOCK_SIZE
+
+
+def test_sync_to_disk_syncs_each_filesystem_once(tmp_path: Path) -> None:
+    from remus.checkpoint.disk_apply import sync_to_disk
+    from remus.errors import CheckpointError
+
+    a, b = tmp_path / "a", tmp_path / "a" / "b"
+    b.mkdir(parents=True)
+    (b / "f").write_bytes(b"x" * 10000)
+    assert sync_to_disk([a, b]) == 1  # one filesystem
+    assert sync_to_disk([a, Path("/dev")]) == (1 if os.stat(a).st_dev == os.stat("/dev").st_dev
+                                               else 2)
+    with pytest.raises(CheckpointError, match="cannot open state directory"):
+        sync_to_disk([tmp_path / "missing"])
