@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from remus import netdesc, reprotect
+from remus import faults, netdesc, reprotect
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
@@ -341,6 +341,7 @@ def takeover(b: Backup, why: str) -> None:
     # what it could not keep).
     images, queues = restore_prep.prepare(b.store.images_dir(), RUN_DIR / f"restore-{name}")
     tl["prepared"] = time.time()
+    faults.point("backup-restore")
     # The address comes up before the restore so that the unit's queued output
     # leaves the moment CRIU restores it; packets towards the unit are dropped
     # until its sockets exist (else its kernel answers them with RST).

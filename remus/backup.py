@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remus import faults
 from remus.backup_status import backup_status
 from remus.backup_takeover import Takeover, TakeoverFn
 from remus.checkpoint.disk_apply import DiskApplier
@@ -306,6 +307,7 @@ class Backup(Takeover):
             with self._storing():
                 self.staged = self.store.begin(ev.generation, ev.epoch, ev.base_epoch, ev.full)
         elif isinstance(ev, m.Chunk):
+            faults.point("backup-transfer")
             self._cur_bytes += len(ev.meta) + len(ev.data)
             if self.staged is not None:
                 with self._storing():
@@ -413,12 +415,14 @@ class Backup(Takeover):
             # The commit point, before the ACK leaves: the epoch survives a kill -9 of
             # this agent. Not a power cut of this host: the store runs without fsync
             # (CheckpointStore(fsync=False)); the primary still holds the state then.
+            faults.point("backup-received")
             reason = self._commit(staged)
         if reason is not None:
             if staged is not None:
                 staged.abort()
             self._refuse(link, ev, reason)
             return
+        faults.point("backup-committed")
         self.generation, self.epoch = ev.generation, ev.epoch
         instance = self._spec().get("instance")
         if self.unit is not None and self.unit.get("checkpoint_instance") != instance:

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,14 +43,55 @@ def _setup_logging(verbose: int) -> None:
 
     stallwatch.start_from_env()
     # `kill -USR1 AGENT` prints every thread's stack to the agent's stderr (a hang).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (ValueError, OSError):  # stderr is no file (e.g. click's test runner)
+        pass
 
 
 @click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Settings for the agent commands (default /etc/remus/remus.toml when it "
+              "exists; docs/config.md). Flags override it.")
 @click.version_option(package_name="remus")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, config_path: str | None) -> None:
     _setup_logging(verbose)
+    from remus import config_file
+
+    path = Path(config_path) if config_path else config_file.DEFAULT_PATH
+    ctx.meta["config_path"] = path if (config_path or path.exists()) else None
+    if ctx.meta["config_path"] is not None and (
+            ctx.invoked_subcommand in config_file.COMMANDS or ctx.invoked_subcommand == "config"):
+        try:
+            ctx.default_map = config_file.load(path, cli.commands)
+        except RemusError as e:
+            raise CliError(str(e)) from e
+
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+@click.pass_context
+def config_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Check the configuration file and show what each agent command takes from it.
+
+    Exits non-zero, naming the file, section and key, if the file is invalid
+    (including timing settings that contradict each other)."""
+    path = ctx.meta.get("config_path")
+    commands: dict[str, Any] = dict((ctx.parent.default_map if ctx.parent else None) or {})
+    doc = {"file": str(path) if path else None, "commands": commands}
+    if as_json:
+        click.echo(json.dumps(doc, indent=1, default=str))
+        return
+    if path is None:
+        click.echo("no configuration file (/etc/remus/remus.toml does not exist); "
+                   "every setting comes from flags and built-in defaults")
+        return
+    click.echo(f"{path}: valid")
+    for name, values in commands.items():
+        shown = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in sorted(values.items()))
+        click.echo(f"  remus {name}: {shown or '(nothing)'}")
 
 
 def _agent(socket: str | None, role: str | None = None) -> Path:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from remus.config import Timing, parse_duration
+from remus.config import Timing, fmt_ms, parse_duration
 from remus.errors import RemusError
 
 if TYPE_CHECKING:
@@ -46,11 +46,29 @@ def _load_key(path: str) -> KeyRing:
 
 
 def _timing(interval: float, heartbeat: float, lease: float, takeover: float) -> Timing:
+    t = Timing(interval=interval, heartbeat=heartbeat, lease=lease, takeover_timeout=takeover)
     try:
-        return Timing(interval=interval, heartbeat=heartbeat, lease=lease,
-                      takeover_timeout=takeover).validate()
+        return t.validate(_timing_labels(t))
     except RemusError as e:
         raise CliError(str(e)) from e
+
+
+def _timing_labels(t: Timing) -> dict[str, str]:
+    """Each timing setting named by where its value came from: a flag, the
+    configuration file, or the built-in default."""
+    ctx = click.get_current_context(silent=True)
+    path = ctx.find_root().meta.get("config_path") if ctx else None
+    out = {}
+    for k in ("interval", "heartbeat", "lease", "takeover_timeout"):
+        flag = f"--{k.replace('_', '-')} {fmt_ms(getattr(t, k))}"
+        src = ctx.get_parameter_source(k) if ctx else None
+        if src is click.core.ParameterSource.DEFAULT_MAP:
+            out[k] = f"{k.replace('_', '-')} = {fmt_ms(getattr(t, k))} from {path}"
+        elif src is click.core.ParameterSource.DEFAULT:
+            out[k] = f"{flag} (default)"
+        else:
+            out[k] = flag
+    return out
 
 
 def _require_root() -> None:

@@ -60,17 +60,24 @@ class Timing:
     lease: float = 0.200
     takeover_timeout: float = 0.300
 
-    def validate(self) -> Timing:
+    def validate(self, labels: dict[str, str] | None = None) -> Timing:
+        """ConfigError unless the relations hold; the message names both settings
+        in conflict (`labels`: how to call each, by default its flag and value)."""
+        def n(k: str) -> str:
+            if labels and k in labels:
+                return labels[k]
+            return f"--{k.replace('_', '-')} {fmt_ms(getattr(self, k))}"
+
         if not MIN_INTERVAL <= self.interval <= MAX_INTERVAL:
-            raise ConfigError(f"--interval {fmt_ms(self.interval)}: must be between "
+            raise ConfigError(f"{n('interval')}: must be between "
                               f"{fmt_ms(MIN_INTERVAL)} and {MAX_INTERVAL:g}s")
         if self.heartbeat <= 0 or self.heartbeat * 2 > self.lease:
-            raise ConfigError(f"--heartbeat {fmt_ms(self.heartbeat)} must be at most half the "
-                              f"lease ({fmt_ms(self.lease)}) so one lost heartbeat is survived")
+            raise ConfigError(f"{n('heartbeat')} must be at most half of {n('lease')}, "
+                              "so that one lost heartbeat is survived")
         if self.lease >= self.takeover_timeout:
-            raise ConfigError(f"--lease {fmt_ms(self.lease)} must be shorter than --takeover-timeout "
-                              f"{fmt_ms(self.takeover_timeout)}: the primary must stop releasing "
-                              "output before the backup may take over")
+            raise ConfigError(f"{n('lease')} must be shorter than {n('takeover_timeout')}: "
+                              "the primary must stop releasing output before the backup may "
+                              "take over")
         return self
 
 

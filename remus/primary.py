@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from remus import faults
 from remus.checkpoint.criu import Criu, clear_stale_parasite_dir, parasite_dir_lock
 from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.disk_delta import DiskDelta
@@ -232,6 +233,7 @@ class Primary(BackupSession, Handover, Coordinated):
                 # and its state directories are as its memory image says.
                 self.buffer.begin_epoch(e + 1)
                 boundary = True
+                faults.point("primary-dump")
                 self.marks[e] = {"boundary": time.time()}
                 if self.disk is not None:
                     disk = self.disk.capture(full=self.need_full)
@@ -354,6 +356,8 @@ class Primary(BackupSession, Handover, Coordinated):
             for kind, name, meta, data in itertools.chain(
                     disk_chunks, self.encoder.encode(d, full=full, parent=parent)):
                 link.send(m.Chunk(epoch=e, kind=kind, name=name, meta=meta, data=data))
+                if not n:
+                    faults.point("primary-transfer")
                 n += len(meta) + len(data)
             # In flight before its END leaves: an ACK that overtakes our bookkeeping
             # would find nothing to remove and leave e in flight for good (seen:
@@ -361,6 +365,7 @@ class Primary(BackupSession, Handover, Coordinated):
             with self.cond:
                 self.inflight[e] = self.clock()
             link.send_frames(lambda conn: conn.end_epoch())
+            faults.point("primary-sent")
         except BaseException:
             # The protocol has no way to abandon an announced epoch: drop the link
             # (the backup discards the partial epoch; the reconnect sends a full one).

@@ -70,6 +70,10 @@ class Scenario:
     status_timeout: float = 5.0  # per `remus status` call (more in an emulated VM)
     coordinator: str | None = None  # zk://... for both agents (start_coordinator sets it)
     host_keys: dict[str, Path] = field(default_factory=dict)  # a host's own key file
+    # Extra environment of the agents started by start_primary / start_backup
+    # (e.g. REMUS_FAULT: remus.faults).
+    env_primary: dict[str, str] = field(default_factory=dict)
+    env_backup: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,10 +89,11 @@ class Scenario:
         return self.host_keys.get(host, self.key)
 
     # -- agents -------------------------------------------------------------
-    def _spawn(self, host: str, argv: list[str], logname: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, host: str, argv: list[str], logname: str,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.workdir / logname, "ab")
         p = self.lab.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
-                           start_new_session=True)
+                           start_new_session=True, env={**os.environ, **env} if env else None)
         self.procs.append(p)
         return p
 
@@ -98,7 +103,8 @@ class Scenario:
                                   "--key-file", str(self.key_of(host)), "--workdir",
                                   f"/var/lib/remus/{self.unit}", *self._coord_args(),
                                   *self.extra_backup],
-                           "backup.log" if host == "bak" else f"backup-{host}.log")
+                           "backup.log" if host == "bak" else f"backup-{host}.log",
+                           self.env_backup)
 
     def start_primary(self) -> subprocess.Popen[bytes]:
         argv = self.command or SERVERS[self.server][0]
@@ -106,7 +112,7 @@ class Scenario:
                                    "--key-file", str(self.key_of("pri")), "--vip", self.lab.vip,
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
                                    self.interval, *self._coord_args(), *self.extra_primary,
-                                   "--", *argv], "primary.log")
+                                   "--", *argv], "primary.log", self.env_primary)
 
     def _coord_args(self) -> list[str]:
         return ["--coordinator", self.coordinator] if self.coordinator else []

@@ -32,6 +32,7 @@ from typing import Protocol
 
 import xxhash
 
+from remus import faults
 from remus.checkpoint import pagemap
 from remus.checkpoint.delta import (
     KIND_FILE,
@@ -247,6 +248,7 @@ class CheckpointStore:
                 r for r in redo.records if r.name == name and r.kind in (KIND_PAGES, KIND_PAGES_LZ4)
             ]
             self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
+        faults.point("backup-apply")  # pages written, files not yet: a half-applied epoch
         for name, rec in files.items():
             data = redo.data(rec)
             _check_file(name, data, manifest)

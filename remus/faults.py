@@ -1,0 +1,59 @@
+"""Fault points: a real kill -9 of an agent at an exact step, for the tests.
+
+`REMUS_FAULT=POINT[:N]` in an agent's environment makes it SIGKILL itself the
+N-th time (default: the first) it reaches POINT. Nothing else changes: the
+agent dies as abruptly as `kill -9` from outside would make it, only at a
+moment no outside timing can hit reliably (between a commit and its ACK is a
+few microseconds). Unset (always, outside tests), a point costs one
+attribute check. The points (tests/reliability/test_agent_kill.py):
+
+    primary-dump       the unit is frozen and CRIU dumps it (post-dump notify)
+    primary-transfer   an epoch's chunks are half sent
+    primary-sent       an epoch's END is sent, its ACK not received
+    backup-transfer    an epoch's chunks are half received
+    backup-received    an epoch is complete and verified, not committed yet
+    backup-committed   an epoch is committed, its ACK not sent yet
+    backup-apply       a committed epoch is being applied to the images
+    backup-restore     a takeover applied and prepared, CRIU not started yet
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+POINTS = ("primary-dump", "primary-transfer", "primary-sent", "backup-transfer",
+          "backup-received", "backup-committed", "backup-apply", "backup-restore")
+
+
+def _parse(spec: str) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    name, _, n = spec.partition(":")
+    if name not in POINTS:
+        raise ValueError(f"REMUS_FAULT: unknown point {name!r} (known: {', '.join(POINTS)})")
+    return name, int(n or 1)
+
+
+_ARMED = _parse(os.environ.get("REMUS_FAULT", ""))
+_count = 0
+_lock = threading.Lock()
+
+
+def point(name: str) -> None:
+    """Die here (SIGKILL) if REMUS_FAULT names this point and its count is reached."""
+    global _count
+    if _ARMED is None or _ARMED[0] != name:
+        return
+    with _lock:
+        _count += 1
+        if _count < _ARMED[1]:
+            return
+    log.error("REMUS_FAULT: killing this agent (pid %d) at %s", os.getpid(), name)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
