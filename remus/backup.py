@@ -33,7 +33,7 @@ from remus.protocol import messages as m
 from remus.protocol.connection import Keys
 from remus.protocol.keys import fingerprint
 from remus.roles import B, BackupRole
-from remus.stats import Series
+from remus.stats import MS_BUCKETS, Series
 from remus.unit_desc import state_dirs_of
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Backup(Takeover):
         self.standby_ready = False
         self.preparing = 0  # HELLOs being answered: the primary is alive
         self.staged: Any = None
-        self.ack_time = Series()
+        self.ack_time = Series(bounds=MS_BUCKETS)
         self.epoch_bytes = Series()
         self._cur_bytes = 0
         self._began = 0.0

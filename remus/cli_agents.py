@@ -19,6 +19,29 @@ from remus.config import DEFAULT_PORT, parse_addr
 from remus.errors import RemusError
 from remus.options import DEFAULT_ON_PEER_LOSS, ON_PEER_LOSS, PrimaryOptions
 
+METRICS_OPTION = click.option(
+    "--metrics", default=None, metavar="ADDR:PORT",
+    help="Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default; "
+    "docs/metrics.md): role and state, term, epochs and lag, pause/ACK/commit-latency "
+    "histograms, bytes, output held/dropped, failovers.")
+
+
+def _start_metrics(addr: str | None, agent: Any) -> Any:
+    """The metrics server, following this process's agent (None: off)."""
+    if not addr:
+        return None
+    from remus.metrics import AgentCollector, serve
+
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CliError(f"--metrics {addr}: expected ADDR:PORT, e.g. 0.0.0.0:9788")
+    coll = AgentCollector(agent)
+    try:
+        serve((host or "0.0.0.0", int(port)), coll)
+    except RemusError as e:
+        raise CliError(str(e)) from e
+    return coll
+
 
 def primary_options(f: Any) -> Any:
     opts = [
@@ -65,6 +88,7 @@ def primary_options(f: Any) -> Any:
                      "the link, the backup's port). --no-rejoin: exit instead."),
         click.option("--rejoin-workdir", default=None, type=click.Path(file_okay=False),
                      help="Store of this host as a rejoined backup (default /var/lib/remus/NAME)."),
+        METRICS_OPTION,
         click.option("--trace", type=click.Path(dir_okay=False), default=None,
                      help="Append one JSON line per acknowledged epoch (boundary, sent, released "
                      "times, pause, bytes) to this file."),
@@ -195,6 +219,7 @@ def _serve_or_rejoin(p: Any, name: str, on_stop: Any, kw: dict[str, Any]) -> Non
 
     click.echo(f"remus: {POLICY_SAYS['coordinator' if p.cfg.coordinator else p.cfg.on_peer_loss]}",
                err=True)
+    metrics = _start_metrics(kw.get("metrics"), p)
     try:
         serve_primary(p, name, on_stop)
     except FatalError:
@@ -208,6 +233,8 @@ def _serve_or_rejoin(p: Any, name: str, on_stop: Any, kw: dict[str, Any]) -> Non
     b = make_backup(rejoin_config(p, workdir, p.cfg.state_dirs))
     click.echo(f"remus: the unit runs on the backup's host now; this host is now its backup, "
                f"listening on {b.cfg.listen[0]}:{b.cfg.listen[1]} ({b.last_sentence})", err=True)
+    if metrics is not None:
+        metrics.agent = b
     serve_backup(b)
 
 
@@ -244,10 +271,11 @@ POLICY_SAYS = {
               "(unprotected, output flows) until a backup answers there, then output commit "
               "resumes by itself. auto: the old primary's host (the address it announced; "
               "start `remus backup` there when it is back). off: stay unprotected.")
+@METRICS_OPTION
 @timing_options
 def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
            state_dirs: tuple[str, ...], reprotect: str, coordinator: str | None,
-           **kw: Any) -> None:
+           metrics: str | None, **kw: Any) -> None:
     """Run the backup agent: receive checkpoints, take over when the primary dies.
 
     Crash-only: kill it at any moment and start it again; it resumes with its
@@ -272,6 +300,7 @@ def backup(listen: str, key_file: str, workdir: str, no_auto_failover: bool,
     try:
         b = make_backup(cfg)
         click.echo(f"remus: backup listening on {addr[0]}:{addr[1]}; {b.last_sentence}", err=True)
+        _start_metrics(metrics, b)
         serve_backup(b)
     except RemusError as e:
         raise CliError(str(e)) from e

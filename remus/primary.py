@@ -46,7 +46,7 @@ from remus.primary_session import BackupSession
 from remus.primary_status import primary_status
 from remus.protocol import messages as m
 from remus.roles import PrimaryRole
-from remus.stats import Series
+from remus.stats import MS_BUCKETS, Series
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ class Primary(BackupSession, Handover, Coordinated):
         self.fatal: BaseException | None = None
         self.prev_dir: Path | None = None
         self.started = clock()
-        self.pause = Series()
+        self.pause = Series(bounds=MS_BUCKETS)
         self.dump_wall = Series()
-        self.ack_latency = Series()
+        self.ack_latency = Series(bounds=MS_BUCKETS)
+        self.commit_latency = Series(bounds=MS_BUCKETS)  # boundary -> output released
         self.delta_bytes = Series()
         self.full_bytes = Series()
         self.encode_ms = Series()

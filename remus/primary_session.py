@@ -67,6 +67,7 @@ class BackupSession:
     lease_until: float
     epochs_done: int
     ack_latency: Series
+    commit_latency: Series
     pause: Series
     delta_bytes: Series
     last_sentence: str
@@ -165,6 +166,8 @@ class BackupSession:
     # -- connection -----------------------------------------------------------
     def _trace(self, epoch: int, released: float) -> None:
         marks = self.marks.pop(epoch, {})
+        if marks.get("boundary"):
+            self.commit_latency.add((released - marks["boundary"]) * 1000)
         for k in [k for k in list(self.marks) if k < epoch]:  # list(): other threads add
             self.marks.pop(k, None)
         if self.trace_f is not None:
