@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .cache/.setup-stamp
 
-.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz soak lab-down clean
+.PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz soak install lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
 $(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
@@ -55,6 +55,11 @@ FUZZ_EXAMPLES ?= 5000
 fuzz: setup
 	REMUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/unit/test_fuzz_protocol.py \
 	  --hypothesis-show-statistics
+
+# remus outside the checkout: /opt/remus/venv, /usr/local/bin/remus, our CRIU,
+# the systemd units (docs/systemd.md).
+install: setup
+	./bin/install
 
 lab-down: setup
 	./bin/remus lab down

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remus import faults
+from remus import faults, sdnotify
 from remus.backup_status import backup_status
 from remus.backup_takeover import Takeover, TakeoverFn
 from remus.checkpoint.disk_apply import DiskApplier
@@ -149,6 +149,7 @@ class Backup(Takeover):
             t.start()
             self._threads.append(t)
         log.info("listening on %s:%d", host, port)
+        sdnotify.notify("READY=1", f"STATUS=listening on {host}:{port}; {self.last_sentence}")
         while not self.stop_event.is_set():
             try:
                 conn, addr = sk.accept()

@@ -19,6 +19,10 @@ from remus.config import DEFAULT_PORT, parse_addr
 from remus.errors import RemusError
 from remus.options import DEFAULT_ON_PEER_LOSS, ON_PEER_LOSS, PrimaryOptions
 
+# `remus run`/`protect` exit status when this copy was fenced (the backup took
+# over) and --no-rejoin: never restart it here (systemd/remus-run@.service).
+EXIT_FENCED = 3
+
 METRICS_OPTION = click.option(
     "--metrics", default=None, metavar="ADDR:PORT",
     help="Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default; "
@@ -222,8 +226,13 @@ def _serve_or_rejoin(p: Any, name: str, on_stop: Any, kw: dict[str, Any]) -> Non
     metrics = _start_metrics(kw.get("metrics"), p)
     try:
         serve_primary(p, name, on_stop)
-    except FatalError:
-        if p.role.state is not P.FENCED or not kw["rejoin"]:
+    except FatalError as e:
+        if p.role.state is P.FENCED and not kw["rejoin"]:
+            # A distinct status: a supervisor must not start this unit again here
+            # (the backup runs it now). The systemd unit says RestartPreventExitStatus.
+            click.echo(f"remus: {e}", err=True)
+            raise SystemExit(EXIT_FENCED) from e
+        if p.role.state is not P.FENCED:
             raise
     else:
         if p.role.state is not P.HANDED_OVER or not kw["rejoin"]:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from remus import sdnotify
 from remus.errors import FatalError, RemusError
 from remus.link import Link, LinkClosed
 from remus.netbuf import NullBuffer
@@ -124,6 +125,9 @@ class BackupSession:
             self.acked = max(self.acked, ev.epoch)
             if self.role.state is P.SYNCING:
                 log.info("protected by %s from epoch %d on", self._backup_name(), ev.epoch)
+                # systemd (Type=notify): ready once the unit is protected.
+                sdnotify.notify("READY=1", f"STATUS=protected by {self._backup_name()} from "
+                                f"epoch {ev.epoch}")
             self.role.fire("acked", now)
             self._trace(ev.epoch, released)
             self.epochs_done += 1

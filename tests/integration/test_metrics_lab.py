@@ -76,3 +76,27 @@ def test_metrics_of_both_agents_move(scenario: Any) -> None:
     assert v(b3, "remus_backup_state", state="active") == 1, logs(sc)
     assert v(b3, "remus_failovers_total") == 1
     assert 0 < v(b3, "remus_last_failover_seconds") < 30
+
+
+def test_primary_is_ready_for_systemd_once_protected(scenario: Any, tmp_path: Any) -> None:
+    """Type=notify: READY=1 comes after the first checkpoint is acknowledged, not
+    when the agent starts (a unit that is not protected yet is not "up")."""
+    import socket
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(60)
+        sc = scenario(server="redis", env_primary={"NOTIFY_SOCKET": str(path)},
+                      env_backup={"NOTIFY_SOCKET": str(path)})
+        sc.start_backup()
+        first = s.recv(4096).decode()
+        assert first.startswith("READY=1") and "listening on" in first, first
+        sc.start_primary()
+        msg = s.recv(4096).decode()
+        got_at = time.time()
+    assert msg.startswith("READY=1\nSTATUS=protected by"), msg
+    log = (sc.workdir / "primary.log").read_text()
+    assert "protected by" in log  # said before READY went out
+    st = sc.status("pri")
+    assert st is not None and st["acked_epoch"] >= 0 and got_at > 0
