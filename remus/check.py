@@ -7,6 +7,7 @@ blockers, warnings, rendering) are remus.check_report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -31,7 +32,7 @@ from remus.check_probes import (
     probe_userfaultfd,
 )
 from remus.check_report import FEATURES, CheckReport, Feature, build_report, feature
-from remus.paths import criu_binary
+from remus.paths import criu_source
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _safe(name: str, probe: Any, *args: Any) -> Feature:
 def run_checks(criu_path: str | None = None) -> CheckReport:
     """Probe this host. Never raises for a missing capability: it becomes a finding."""
     explicit = criu_path is not None
-    path = criu_path if explicit else criu_binary()
+    path, source = (criu_path, "--criu") if explicit else criu_source()
     probes: list[tuple[str, Any, tuple[Any, ...]]] = [
         ("root", probe_root, ()),
         ("userfaultfd", probe_userfaultfd, ()),
@@ -66,6 +67,7 @@ def run_checks(criu_path: str | None = None) -> CheckReport:
         criu_future = pool.submit(probe_criu, path, explicit)
         futures = {n: pool.submit(_safe, n, p, *a) for n, p, a in probes}
         criu, criu_soft_dirty = criu_future.result()
+        criu = dataclasses.replace(criu, source=source)
         found = {n: f.result() for n, f in futures.items()}
     found["soft_dirty"] = _safe("soft_dirty", probe_soft_dirty, criu_soft_dirty)
     found["uffd_wp"] = _safe("uffd_wp", probe_uffd_wp, criu)

@@ -50,6 +50,7 @@ class CriuInfo:
     ok: bool
     check_output: str
     problem: str = ""
+    source: str = ""  # why this binary (remus.paths.criu_source)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class CheckReport:
                 "version": self.criu.version,
                 "ok": self.criu.ok,
                 "check_output": self.criu.check_output,
+                "from": self.criu.source,
             },
             "features": {n: f.ok for n, f in self.features.items()},
             "details": {
@@ -82,7 +84,8 @@ class CheckReport:
 
     def format_table(self) -> str:
         criu = f"CRIU {self.criu.version or '?'} {'ok' if self.criu.ok else 'NOT OK'}"
-        head = f"remus check  kernel {self.kernel}  {criu} ({self.criu.path or 'not found'})"
+        head = (f"remus check  kernel {self.kernel}  {criu} ({self.criu.path or 'not found'}; "
+                f"from {self.criu.source or '?'})")
         rows = [[f.name, f.status, f.detail, f.consequence] for f in self.features.values()]
         lines = [head, _table(["Feature", "Status", "Detail", "Remus does"], rows)]
         for title, items in (("Blockers", self.blockers), ("Warnings", self.warnings)):

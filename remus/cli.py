@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -54,14 +55,27 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Settings for the agent commands (default /etc/remus/remus.toml when it "
               "exists; docs/config.md). Flags override it.")
+@click.option("--criu", "criu_path", type=click.Path(dir_okay=False), default=None,
+              help="The CRIU binary (>= 4.2) to use; default: REMUS_CRIU, `criu` in [common] "
+              "of the configuration file, this checkout's build, or PATH (`remus check` says "
+              "which and why).")
 @click.version_option(package_name="remus")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, config_path: str | None) -> None:
+def cli(ctx: click.Context, verbose: int, config_path: str | None, criu_path: str | None
+        ) -> None:
     _setup_logging(verbose)
     from remus import config_file
 
     path = Path(config_path) if config_path else config_file.DEFAULT_PATH
     ctx.meta["config_path"] = path if (config_path or path.exists()) else None
+    # Children (CRIU wrappers, agents the fleet starts) inherit the choice.
+    if criu_path:
+        os.environ["REMUS_CRIU"], os.environ["REMUS_CRIU_FROM"] = criu_path, "--criu"
+    elif ctx.meta["config_path"] is not None and "REMUS_CRIU" not in os.environ:
+        from_file = config_file.criu_from(path)
+        if from_file:
+            os.environ["REMUS_CRIU"] = from_file
+            os.environ["REMUS_CRIU_FROM"] = f"{path} [common] criu"
     if ctx.meta["config_path"] is not None and (
             ctx.invoked_subcommand in config_file.COMMANDS or ctx.invoked_subcommand == "config"):
         try:

@@ -6,7 +6,8 @@ line overrides the file. Keys are the long flags without the dashes (`-` or
 
     [timing]    interval, heartbeat, lease, takeover-timeout: every agent command
     [common]    any setting of several commands (key-file, coordinator, ...): each
-                command takes the keys it has and ignores the others
+                command takes the keys it has and ignores the others; also
+                `criu`, the CRIU binary (as `remus --criu`)
     [run]       remus run (and remus protect, which has the same settings)
     [protect]   remus protect only (over [run])
     [backup]    remus backup
@@ -122,6 +123,17 @@ def load(path: Path, commands: Mapping[str, click.Command]) -> dict[str, dict[st
         sources[name] = where_of
     check_timing(path, out, sources)
     return out
+
+
+def criu_from(path: Path) -> str | None:
+    """`criu` of [common] (the CRIU binary), or None; a file that does not parse
+    says so when a command loads it."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    value = doc.get("common", {}).get("criu")
+    return str(value) if isinstance(value, str) else None
 
 
 def _visible(accepted: Mapping[str, click.Parameter]) -> Iterable[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from remus.cli import cli
@@ -93,3 +94,23 @@ def test_a_broken_file_does_not_stop_status_or_keygen(tmp_path: Path) -> None:
 def test_no_file(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["--config", str(tmp_path / "none.toml"), "config"])
     assert res.exit_code == 1 and "cannot read" in res.output
+
+
+def test_which_criu_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from remus import paths
+
+    for var in ("REMUS_CRIU", "REMUS_CRIU_FROM"):
+        monkeypatch.setenv(var, "x")  # tracked: restored after the test
+        monkeypatch.delenv(var)
+    cfg = tmp_path / "remus.toml"
+    cfg.write_text('[common]\ncriu = "/opt/criu/bin/criu"\n')
+    res = CliRunner().invoke(cli, ["--config", str(cfg), "config"])
+    assert res.exit_code == 0, res.output  # [common] criu is a known setting
+    assert paths.criu_source() == ("/opt/criu/bin/criu", f"{cfg} [common] criu")
+    CliRunner().invoke(cli, ["--config", str(cfg), "--criu", "/usr/sbin/criu", "config"])
+    assert paths.criu_source() == ("/usr/sbin/criu", "--criu")  # the flag wins
+    monkeypatch.delenv("REMUS_CRIU")
+    monkeypatch.setattr(paths, "REPO", tmp_path)  # no checkout build here
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path, why = paths.criu_source()
+    assert path is None and "--criu" in why and "PATH" in why
