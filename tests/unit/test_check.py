@@ -170,7 +170,7 @@ def test_to_json_shape() -> None:
     r = build_report(GOOD_CRIU, features(**HERE), "6.18.44")
     j = json.loads(json.dumps(r.to_json()))  # must be plain JSON
     assert j["criu"] == {"path": "/opt/criu", "version": "4.2.1", "ok": True,
-                         "check_output": "Looks good."}  # fmt: skip
+                         "check_output": "Looks good.", "from": ""}  # fmt: skip
     assert list(j["features"]) == list(FEATURES)
     assert j["features"]["soft_dirty"] is False and j["features"]["nfqueue"] is True
     assert j["details"]["tmpfs_run"]["status"] == "degraded"
