@@ -36,10 +36,26 @@ the last acknowledged checkpoint with the same address and TCP connections.
 """
 
 
-def _setup_logging(verbose: int) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}",
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage(), "pid": record.process,
+               "thread": record.threadName}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _setup_logging(verbose: int, fmt: str = "text") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    if fmt == "json":
+        for h in logging.getLogger().handlers:
+            h.setFormatter(JsonLogFormatter())
     from remus import stallwatch
 
     stallwatch.start_from_env()
@@ -55,15 +71,17 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Settings for the agent commands (default /etc/remus/remus.toml when it "
               "exists; docs/config.md). Flags override it.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per log line (for log shippers).")
 @click.option("--criu", "criu_path", type=click.Path(dir_okay=False), default=None,
               help="The CRIU binary (>= 4.2) to use; default: REMUS_CRIU, `criu` in [common] "
               "of the configuration file, this checkout's build, or PATH (`remus check` says "
               "which and why).")
 @click.version_option(package_name="remus")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, config_path: str | None, criu_path: str | None
-        ) -> None:
-    _setup_logging(verbose)
+def cli(ctx: click.Context, verbose: int, config_path: str | None, log_format: str,
+        criu_path: str | None) -> None:
+    _setup_logging(verbose, log_format)
     from remus import config_file
 
     path = Path(config_path) if config_path else config_file.DEFAULT_PATH

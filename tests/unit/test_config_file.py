@@ -114,3 +114,15 @@ def test_which_criu_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PATH", str(tmp_path))
     path, why = paths.criu_source()
     assert path is None and "--criu" in why and "PATH" in why
+
+
+def test_json_log_lines() -> None:
+    import logging
+
+    from remus.cli import JsonLogFormatter
+
+    rec = logging.LogRecord("remus.backup", logging.ERROR, __file__, 1,
+                            "epoch %d rejected: %s", (7, "disk full"), None)
+    doc = json.loads(JsonLogFormatter().format(rec))
+    assert doc["level"] == "error" and doc["logger"] == "remus.backup"
+    assert doc["message"] == "epoch 7 rejected: disk full" and doc["pid"] > 0
