@@ -56,3 +56,22 @@ def test_notify_reaches_the_socket_systemd_gave(tmp_path: Path,
     assert not sdnotify.notify("READY=1")  # outside systemd: nothing, no error
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     assert not sdnotify.notify("READY=1")  # never raises
+
+
+def test_a_man_page_for_every_command(tmp_path: Path) -> None:
+    from remus.cli import cli
+    from remus.manpages import write_all
+
+    pages = {p.name: p.read_text() for p in write_all(tmp_path)}
+    for name in ("remus.1", "remus-run.1", "remus-backup.1", "remus-keygen.1",
+                 "remus-ctl-add.1", "remus-config.1", "remus-check.1"):
+        assert name in pages, sorted(pages)
+    run = pages["remus-run.1"]
+    assert run.startswith('.TH "REMUS-RUN" "1"')
+    for opt in ("\\-\\-backup", "\\-\\-key\\-file", "\\-\\-metrics", "\\-\\-on\\-peer\\-loss"):
+        assert opt in run, opt
+    assert len(pages) >= len(cli.commands) + 1
+    if shutil.which("groff"):
+        r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", str(tmp_path / "remus-run.1")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "PROTECTED" not in r.stderr, r.stderr
