@@ -28,6 +28,7 @@ from remus.checkpoint.store import CheckpointStore
 from remus.config import Timing
 from remus.errors import RemusError
 from remus.link import Link, LinkClosed
+from remus.progress import Progress
 from remus.protocol import BackupConnection, EpochComplete
 from remus.protocol import messages as m
 from remus.protocol.connection import Keys
@@ -117,6 +118,7 @@ class Backup(Takeover):
         # ACK promises a checkpoint a takeover can restore.
         self.store_problem: str | None = None
         self._epoch_failed: str | None = None  # the open epoch could not be staged
+        self.progress: Progress | None = None  # a full checkpoint being received
         self.timeline: dict[str, float] = {}
         self.last_sentence = (f"recovered generation {self.generation} epoch {self.epoch}"
                               if self.epoch >= 0 else "empty: no checkpoint yet")
@@ -305,11 +307,15 @@ class Backup(Takeover):
         elif isinstance(ev, m.EpochBegin):
             self._abort_staged()
             self._cur_bytes, self._began, self._epoch_failed = 0, self.clock(), None
+            self.progress = (Progress(f"full checkpoint from {link.peer}", None, self.clock)
+                             if ev.full else None)
             with self._storing():
                 self.staged = self.store.begin(ev.generation, ev.epoch, ev.base_epoch, ev.full)
         elif isinstance(ev, m.Chunk):
             faults.point("backup-transfer")
             self._cur_bytes += len(ev.meta) + len(ev.data)
+            if self.progress is not None:
+                self.progress.update(self._cur_bytes)
             if self.staged is not None:
                 with self._storing():
                     self.staged.add(ev.kind, ev.name, ev.meta, ev.data)
@@ -409,6 +415,9 @@ class Backup(Takeover):
 
     def _on_complete(self, link: Link, ev: EpochComplete) -> None:
         staged, self.staged = self.staged, None
+        if self.progress is not None:
+            self.progress.finish()
+            self.progress = None
         reason = ev.reason if not ev.ok else self._epoch_failed
         if reason is None and staged is None:
             reason = "no epoch staged"

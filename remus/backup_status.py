@@ -34,6 +34,7 @@ def backup_status(b: Backup) -> dict[str, Any]:
         "failover": b.timeline or None,
         # Why epochs are refused now (full disk, an epoch that does not apply), or None.
         "store_problem": b.store_problem,
+        "progress": b.progress.snapshot() if b.progress is not None else None,
         "last": b.last_sentence,
     }
 

@@ -53,6 +53,9 @@ def _setup_logging(verbose: int, fmt: str = "text") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # Progress of long work (a full checkpoint of a large unit) is said even
+    # without -v: a foreground command is never silent for minutes.
+    logging.getLogger("remus.progress").setLevel(logging.INFO)
     if fmt == "json":
         for h in logging.getLogger().handlers:
             h.setFormatter(JsonLogFormatter())

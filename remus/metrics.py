@@ -107,6 +107,7 @@ def _primary(p: Any) -> Iterator[Metric]:
                    nb.get("released_packets", 0))
     yield _counter("remus_output_dropped_packets", "Packets dropped (a lost epoch, a "
                    "full buffer)", nb.get("dropped_packets", 0))
+    yield from _progress(st)
 
 
 def _backup(b: Any) -> Iterator[Metric]:
@@ -134,6 +135,19 @@ def _backup(b: Any) -> Iterator[Metric]:
         else None
     yield _gauge("remus_last_failover_seconds", "Last takeover: detected to address up",
                  dur)
+    yield from _progress(st)
+
+
+def _progress(st: dict[str, Any]) -> Iterator[Metric]:
+    """A full checkpoint (first, or a resync) on the wire; absent otherwise."""
+    pr = st.get("progress") or {}
+    yield _gauge("remus_full_checkpoint_bytes", "Size of the full checkpoint in transfer "
+                 "(the primary's page files; absent on the backup until it ends)",
+                 pr.get("total_bytes"))
+    yield _gauge("remus_full_checkpoint_done_bytes", "Bytes of it sent or received so far",
+                 pr.get("done_bytes"))
+    yield _gauge("remus_full_checkpoint_eta_seconds", "Estimated time left (primary)",
+                 pr.get("eta_s"))
 
 
 def serve(addr: tuple[str, int] | None, collector: AgentCollector) -> CollectorRegistry | None:

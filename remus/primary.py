@@ -44,6 +44,7 @@ from remus.primary_coord import Coordinated
 from remus.primary_handover import Handover, HandoverRequest
 from remus.primary_session import BackupSession
 from remus.primary_status import primary_status
+from remus.progress import Progress
 from remus.protocol import messages as m
 from remus.roles import PrimaryRole
 from remus.stats import MS_BUCKETS, Series
@@ -90,6 +91,7 @@ class Primary(BackupSession, Handover, Coordinated):
         self.dump_wall = Series()
         self.ack_latency = Series(bounds=MS_BUCKETS)
         self.commit_latency = Series(bounds=MS_BUCKETS)  # boundary -> output released
+        self.progress: Progress | None = None  # a full checkpoint on the wire
         self.delta_bytes = Series()
         self.full_bytes = Series()
         self.encode_ms = Series()
@@ -340,6 +342,9 @@ class Primary(BackupSession, Handover, Coordinated):
         self.marks.setdefault(e, {})["send_start"] = time.time()
         if full:
             self.encoder.reset()
+            self.progress = Progress(f"full checkpoint to {self._backup_name()}",
+                                     sum(f.stat().st_size for f in d.glob("pages-*.img")),
+                                     self.clock)
         if full and self._new_generation:
             # After a refusal, on the same link: a higher generation, full (the
             # protocol's rule for a broken generation).
@@ -360,6 +365,8 @@ class Primary(BackupSession, Handover, Coordinated):
                 if not n:
                     faults.point("primary-transfer")
                 n += len(meta) + len(data)
+                if self.progress is not None:
+                    self.progress.update(self.encoder.stats.page_bytes)
             # In flight before its END leaves: an ACK that overtakes our bookkeeping
             # would find nothing to remove and leave e in flight for good (seen:
             # a switchover waiting 30 s for an epoch acked long before).
@@ -371,7 +378,11 @@ class Primary(BackupSession, Handover, Coordinated):
             # The protocol has no way to abandon an announced epoch: drop the link
             # (the backup discards the partial epoch; the reconnect sends a full one).
             link.close()
+            self.progress = None
             raise
+        if self.progress is not None:
+            self.progress.finish()
+            self.progress = None
         self.marks.setdefault(e, {})["sent"] = time.time()
         self.need_full = False
         self.last_sent = e

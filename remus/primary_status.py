@@ -57,5 +57,6 @@ def primary_status(p: Primary) -> dict[str, Any]:
         "state": p.role.state.value,
         "state_since_s": round(now - p.role.since, 3),
         "on_peer_loss": p.cfg.on_peer_loss,
+        "progress": p.progress.snapshot() if p.progress is not None else None,
         "last": p.last_sentence,
     }

@@ -83,6 +83,13 @@ def render(s: dict[str, Any]) -> str:
             steps = [f"{k} +{(v - t0) * 1000:.0f} ms" for k, v in fo.items()
                      if k not in ("detected", "unit_pid") and isinstance(v, int | float)]
             rows.append(("failover", "detected, " + ", ".join(steps)))
+    pr = s.get("progress")
+    if pr:
+        pct = f" of {pr['total_bytes'] / 2**20:,.0f} MiB ({pr['percent']:.0f} %)" \
+            if pr.get("total_bytes") else ""
+        eta = f", ETA {pr['eta_s']:.0f} s" if pr.get("eta_s") is not None else ""
+        rows.append(("progress", f"{pr['what']}: {pr['done_bytes'] / 2**20:,.0f} MiB{pct}, "
+                                 f"{pr['bytes_per_s'] / 2**20:,.0f} MiB/s{eta}"))
     if s.get("store_problem"):
         rows.append(("PROBLEM", f"{s['store_problem']} (epochs are refused, output held)"))
     rows.append(("last", str(s.get("last"))))

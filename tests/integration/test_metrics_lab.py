@@ -100,3 +100,26 @@ def test_primary_is_ready_for_systemd_once_protected(scenario: Any, tmp_path: An
     assert "protected by" in log  # said before READY went out
     st = sc.status("pri")
     assert st is not None and st["acked_epoch"] >= 0 and got_at > 0
+
+
+def test_progress_of_a_first_full_checkpoint(scenario: Any) -> None:
+    """A 1 GiB unit's first checkpoint: status and metrics show how far it is,
+    and the foreground command says so without -v."""
+    from remus.paths import REPO
+
+    big = [sys.executable, str(REPO / "bench" / "filler.py"), "1024", "0", "0.05"]
+    sc = scenario(server="filler", command=big, status_timeout=20.0)
+    sc.extra_primary = ["--metrics", f"{sc.lab.addr('pri')}:{PORT}"]
+    sc.start_backup()
+    sc.start_primary()
+    seen = wait("progress in status",
+                lambda: ((sc.status("pri") or {}).get("progress") or None), 120, sc)
+    assert seen["what"].startswith("full checkpoint to ") and seen["total_bytes"] > 900 << 20
+    assert 0 <= seen["percent"] <= 100 and seen["bytes_per_s"] >= 0
+    m = scrape(sc, "pri")
+    assert v(m, "remus_full_checkpoint_bytes") > 900 << 20 or \
+        (sc.status("pri") or {}).get("progress") is None  # it may have ended meanwhile
+    sc.wait_protected(timeout=300, min_acked=2)
+    assert (sc.status("pri") or {}).get("progress") is None
+    m = scrape(sc, "pri")
+    assert ("remus_full_checkpoint_bytes", ()) not in m  # absent when nothing is in transfer
