@@ -114,10 +114,12 @@ def test_progress_of_a_first_full_checkpoint(scenario: Any) -> None:
     sc.start_primary()
     seen = wait("progress in status",
                 lambda: ((sc.status("pri") or {}).get("progress") or None), 120, sc)
-    assert seen["what"].startswith("full checkpoint to ") and seen["total_bytes"] > 900 << 20
-    assert 0 <= seen["percent"] <= 100 and seen["bytes_per_s"] >= 0
+    # The total is this dump's page files: the filler may still be growing to 1 GiB.
+    assert seen["what"].startswith("full checkpoint to ") and seen["total_bytes"] > 100 << 20
+    assert 0 <= seen["done_bytes"] <= seen["total_bytes"]
+    assert seen["percent"] == round(100 * seen["done_bytes"] / seen["total_bytes"], 1)
     m = scrape(sc, "pri")
-    assert v(m, "remus_full_checkpoint_bytes") > 900 << 20 or \
+    assert v(m, "remus_full_checkpoint_bytes") > 100 << 20 or \
         (sc.status("pri") or {}).get("progress") is None  # it may have ended meanwhile
     sc.wait_protected(timeout=300, min_acked=2)
     assert (sc.status("pri") or {}).get("progress") is None
