@@ -74,6 +74,9 @@ class Scenario:
     # (e.g. REMUS_FAULT: remus.faults).
     env_primary: dict[str, str] = field(default_factory=dict)
     env_backup: dict[str, str] = field(default_factory=dict)
+    # The remus command the agents run (default: this checkout's, `python -m
+    # remus.cli`); an installed one, e.g. [PREFIX/bin/remus], runs outside it.
+    remus: list[str] = field(default_factory=lambda: list(REMUS))
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,14 +95,15 @@ class Scenario:
     def _spawn(self, host: str, argv: list[str], logname: str,
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.workdir / logname, "ab")
-        p = self.lab.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
+        cwd = str(REPO) if self.remus == REMUS else "/"
+        p = self.lab.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                            start_new_session=True, env={**os.environ, **env} if env else None)
         self.procs.append(p)
         return p
 
     def start_backup(self, host: str = "bak") -> subprocess.Popen[bytes]:
         """`remus backup` on `host` (bak; or pri, rejoining after a failover)."""
-        return self._spawn(host, [*REMUS, "-v", "backup", "--listen", self.lab.addr(host),
+        return self._spawn(host, [*self.remus, "-v", "backup", "--listen", self.lab.addr(host),
                                   "--key-file", str(self.key_of(host)), "--workdir",
                                   f"/var/lib/remus/{self.unit}", *self._coord_args(),
                                   *self.extra_backup],
@@ -108,7 +112,7 @@ class Scenario:
 
     def start_primary(self) -> subprocess.Popen[bytes]:
         argv = self.command or SERVERS[self.server][0]
-        return self._spawn("pri", [*REMUS, "-v", "run", "--backup", self.lab.addr("bak"),
+        return self._spawn("pri", [*self.remus, "-v", "run", "--backup", self.lab.addr("bak"),
                                    "--key-file", str(self.key_of("pri")), "--vip", self.lab.vip,
                                    "--dev", self.lab.dev, "--name", self.unit, "--interval",
                                    self.interval, *self._coord_args(), *self.extra_primary,
@@ -119,7 +123,7 @@ class Scenario:
 
     def start_agent(self, host: str) -> subprocess.Popen[bytes]:
         """`remus agent` of a fleet on `host` (start_coordinator first)."""
-        return self._spawn(host, [*REMUS, "-v", "agent", "--coordinator", self.coordinator or "",
+        return self._spawn(host, [*self.remus, "-v", "agent", "--coordinator", self.coordinator or "",
                                   "--key-file", str(self.key_of(host)), "--listen",
                                   self.lab.addr(host),
                                   "--dev", self.lab.dev, "--log-dir",
