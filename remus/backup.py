@@ -34,6 +34,7 @@ from remus.protocol import messages as m
 from remus.protocol.connection import Keys
 from remus.protocol.keys import fingerprint
 from remus.roles import B, BackupRole
+from remus.saying import Once
 from remus.stats import MS_BUCKETS, Series
 from remus.unit_desc import state_dirs_of
 
@@ -128,7 +129,7 @@ class Backup(Takeover):
         self.reprotect_thread: Any = None
         self.next_life = False  # serve again as a plain backup (remus.agents.serve_backup)
         self._coord_retry_at = 0.0
-        self._coord_said: str | None = None
+        self._coord_once = Once(logging.getLogger("remus.backup"))  # coordinator sentences
         self.local_ip = ""  # our address on the last primary's link (our name for the coordinator)
         self._threads: list[threading.Thread] = []
         log.info("backup store at %s: %s", cfg.workdir, self.last_sentence)

@@ -19,6 +19,7 @@ from remus.coordinator import CoordinatorUnavailable, decide_takeover
 from remus.errors import RemusError
 from remus.link import Link
 from remus.roles import BackupRole, Silence, Verdict
+from remus.saying import Once
 
 if TYPE_CHECKING:
     from remus.backup import Backup, BackupConfig
@@ -47,7 +48,7 @@ class Takeover:
     unit: dict[str, Any] | None
     local_ip: str
     _coord_retry_at: float
-    _coord_said: str | None
+    _coord_once: Once
 
     def checkpoint_is_current(self) -> bool:
         raise NotImplementedError
@@ -87,9 +88,7 @@ class Takeover:
 
     def _say(self, sentence: str) -> None:
         self.last_sentence = sentence
-        if sentence != self._coord_said:
-            log.warning("%s", sentence)
-            self._coord_said = sentence
+        self._coord_once.say(sentence)
 
     def _win_coordinator(self) -> None:
         """A takeover only after winning the coordinator's CAS. Lost (the primary

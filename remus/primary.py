@@ -47,6 +47,7 @@ from remus.primary_status import primary_status
 from remus.progress import Progress
 from remus.protocol import messages as m
 from remus.roles import PrimaryRole
+from remus.saying import Once
 from remus.stats import MS_BUCKETS, Series
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,12 @@ class Primary(BackupSession, Handover, Coordinated):
         self.role = PrimaryRole("stall" if cfg.coordinator is not None else cfg.on_peer_loss,
                                 clock(), solo=cfg.start_solo)
         self._coord_asked = -1e9
-        self._coord_said: str | None = None
+        self._coord_once = Once(logging.getLogger("remus.primary"))  # coordinator sentences
         self._recorded_backup: str | None = None
         # Is self.buffer the real one? Not while solo (a NullBuffer: output flows).
         self._buffer_live = not cfg.start_solo
         self._failures = 0  # connection attempts failed in a row
-        self._said: str | None = None  # the last failure logged (once per change)
+        self._once = Once(logging.getLogger("remus.primary"))  # connection failures, refusals
         self._nacks = 0  # generations the backup refused in a row (reset by an ACK)
         self._nacked_gen = -1  # the last generation it refused
         self._new_generation = False  # the next full checkpoint opens a new generation

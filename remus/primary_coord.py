@@ -21,6 +21,7 @@ from typing import Any
 from remus.coordinator import CoordinatorUnavailable, decide_solo, protected_by
 from remus.primary_config import PrimaryConfig
 from remus.roles import P, PrimaryRole
+from remus.saying import Once
 
 log = logging.getLogger("remus.primary")
 
@@ -39,7 +40,7 @@ class Coordinated:
     stop_event: threading.Event
     last_sentence: str
     _coord_asked: float
-    _coord_said: str | None
+    _coord_once: Once
     _recorded_backup: str | None
 
     def _sync_output(self) -> None:
@@ -51,9 +52,7 @@ class Coordinated:
     def _coord_say(self, sentence: str, level: int = logging.WARNING) -> None:
         """Log once per change (the coordinator is asked every ASK_EVERY s)."""
         self.last_sentence = sentence
-        if sentence != self._coord_said:
-            log.log(level, "%s", sentence)
-            self._coord_said = sentence
+        self._coord_once.say(sentence, level)
 
     def _coord_lease_lapsed(self) -> None:
         """Stalled after losing the backup: ask the coordinator whether to run solo."""
@@ -108,4 +107,4 @@ class Coordinated:
             if d.write is not None:
                 log.info("coordinator: %s", d.why)
             self._recorded_backup = backup
-            self._coord_said = None
+            self._coord_once.forget()

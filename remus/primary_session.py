@@ -30,6 +30,7 @@ from remus.protocol import PrimaryConnection
 from remus.protocol import messages as m
 from remus.protocol.keys import fingerprint
 from remus.roles import P, PrimaryRole
+from remus.saying import Once
 from remus.stats import Series
 
 log = logging.getLogger("remus.primary")
@@ -77,7 +78,7 @@ class BackupSession:
     role: PrimaryRole
     _buffer_live: bool
     _failures: int
-    _said: str | None
+    _once: Once
     _nacks: int
     _nacked_gen: int
     _new_generation: bool
@@ -158,10 +159,8 @@ class BackupSession:
         self._nacks += 1
         delay = retry_delay(self._nacks, True, True, self.cfg.timing.heartbeat)
         why = f"backup {self._backup_name()} refused epoch {ev.epoch}: {ev.reason}"
-        if ev.reason != self._said:  # the reason, not the epoch: once per change
-            log.error("%s; output stays held, a full checkpoint follows (retrying with "
-                      "back-off)", why)
-            self._said = ev.reason
+        self._once.say(f"{why}; output stays held, a full checkpoint follows (retrying with "
+                       "back-off)", logging.ERROR, key=ev.reason)  # the reason, not the epoch
         self.last_sentence = f"{why}; output held, full checkpoint in {delay:.1f} s"
         self.need_full = self._new_generation = True
         self._retry_at = now + delay
@@ -296,7 +295,7 @@ class BackupSession:
         self.link = link
         self._failures = 0
         if not self._nacks:
-            self._said = None  # a refusal that repeats is said once, not per link
+            self._once.forget()  # a refusal that repeats is said once, not per link
         self.last_sentence = self.role.sentence(self._backup_name())
         log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d; "
                  "key %s)", host, port, gen, ev.generation, ev.committed_epoch,
@@ -311,9 +310,7 @@ class BackupSession:
         with back-off up to 5 s; an unreachable one as fast as the takeover
         timeout needs while our output is held, every second while solo."""
         self._failures += 1
-        if why != self._said:
-            log.log(logging.ERROR if refused else logging.WARNING, "%s; retrying", why)
-            self._said = why
+        self._once.say(f"{why}; retrying", logging.ERROR if refused else logging.WARNING, key=why)
         self.last_sentence = f"{why}; {self.role.sentence(self._backup_name())}"
         self.stop_event.wait(retry_delay(self._failures, refused, self.role.output_held,
                                          self.cfg.timing.heartbeat))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from remus.errors import ConfigError
 from remus.protocol.frames import MIN_KEY_SIZE
+from remus.saying import Once
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class KeyRing:
         _warn_mode(self.path, st.st_mode)
         self._keys = parse_keys(raw, str(self.path))
         self._sig = self._signature(st)
-        self._bad: str | None = None
+        self._once = Once(log)  # a bad file is said once per problem
 
     @staticmethod
     def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -121,13 +122,13 @@ class KeyRing:
             log.info("key file %s changed: %d key(s), sealing with key %s...", self.path,
                      len(keys), fingerprint(keys[0]))
         _warn_mode(self.path, st.st_mode)
-        self._keys, self._sig, self._bad = keys, self._signature(st), None
+        self._keys, self._sig = keys, self._signature(st)
+        self._once.forget()
         return self._keys
 
     def _say(self, problem: str) -> None:
-        if problem != self._bad:
-            log.error("%s; keeping the %d key(s) read before", problem, len(self._keys))
-            self._bad = problem
+        self._once.say(f"{problem}; keeping the {len(self._keys)} key(s) read before",
+                       logging.ERROR, key=problem)
 
 
 def fingerprint(key: bytes) -> str:

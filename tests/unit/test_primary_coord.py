@@ -12,6 +12,7 @@ import pytest
 from remus.coordinator import CoordinatorUnavailable, UnitRecord
 from remus.primary_coord import Coordinated
 from remus.roles import P, PrimaryRole
+from remus.saying import Once
 from tests.support.fakes import MemoryStore
 
 pytestmark = pytest.mark.unit
@@ -37,7 +38,8 @@ class Agent(Coordinated):
         self.link = None
         self.stop_event = threading.Event()
         self.last_sentence = ""
-        self._coord_asked, self._coord_said, self._recorded_backup = -1e9, None, BAK
+        self._coord_asked, self._recorded_backup = -1e9, BAK
+        self._coord_once = Once(logging.getLogger("remus.primary"))
         self.fenced: list[str] = []
         self.opened = 0
 

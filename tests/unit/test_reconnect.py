@@ -10,6 +10,7 @@ import pytest
 
 from remus.primary_session import BackupSession, retry_delay
 from remus.roles import PrimaryRole
+from remus.saying import Once
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ class Session(BackupSession):
         self.cfg = SimpleNamespace(backup=("10.0.0.2", 7788),  # type: ignore[assignment]
                                    timing=SimpleNamespace(heartbeat=0.0))
         self.role = PrimaryRole("stall", 0.0)
-        self._failures, self._said = 0, None
+        self._failures, self._once = 0, Once(logging.getLogger("remus.primary"))
         self.stop_event = threading.Event()
         self.stop_event.set()  # no waiting in tests
         self.last_sentence = ""
@@ -84,3 +85,13 @@ def test_a_refused_epoch_keeps_the_link_and_backs_off(caplog: pytest.LogCaptureF
         delays.append(s._retry_at - 200.0)
     assert delays == sorted(delays) and delays[-1] == 5.0
     assert len(caplog.records) == 1  # the same refusal, said once
+
+
+def test_once_says_each_change_and_again_after_forget(caplog: pytest.LogCaptureFixture) -> None:
+    once = Once(logging.getLogger("remus.test"))
+    with caplog.at_level(logging.INFO, logger="remus.test"):
+        said = [once.say("a"), once.say("a"), once.say("b"), once.say("b, epoch 7", key="b")]
+        once.forget()
+        said.append(once.say("b"))
+    assert said == [True, False, True, False, True]
+    assert [r.getMessage() for r in caplog.records] == ["a", "b", "b"]
