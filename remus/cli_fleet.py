@@ -82,7 +82,8 @@ def ctl(ctx: click.Context, coordinator: str) -> None:
               help="Epoch length.")
 @click.option("--dev", default="eth0", show_default=True, help="The hosts' client interface.")
 @click.option("--on", "prefer", default=None, metavar="HOST",
-              help="Start it on HOST if that host is alive (default: the least loaded).")
+              help="Start it on HOST, a live host of the pool (`remus ctl hosts`); default: "
+              "the least loaded.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def add(url: str, name: str, vip: str, state_dirs: tuple[str, ...], interval: float, dev: str,
@@ -94,6 +95,11 @@ def add(url: str, name: str, vip: str, state_dirs: tuple[str, ...], interval: fl
     try:
         validate_name(name)
         store = _store(url)
+        if prefer is not None and prefer not in store.hosts():
+            live = ", ".join(sorted(store.hosts())) or "none"
+            raise CliError(f"--on {prefer}: no live agent of the pool there (live hosts: "
+                           f"{live}; `remus ctl hosts`); start `remus agent` on it first, or "
+                           "leave --on out")
         spec = ServiceSpec(name=name, vip=vip, cmd=list(cmd), port=store.next_port(),
                            interval_ms=interval * 1000, state_dirs=list(state_dirs), dev=dev,
                            prefer=prefer)
@@ -155,6 +161,30 @@ def fleet_rows(store: Any) -> list[dict[str, Any]]:
                      "last_failover": (time.strftime("%H:%M:%S", time.localtime(last))
                                        if last else None)})
     return rows
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+@click.pass_obj
+def hosts(url: str, as_json: bool) -> None:
+    """The pool: the hosts whose agent is alive (registered), and what each runs."""
+    try:
+        store = _store(url)
+        pool = store.hosts()
+        rows = fleet_rows(store)
+    except RemusError as e:
+        raise CliError(str(e)) from e
+    out = [{"host": h.addr, "mem_available": h.mem_available,
+            "primaries": sorted(r["service"] for r in rows if r["primary"] == h.addr),
+            "backups": sorted(r["service"] for r in rows if r["backup"] == h.addr)}
+           for h in sorted(pool.values(), key=lambda h: h.addr)]
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{'HOST':<16}{'MEM FREE':>10}  PRIMARIES / BACKUPS")
+    for o in out:
+        click.echo(f"{o['host']:<16}{o['mem_available'] / 2**30:>8.1f}G  "
+                   f"{', '.join(o['primaries']) or '-'} / {', '.join(o['backups']) or '-'}")
 
 
 @ctl.command()

@@ -73,6 +73,26 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def wants(me: str, rec: UnitRecord | None, pl: Placement | None) -> str | None:
+    """What host `me` must run for a service: primary, backup, running (the unit
+    is here: keep what runs it), keep (nothing is known: keep whatever runs), or
+    None (run nothing: stop what runs).
+
+    "keep": neither a unit record nor a placement, which is what a coordinator
+    that restarted empty shows until the primaries re-assert their records and
+    the leader places again. Unknown is not "not here": stopping then would kill
+    a service that is about to be placed right where it runs."""
+    if rec is not None and rec.primary == me:
+        return "running"
+    if pl is None:
+        return "keep" if rec is None else None
+    if rec is None and pl.primary == me and pl.backup is not None:
+        return "primary"
+    if pl.backup == me:
+        return "backup"
+    return None
+
+
 class FleetAgent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -125,18 +145,7 @@ class FleetAgent:
         return "; ".join(acts) or f"{'leader; ' if self.leader else ''}running: {running or '-'}"
 
     def wants(self, rec: UnitRecord | None, pl: Placement | None) -> str | None:
-        """What this host must run for a service: primary, backup, running (the
-        unit is here: keep what runs it), or None."""
-        me = self.cfg.me
-        if rec is not None and rec.primary == me:
-            return "running"
-        if pl is None:
-            return None
-        if rec is None and pl.primary == me and pl.backup is not None:
-            return "primary"
-        if pl.backup == me:
-            return "backup"
-        return None
+        return wants(self.cfg.me, rec, pl)
 
     # -- children ---------------------------------------------------------------------------
     def _reconcile(self, name: str, spec: ServiceSpec, want: str | None) -> list[str]:
@@ -145,6 +154,8 @@ class FleetAgent:
             log.warning("%s: its %s agent exited (%s)", name, child.role, child.proc.returncode)
             del self.children[name]
             child = None
+        if want == "keep":
+            return []
         if want is None and child is not None:
             self._stop_child(name, "not placed here any more")
             return [f"{name}: stopped its {child.role}"]

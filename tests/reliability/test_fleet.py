@@ -14,6 +14,7 @@ protected again" is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -34,10 +35,13 @@ BOUND_S = 120.0  # a hang bound, not a speed
 
 
 def up(sc: Any, hosts: tuple[str, ...]) -> None:
-    """A fresh ZooKeeper on coord and `remus agent` on each of `hosts`."""
+    """A fresh ZooKeeper on coord and `remus agent` on each of `hosts`, all in the pool."""
     sc.start_coordinator(empty=True)
     for host in hosts:
         sc.start_agent(host)
+    want = {sc.lab.addr(h) for h in hosts}
+    wait("every agent in the pool",
+         lambda: {r["host"] for r in json.loads(ctl(sc, "hosts", "--json"))} >= want, 60, sc)
 
 
 def test_fleet_two_services_three_hosts_power_cut(scenario: Any) -> None:

@@ -79,3 +79,20 @@ def test_preferred_host_for_new_services_only() -> None:
 def test_a_coordinator_that_lost_its_placements_keeps_the_recorded_backup() -> None:
     recs = {"s1": UnitRecord(2, A, C, "protected")}  # written back by the primary
     assert place(["s1"], hosts(A, B, C), recs, {}) == {"s1": Placement(A, C)}
+
+
+def test_what_an_agent_runs_for_a_service() -> None:
+    from remus.fleet import wants
+
+    a, b, c = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+    rec = UnitRecord(3, a, b, "protected")
+    assert wants(a, rec, Placement(a, b)) == "running"       # the unit runs here
+    assert wants(b, rec, Placement(a, b)) == "backup"
+    assert wants(c, rec, Placement(a, b)) is None            # nothing here: stop what runs
+    assert wants(a, None, Placement(a, b)) == "primary"      # new service, placed here
+    assert wants(a, None, Placement(a, None)) is None        # no backup yet: not started
+    assert wants(c, rec, None) is None                       # a record names others
+    # A coordinator that restarted empty: no record, no placement yet. Unknown is
+    # not "not here": whatever runs is kept (the test that found it:
+    # tests/reliability/test_fleet.py::test_coordinator_restarted_empty).
+    assert wants(a, None, None) == "keep"
