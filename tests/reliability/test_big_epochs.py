@@ -14,17 +14,20 @@ fix (the bench reproduced it), so they guard the behaviour, not the bug.
 Asserted, on a quiet machine and on one loaded by a busy process per core:
 protection of a 1 GiB unit, and of a unit that grows by 1 GiB while
 protected, goes on with no takeover, no lease expiry, no reconnect, and
-epochs acknowledged after the big one.
+epochs acknowledged after the big one; the same for the growing unit while
+the backup agent is confined to 512 MiB of memory (memory pressure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +123,52 @@ def test_unit_that_grows_by_1gib_while_protected(scenario: Any, loaded: None) ->
     pri, bak = watch(sc, 30, st["acked_epoch"] + 3)  # the unit grows 3 s after it started
     assert_no_takeover(sc, pri, bak, st["acked_epoch"])
     assert pri[-1]["checkpoint_bytes"] > 0.9 * (1 << 30)
+
+
+MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+
+
+@contextlib.contextmanager
+def memory_limited(pid: int, limit: int) -> Iterator[Path]:
+    """Move `pid` into a fresh memory cgroup limited to `limit` bytes (v1, or v2
+    memory.high): its page cache is reclaimed and its allocations wait. Moved
+    back to the root and removed afterwards."""
+    v2 = Path("/sys/fs/cgroup/unified")
+    if (MEMCG_V1 / "memory.limit_in_bytes").exists():
+        cg, knob, root = MEMCG_V1 / f"remus-test-{pid}", "memory.limit_in_bytes", MEMCG_V1
+    elif (v2 / "cgroup.controllers").exists() and "memory" in (v2 / "cgroup.controllers"
+                                                                  ).read_text():
+        cg, knob, root = v2 / f"remus-test-{pid}", "memory.high", v2
+    else:
+        pytest.skip("no memory cgroup controller to put the agent under pressure")
+    cg.mkdir()
+    try:
+        (cg / knob).write_text(str(limit))
+        (cg / "cgroup.procs").write_text(str(pid))
+        yield cg
+    finally:
+        with contextlib.suppress(OSError):
+            for t in (cg / "cgroup.procs").read_text().split():
+                (root / "cgroup.procs").write_text(t)
+        with contextlib.suppress(OSError):
+            cg.rmdir()
+
+
+def test_backup_under_memory_pressure_while_the_unit_grows_by_1gib(scenario: Any) -> None:
+    """The backup agent confined to 512 MiB (its ~1 GiB of store writes must be
+    reclaimed as they go) while the unit grows by 1 GiB: slow, but no takeover
+    of the live primary, and protection goes on."""
+    sc = scenario(server="filler", command=[sys.executable, FILLER, "16", "1", "0.05", "1024"],
+                  status_timeout=20.0)
+    sc.start_backup()
+    bak = wait_for(lambda: sc.status("bak"), timeout=30)
+    assert bak, "the backup did not come up"
+    with memory_limited(int(bak["pid"]), 512 << 20) as cg:
+        sc.start_primary()
+        st = sc.wait_protected(timeout=120, min_acked=3)
+        pri, bak_rows = watch(sc, 30, st["acked_epoch"] + 3)
+        limit_hits = (cg / "memory.failcnt").read_text().strip() \
+            if (cg / "memory.failcnt").exists() else "?"
+    assert_no_takeover(sc, pri, bak_rows, st["acked_epoch"])
+    assert pri[-1]["checkpoint_bytes"] > 0.9 * (1 << 30)
+    print(f"backup confined to 512 MiB: limit reached {limit_hits} times; no takeover")
