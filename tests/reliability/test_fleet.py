@@ -113,6 +113,11 @@ def test_a_host_carrying_five_primaries_is_cut(scenario: Any) -> None:
     before = wait("all five protected", lambda: all_protected(sc, set(FLEET), 5), 120, sc)
     assert all(r["primary"] == sc.lab.addr("pri") for r in before.values()), before
     proc = start_client(sc, "s1", "10.77.0.110/24")
+    # Connected, and served a while, before the cut: on 2 cores carrying ten agents
+    # the client's own start can take longer than any fixed warm-up.
+    wait("the s1 client connected", lambda: sc.lab.run(
+        "client", ["ss", "-Htn", "state", "established", "dst", "10.77.0.110"],
+        capture_output=True, text=True).stdout.strip(), 60, sc)
     time.sleep(1.0)
     cut = time.monotonic()
     sc.lab.crash("pri")
