@@ -72,18 +72,22 @@ class AgentCollector(Collector):
         yield from (_primary(a) if hasattr(a, "pause") else _backup(a))
 
 
+def _identity(st: dict[str, Any], role: str, state_metric: str, states: type[P] | type[B],
+              whose: str, **labels: str) -> Iterator[Metric]:
+    """What both roles start with: remus_info, the state enum, the generation."""
+    info = InfoMetricFamily("remus", "What this agent is")
+    info.add_metric([], {"role": role, "unit": str(st["unit"] or ""), **labels})
+    yield info
+    yield _states(state_metric, f"The {role}'s HA state (docs/roles.md)",
+                  st["state"], [s.value for s in states])
+    yield _gauge("remus_generation", f"Generation (term) {whose}", st["generation"])
+
+
 def _primary(p: Any) -> Iterator[Metric]:
     st = p.status()
     nb = st.get("netbuf") or {}
-    info = InfoMetricFamily("remus", "What this agent is")
-    info.add_metric([], {"role": "primary", "unit": str(st["unit"]),
-                         "backup": str(st["backup"]),
-                         "dirty_tracking": str(st["dirty_tracking"])})
-    yield info
-    yield _states("remus_primary_state", "The primary's HA state (docs/roles.md)",
-                  st["state"], [s.value for s in P])
-    yield _gauge("remus_generation", "Generation (term) of the replication stream",
-                 st["generation"])
+    yield from _identity(st, "primary", "remus_primary_state", P, "of the replication stream",
+                         backup=str(st["backup"]), dirty_tracking=str(st["dirty_tracking"]))
     yield _gauge("remus_epoch", "Newest checkpoint taken", st["epoch"])
     yield _gauge("remus_acked_epoch", "Newest checkpoint the backup acknowledged",
                  st["acked_epoch"])
@@ -112,13 +116,7 @@ def _primary(p: Any) -> Iterator[Metric]:
 
 def _backup(b: Any) -> Iterator[Metric]:
     st = b.status()
-    info = InfoMetricFamily("remus", "What this agent is")
-    info.add_metric([], {"role": "backup", "unit": str(st["unit"] or "")})
-    yield info
-    yield _states("remus_backup_state", "The backup's HA state (docs/roles.md)",
-                  st["state"], [s.value for s in B])
-    yield _gauge("remus_generation", "Generation (term) of the committed checkpoint",
-                 st["generation"])
+    yield from _identity(st, "backup", "remus_backup_state", B, "of the committed checkpoint")
     yield _gauge("remus_committed_epoch", "Newest committed checkpoint", st["epoch"])
     yield _gauge("remus_since_heartbeat_seconds", "Since the primary was last heard",
                  st["since_heartbeat_ms"] / 1000)

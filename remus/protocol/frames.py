@@ -215,12 +215,12 @@ def seal_frame(sealer: Sealer, msg_type: int, seq: int, payload: Buffer | Sequen
         else list(payload)
     size = sum(nbytes(p) for p in parts)
     first = seq == 0
-    nonce = os.urandom(FIRST_NONCE_SIZE) if first else _seq_nonce(seq) if seq > 0 else b""
     try:
         header = HEADER.pack(MAGIC, FRAME_VERSION, msg_type, flags, seq,
                              size + (FIRST_NONCE_SIZE if first else 0))
-    except (struct.error, OverflowError) as e:
+    except struct.error as e:
         raise LocalProtocolError(f"cannot encode frame header: {e}") from e
+    nonce = os.urandom(FIRST_NONCE_SIZE) if first else _seq_nonce(seq)
     sealed = sealer.seal(nonce, parts or [b""], size, header)
     return [header, nonce, *sealed] if first else [header, *sealed]
 
