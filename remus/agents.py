@@ -24,7 +24,7 @@ from remus import faults, netdesc, reprotect
 from remus.backup import Backup, BackupConfig
 from remus.cgroup import UnitCgroup
 from remus.checkpoint import restore_prep
-from remus.checkpoint.criu import Criu
+from remus.checkpoint.criu import VMFLAGS_DIR, Criu
 from remus.checkpoint.disk_apply import sync_to_disk
 from remus.container import Container, UnitContainer
 from remus.container import warm_up as container_warm_up
@@ -64,8 +64,8 @@ def clean_stale_dump_roots(parent: Path = DUMP_PARENT) -> list[Path]:
         m = _DUMP_ROOT_RE.match(d.name)
         if m is None or not d.is_dir() or _is_remus_agent(int(m.group(1))):
             continue
-        if not all(re.fullmatch(r"e\d+", c.name) for c in d.iterdir()):
-            continue  # not an agent's dump root (epoch directories only)
+        if not all(re.fullmatch(r"e\d+", c.name) or c.name == VMFLAGS_DIR for c in d.iterdir()):
+            continue  # not an agent's dump root (epoch directories and CRIU's cache only)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
     if removed:

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -42,9 +43,43 @@ MAX_MSG = 1 << 20
 DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
             "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1"}
 
+# Where a primary's dumps keep CRIU's VmFlags cache (patch 0007), next to its
+# epoch directories; never sent.
+VMFLAGS_DIR = "vmflags"
+
 # criu_network_lock_method / criu_cg_mode values from images/rpc.proto
 NETWORK_LOCK_SKIP = 3
 CG_MODE_IGNORE = 0
+
+
+def remove_dump_dir(d: Path) -> None:
+    """Delete a dump directory (flat: images and the parent link).
+
+    Unlinks relative to the directory's fd: about half the CPU of
+    shutil.rmtree, which resolves and stats each of a busy server's thousand
+    images (9 % of the primary's samples under load). Anything that is not a
+    flat file falls back to rmtree."""
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    except OSError:
+        shutil.rmtree(d, ignore_errors=True)
+        return
+    try:
+        for name in os.listdir(fd):
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except OSError:  # a directory: not a CRIU image
+                shutil.rmtree(d / name, ignore_errors=True)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(d)
+    except OSError:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _rpc() -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from remus.checkpoint.criu import Criu
-from remus.checkpoint.pagemap import read_pagemap
+from remus.checkpoint.pagemap import PE_PARENT, read_pagemap
 from remus.checkpoint.tracking import uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker, tree_pids
 
@@ -69,6 +69,11 @@ for line in sys.stdin:
         child = os.fdopen(w, "w")
         print(pid, flush=True)
         continue
+    elif cmd[0] == "madv":  # madv S N ADVICE: madvise(2) N pages from page S
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        assert libc.madvise(base + int(cmd[1]) * PAGE, int(cmd[2]) * PAGE, int(cmd[3])) == 0
     elif cmd[0] in ("cw", "exec"):
         child.write(line)
         child.flush()
@@ -116,8 +121,9 @@ def unit(tmp_path: Path) -> Iterator[Unit]:
 class Dumper:
     """Dumps the way the primary does with uffd-wp (attach, dump, re-arm in post-dump)."""
 
-    def __init__(self, unit: Unit, root: Path) -> None:
+    def __init__(self, unit: Unit, root: Path, env: dict[str, str] | None = None) -> None:
         self.unit, self.root = unit, root
+        self.env = {**CRIU_ENV, **(env or {})}
         self.tracker = UffdTracker(unit.pid)
         self.prev: Path | None = None
         self.n = 0
@@ -132,7 +138,7 @@ class Dumper:
                 self.tracker.rearm()
 
         Criu().dump(self.unit.pid, d, notify=notify, track_mem=True, parent=self.prev,
-                    env=CRIU_ENV)
+                    env=self.env, log_level=4)
         self.prev = d
         return d
 
@@ -156,6 +162,73 @@ def test_dump_copies_exactly_the_written_pages(unit: Unit, tmp_path: Path) -> No
     assert unit.do("w 3 0") == "ok"
     assert copied_in_map(dumper.dump(), pm, unit.base) == {0, 1, 2}
     assert dumper.tracker.stats.processes == 1 and dumper.tracker.stats.untracked == 0
+    dumper.tracker.close()
+
+
+def test_clean_runs_are_one_parent_entry(unit: Unit, tmp_path: Path) -> None:
+    # CRIU patch 0006: a run of clean pages goes to the parent as one hole, not a
+    # page at a time; the entries must still cover the mapping exactly once.
+    dumper = Dumper(unit, tmp_path)
+    dumper.dump()
+    assert unit.do("w 100 1000") == "ok"
+    pm = read_pagemap(dumper.dump() / "pagemap-1.img")
+    lo, hi = unit.base, unit.base + MAP_PAGES * PAGE
+    runs = [(e.vaddr, e.nr_pages, bool(e.flags & PE_PARENT)) for e in pm.entries
+            if lo <= e.vaddr < hi]
+    assert runs == [(lo, 1000, True), (lo + 1000 * PAGE, 100, False),
+                    (lo + 1100 * PAGE, MAP_PAGES - 1100, True)]
+    dumper.tracker.close()
+
+
+def _vmas(d: Path) -> dict[int, tuple[int, int]]:
+    """start -> (end, madvise bits) of each mapping in the dump's mm image."""
+    import pycriu
+
+    with open(d / "mm-1.img", "rb") as f:
+        mm = pycriu.images.load(f)["entries"][0]
+    def num(x: int | str) -> int:  # pycriu writes some fields as hex strings
+        return x if isinstance(x, int) else int(x, 16)
+
+    return {num(v["start"]): (num(v["end"]), num(v.get("madv", 0))) for v in mm["vmas"]}
+
+
+def _vmflags_from_cache(d: Path) -> bool:
+    return "VmFlags of" in (d / "dump.log").read_text()
+
+
+def test_vmflags_cache(unit: Unit, tmp_path: Path) -> None:
+    # CRIU patch 0007: VmFlags come from the cache while /proc/PID/maps is
+    # unchanged and the cache is younger than its maximum age; any change of
+    # the mappings reads smaps again.
+    cache = tmp_path / "vmflags"
+    cache.mkdir()
+    dumper = Dumper(unit, tmp_path, env={"CRIU_REMUS_VMFLAGS_DIR": str(cache),
+                                         "CRIU_REMUS_VMFLAGS_MAX_AGE_MS": "60000"})
+    d0 = dumper.dump()
+    assert not _vmflags_from_cache(d0) and (cache / str(unit.pid)).exists()
+    d1 = dumper.dump()
+    assert _vmflags_from_cache(d1) and _vmas(d1) == _vmas(d0)
+    dontdump = 1 << 16  # MADV_DONTDUMP, as CRIU records it
+    base = unit.base
+    assert unit.do("madv 0 16 16") == "ok"  # splits the mapping: maps changed
+    d2 = dumper.dump()
+    assert not _vmflags_from_cache(d2)
+    assert _vmas(d2)[base] == (base + 16 * PAGE, dontdump)
+    assert _vmas(d2)[base + 16 * PAGE][1] & dontdump == 0
+    # A flag change that leaves every mapping's bounds alone is seen at the next
+    # full read: not while the cache is young, at once when it has expired.
+    assert unit.do(f"madv 16 {MAP_PAGES - 16} 16") == "ok"  # merges with the first part
+    d3 = dumper.dump()
+    assert not _vmflags_from_cache(d3)  # the merge changed maps
+    assert _vmas(d3)[base] == (base + MAP_PAGES * PAGE, dontdump)
+    assert unit.do(f"madv 0 {MAP_PAGES} 17") == "ok"  # MADV_DODUMP, bounds unchanged
+    d4 = dumper.dump()
+    assert _vmflags_from_cache(d4) and _vmas(d4)[base][1] & dontdump  # not yet
+    dumper.env["CRIU_REMUS_VMFLAGS_MAX_AGE_MS"] = "0"
+    d5 = dumper.dump()
+    assert not _vmflags_from_cache(d5) and _vmas(d5)[base][1] & dontdump == 0
+    # the unit's memory is the same through all of it (no page dumped twice)
+    assert copied_in_map(d5, "pagemap-1.img", base) == set()
     dumper.tracker.close()
 
 
