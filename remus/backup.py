@@ -48,6 +48,12 @@ def detector_tick(timing: Timing) -> float:
     return min(timing.heartbeat / 2, 0.02)
 
 
+def term_of(unit: dict[str, Any] | None) -> int:
+    """The highest coordinator term a backup has seen for its unit (0: none)."""
+    t = (unit or {}).get("term")
+    return t if isinstance(t, int) and not isinstance(t, bool) else 0
+
+
 @dataclass
 class BackupConfig:
     listen: tuple[str, int]
@@ -232,6 +238,8 @@ class Backup(Takeover):
             current = self.link if self.link is not None and not self.link.closed else None
             if self.role.state in (B.TAKING_OVER, B.ACTIVE, B.FAILED):
                 busy = self._refusal()
+            elif older := self._older_term(first):
+                busy = older
             elif current is not None and not self._supersedes(first):
                 busy = f"another primary ({self.peer}) is connected"
             else:
@@ -296,6 +304,19 @@ class Backup(Takeover):
             return "this agent is becoming a backup again after a handover; retry"
         return f"this backup has taken over (state {self.state})"
 
+    def _older_term(self, hello: m.Hello) -> str:
+        """Why a primary of our unit is refused for its term ("" if it is not): its
+        HELLO carries the coordinator's term of its run, and this backup has seen
+        a newer one since (the unit was taken over, or went solo under a newer
+        primary). "taken over" in the reason makes that primary fence itself."""
+        theirs = hello.spec.get("term")
+        seen = term_of(self.unit)
+        if (self.unit or {}).get("unit_id") != hello.unit_id or not isinstance(theirs, int) \
+                or theirs >= seen:
+            return ""
+        return (f"the unit was taken over since: this primary's term {theirs} is older than "
+                f"term {seen}, which this backup has seen (fenced by term)")
+
     def _supersedes(self, hello: m.Hello) -> bool:
         """An authenticated HELLO from our unit's primary with a newer generation."""
         unit = (self.unit or {}).get("unit_id")
@@ -354,7 +375,10 @@ class Backup(Takeover):
         # The checkpoint we hold belongs to the agent run that produced it; a new run
         # (after `remus stop` or a restart) has not vouched for it yet.
         held = (self.unit or {}).get("checkpoint_instance") if self.epoch >= 0 else None
-        self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held}
+        term = max(term_of(self.unit) if (self.unit or {}).get("unit_id") == ev.unit_id else 0,
+                   term_of({"term": ev.spec.get("term")}))
+        self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held,
+                     **({"term": term} if term else {})}
         try:
             self._save_unit()
         except OSError as e:

@@ -9,6 +9,7 @@ connected, and only with auto-failover and --on-peer-loss stall.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,6 +55,9 @@ class Takeover:
         raise NotImplementedError
 
     def _spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _save_unit(self) -> None:
         raise NotImplementedError
 
     # -- failure detection -----------------------------------------------------------
@@ -103,6 +107,11 @@ class Takeover:
             self._say(f"not taking over: {d.why}")
             raise RemusError(d.why)
         log.warning("coordinator: %s", d.why)
+        if d.write is not None and self.unit is not None:
+            # Our term now: a primary of an older one is refused from here on.
+            self.unit["term"] = max(d.write.term, int(self.unit.get("term") or 0))
+            with contextlib.suppress(OSError):
+                self._save_unit()
 
     def failover(self, why: str) -> None:
         """Take over: finish applying, restore, bring the address up."""

@@ -189,21 +189,34 @@ def hosts(url: str, as_json: bool) -> None:
 
 @ctl.command()
 @click.argument("name")
-@click.option("--to", default=None, metavar="HOST", help="Only if the backup is on HOST.")
+@click.option("--to", default=None, metavar="HOST",
+              help="The host that takes over. When it is not the backup now, the backup is "
+                   "moved there first (a full resync; the service is solo meanwhile).")
 @click.pass_obj
 def switchover(url: str, name: str, to: str | None) -> None:
-    """Planned: the service's backup takes over; the old primary's host becomes its backup."""
+    """Planned: the service's backup takes over; the old primary's host becomes its backup.
+
+    With --to HOST another host of the pool takes over: the leader moves the
+    backup to HOST, the primary brings it in step, then the switchover runs.
+    `remus ctl list` shows the steps; the request waits while HOST catches up."""
     try:
         store = _store(url)
         rec, _ = store.coord.read(name)
         if rec is None or rec.state != "protected":
             raise CliError(f"{name} is not protected (a switchover needs a backup in step)")
-        if to is not None and rec.backup != to:
-            raise CliError(f"{name}'s backup is {rec.backup}, not {to}")
+        if to is not None and to == rec.primary:
+            raise CliError(f"{name} runs on {to} already")
+        if to is not None and to != rec.backup and to not in store.hosts():
+            raise CliError(f"{to} is not in the pool (no live `remus agent` there; see "
+                           "`remus ctl hosts`)")
         store.request(name, "switchover", to)
     except RemusError as e:
         raise CliError(str(e)) from e
-    click.echo(f"switchover of {name} requested: {rec.primary} -> {rec.backup}")
+    if to is None or to == rec.backup:
+        click.echo(f"switchover of {name} requested: {rec.primary} -> {rec.backup}")
+    else:
+        click.echo(f"switchover of {name} requested: its backup moves from {rec.backup} to "
+                   f"{to} and catches up first, then {rec.primary} -> {to}")
 
 
 @ctl.command()

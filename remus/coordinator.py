@@ -13,7 +13,11 @@ keeps acknowledging goes on; one that lost both holds its output.
 The record (JSON in the znode PATH/units/UNIT):
 
     term     increases with every change of who runs the unit or how (the
-             fencing token: a primary whose term is not the record's stops)
+             fencing token: a primary whose term is not the record's stops;
+             the primary's HELLO carries it, and a backup refuses a primary
+             older than a term it has seen: "taken over", it fences itself;
+             a record re-created after the coordinator lost it keeps the
+             primary's term)
     primary  the address of the host that runs the unit
     backup   the address of its backup, or null
     state    protected (primary + backup acking) | solo (primary alone)
@@ -83,10 +87,12 @@ class Decision:
 # ---- the rules (pure) --------------------------------------------------------------
 
 
-def decide_claim(rec: UnitRecord | None, me: str, backup: str | None) -> Decision:
-    """A primary starting (or reconnected, or re-asserting its record)."""
+def decide_claim(rec: UnitRecord | None, me: str, backup: str | None, term: int = 0) -> Decision:
+    """A primary starting (or reconnected, or re-asserting its record). `term`: the
+    term this primary already holds (a record re-created keeps it, never goes back)."""
     if rec is None:
-        return Decision(True, UnitRecord(1, me, backup, "solo" if backup is None else "protected"),
+        return Decision(True, UnitRecord(max(1, term), me, backup,
+                                         "solo" if backup is None else "protected"),
                         "no record yet: this host runs the unit")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit "
@@ -113,10 +119,11 @@ def decide_takeover(rec: UnitRecord | None, me: str) -> Decision:
                     f"took over from {rec.primary} (term {rec.term + 1})")
 
 
-def decide_solo(rec: UnitRecord | None, me: str) -> Decision:
+def decide_solo(rec: UnitRecord | None, me: str, term: int = 0) -> Decision:
     """The primary lost its backup: may it run on alone? (If not, it fences itself.)"""
     if rec is None:
-        return Decision(True, UnitRecord(1, me, None, "solo"), "no record: running solo")
+        return Decision(True, UnitRecord(max(1, term), me, None, "solo"),
+                        "no record: running solo")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit now "
                                      f"(term {rec.term})")
@@ -126,15 +133,16 @@ def decide_solo(rec: UnitRecord | None, me: str) -> Decision:
                     f"running solo (term {rec.term + 1}): the backup {rec.backup} is gone")
 
 
-def protected_by(rec: UnitRecord | None, me: str, backup: str) -> Decision:
+def protected_by(rec: UnitRecord | None, me: str, backup: str, term: int = 0) -> Decision:
     """A backup acknowledged our first checkpoint: the record says so (the backup
-    may take over from now on)."""
+    may take over from now on). `term`: ours, for a record that has to be
+    re-created (a coordinator restarted empty): the term never goes back."""
     if rec is not None and rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit "
                                      f"(term {rec.term})")
     if rec is not None and rec.state == "protected" and rec.backup == backup:
         return Decision(True, None, "already recorded")
-    term = rec.term if rec is not None else 1
+    term = rec.term if rec is not None else max(1, term)
     return Decision(True, UnitRecord(term, me, backup, "protected"),
                     f"protected by {backup} (term {term})")
 

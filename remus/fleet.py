@@ -226,6 +226,10 @@ class FleetAgent:
         backup_here = pl is not None and pl.backup == self.cfg.me and not runs_here
         if not (runs_here or backup_here):
             return
+        ahead = self.store.peek_request(name)
+        if ahead is not None and ahead.get("op") == "switchover" and ahead.get("to") and \
+                not (rec.backup == ahead["to"] and rec.state == "protected"):
+            return  # the backup moves to its target and catches up first (the leader moves it)
         req = self.store.take_request(name)
         if req is None:
             return
@@ -265,6 +269,27 @@ class FleetAgent:
         finally:
             self.leader = False
 
+    def _switchover_targets(self, services: dict[str, Any], hosts: dict[str, Any],
+                            records: dict[str, UnitRecord]) -> dict[str, str]:
+        """Services whose `ctl switchover --to HOST` needs the backup moved to HOST
+        first. A request for a host that left the pool is dropped, saying so."""
+        out: dict[str, str] = {}
+        try:
+            pending = self.store.requests()
+        except CoordinatorUnavailable:
+            return out
+        for name, req in pending.items():
+            to, rec = req.get("to"), records.get(name)
+            if req.get("op") != "switchover" or not to or name not in services:
+                continue
+            if to in hosts and (rec is None or rec.primary != to):
+                out[name] = to
+            elif self.store.take_request(name) is not None:
+                log.error("%s: switchover to %s dropped: %s", name, to,
+                          "it is the primary already" if rec is not None and rec.primary == to
+                          else "that host is not in the pool")
+        return out
+
     def place_once(self) -> None:
         try:
             services = self.store.services()
@@ -279,7 +304,9 @@ class FleetAgent:
                 if st.get("checkpoint_bytes"):
                     sizes[name] = int(st["checkpoint_bytes"])
         prefer = {n: s.prefer for n, s in services.items() if s.prefer}
-        for name, p in place(list(services), hosts, records, current, sizes, prefer).items():
+        backup_to = self._switchover_targets(services, hosts, records)
+        for name, p in place(list(services), hosts, records, current, sizes, prefer,
+                             backup_to).items():
             self.store.set_placement(name, p)
             log.warning("placement of %s: primary %s, backup %s", name, p.primary,
                         p.backup or "NONE (degraded: no host can take it)")

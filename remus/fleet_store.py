@@ -207,6 +207,14 @@ class FleetStore:
         except NodeExistsError as e:
             raise ConfigError(f"a request for {name} is pending already") from e
 
+    def requests(self) -> dict[str, dict[str, Any]]:
+        """Every pending request, by service (left in place)."""
+        return {name: json.loads(raw) for name, raw in self._read_all("requests").items()}
+
+    def peek_request(self, name: str) -> dict[str, Any] | None:
+        raw, _ = self._get(f"{self.path}/requests/{name}")
+        return None if raw is None else dict(json.loads(raw))
+
     def take_request(self, name: str) -> dict[str, Any] | None:
         """The pending request for `name`, removed (whoever deletes it carries it out)."""
         from kazoo.exceptions import BadVersionError, NoNodeError

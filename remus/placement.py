@@ -12,6 +12,8 @@ placements. It returns the placements to write. Rules:
   primary's; otherwise another live host is chosen, never the primary's,
   with enough free memory for the unit (its checkpoint size when known),
   preferring hosts that carry fewer units; none: the service is degraded;
+- a service with a pending `remus ctl switchover --to HOST` gets its backup on
+  HOST (alive, not the primary's), so that HOST is in step before it takes over;
 - nothing is written that did not change.
 """
 
@@ -58,10 +60,12 @@ def _pick(hosts: dict[str, Host], carried: dict[str, int], need: int,
 
 def place(services: list[str], hosts: dict[str, Host], records: dict[str, UnitRecord],
           current: dict[str, Placement], sizes: dict[str, int] | None = None,
-          prefer: dict[str, str] | None = None) -> dict[str, Placement]:
+          prefer: dict[str, str] | None = None,
+          backup_to: dict[str, str] | None = None) -> dict[str, Placement]:
     """The placements that must change (service -> new placement). `prefer`: the
-    host a new service should start on, when it is alive (`remus ctl add --on`)."""
-    sizes, prefer = sizes or {}, prefer or {}
+    host a new service should start on, when it is alive (`remus ctl add --on`).
+    `backup_to`: the host a service's backup must move to (`ctl switchover --to`)."""
+    sizes, prefer, backup_to = sizes or {}, prefer or {}, backup_to or {}
     out: dict[str, Placement] = {}
     planned = dict(current)
     for name in sorted(services):
@@ -84,7 +88,9 @@ def place(services: list[str], hosts: dict[str, Host], records: dict[str, UnitRe
         # Where the backup is: the placement's, else the record's (a coordinator that
         # lost its data gets the record back from the primary, not the placement).
         backup = cur.backup if cur is not None else (rec.backup if rec is not None else None)
-        if backup is None or backup == primary or backup not in hosts:
+        if backup_to.get(name) in hosts and backup_to[name] != primary:
+            backup = backup_to[name]
+        elif backup is None or backup == primary or backup not in hosts:
             backup = _pick(hosts, carried, need, {primary})
         new = Placement(primary, backup)
         if new != cur:

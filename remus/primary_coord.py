@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from remus.coordinator import CoordinatorUnavailable, decide_solo, protected_by
+from remus.coordinator import CoordinatorUnavailable, Decision, decide_solo, protected_by
 from remus.primary_config import PrimaryConfig
 from remus.roles import P, PrimaryRole
 from remus.saying import Once
@@ -42,6 +42,7 @@ class Coordinated:
     _coord_asked: float
     _coord_once: Once
     _recorded_backup: str | None
+    term: int  # the coordinator's term for our run (0: none known; sent in HELLO)
 
     def _sync_output(self) -> None:
         raise NotImplementedError
@@ -54,6 +55,24 @@ class Coordinated:
         self.last_sentence = sentence
         self._coord_once.say(sentence, level)
 
+    def _learn_term(self, d: Decision) -> None:
+        if d.write is not None:
+            self.term = max(self.term, d.write.term)
+
+    def coord_term(self) -> int:
+        """Our term for a HELLO, read from the record when it names us (0: no
+        coordinator; unreachable: the last one known)."""
+        coord = self.cfg.coordinator
+        if coord is None:
+            return 0
+        try:
+            rec, _ = coord.read(self.cfg.unit_id)
+        except CoordinatorUnavailable:
+            return self.term
+        if rec is not None and rec.primary == self.cfg.coord_me:
+            self.term = max(self.term, rec.term)
+        return self.term
+
     def _coord_lease_lapsed(self) -> None:
         """Stalled after losing the backup: ask the coordinator whether to run solo."""
         coord = self.cfg.coordinator
@@ -63,7 +82,7 @@ class Coordinated:
         self._coord_asked = now
         me = self.cfg.coord_me
         try:
-            d = coord.apply(self.cfg.unit_id, lambda r: decide_solo(r, me))
+            d = coord.apply(self.cfg.unit_id, lambda r: decide_solo(r, me, self.term))
         except CoordinatorUnavailable as e:
             self._coord_say(f"STALLED: backup lost and {e}; output held until one of them "
                             "answers")
@@ -71,6 +90,7 @@ class Coordinated:
         if not d.won:
             self._fence(d.why)
             return
+        self._learn_term(d)
         self.role.fire("continue", now)
         self._recorded_backup = None
         self._sync_output()
@@ -92,8 +112,8 @@ class Coordinated:
                 continue
             last_check = self.clock()
             try:
-                d = coord.apply(self.cfg.unit_id,
-                                lambda r, b=backup, me=self.cfg.coord_me: protected_by(r, me, b))
+                d = coord.apply(self.cfg.unit_id, lambda r, b=backup, me=self.cfg.coord_me:
+                                protected_by(r, me, b, self.term))
             except CoordinatorUnavailable as e:
                 if backup != self._recorded_backup:
                     self._coord_say(f"protected by {backup}, but {e}: the backup cannot take "
@@ -104,6 +124,7 @@ class Coordinated:
             if not d.won:
                 self._fence(d.why)
                 return
+            self._learn_term(d)
             if d.write is not None:
                 log.info("coordinator: %s", d.why)
             self._recorded_backup = backup

@@ -69,6 +69,7 @@ class Scenario:
     command: list[str] | None = None  # overrides the server's command line
     status_timeout: float = 5.0  # per `remus status` call (more in an emulated VM)
     coordinator: str | None = None  # zk://... for both agents (start_coordinator sets it)
+    zk_servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     host_keys: dict[str, Path] = field(default_factory=dict)  # a host's own key file
     # Extra environment of the agents started by start_primary / start_backup
     # (e.g. REMUS_FAULT: remus.faults).
@@ -134,33 +135,62 @@ class Scenario:
         """A real ZooKeeper (Debian's package) on the `coord` host; its data on that
         host's disk (`empty`: wiped first, a coordinator that lost everything).
         Both agents started from now on use it. Returns its URL."""
+        self._zk_server("coord", empty, "")
+        self._wait_zk(["coord"], timeout)
+        self.coordinator = f"zk://{self.lab.addr('coord')}:{ZK_PORT}/remus-lab"
+        return self.coordinator
+
+    def start_coordinator_ensemble(self, hosts: tuple[str, ...] = ("coord", "spare", "client"),
+                                   timeout: float = 90.0) -> str:
+        """A ZooKeeper ensemble, one server per host (empty data), and a URL that
+        names every server: the agents' client picks one and moves to another
+        when it dies. `zk_servers` maps each host to its server's process."""
+        quorum = "".join(f"server.{i}={self.lab.addr(h)}:2888:3888\n"
+                         for i, h in enumerate(hosts, 1))
+        for i, h in enumerate(hosts, 1):
+            self.zk_servers[h] = self._zk_server(h, True, "initLimit=20\nsyncLimit=10\n" + quorum,
+                                                 myid=i)
+        self._wait_zk(list(hosts), timeout)
+        addrs = ",".join(f"{self.lab.addr(h)}:{ZK_PORT}" for h in hosts)
+        self.coordinator = f"zk://{addrs}/remus-lab"
+        return self.coordinator
+
+    def _zk_server(self, host: str, empty: bool, extra: str,
+                   myid: int | None = None) -> subprocess.Popen[bytes]:
         if not ZK_JAR.exists():
             raise FileNotFoundError(f"{ZK_JAR} missing: install Debian's zookeeper package "
                                     "(bin/setup does)")
-        # /var/lib/zookeeper-lab on coord's disk (its /run does not survive a reboot)
-        disk = self.lab.host_dir("coord") / "var-lib" / "zookeeper-lab"
+        # /var/lib/zookeeper-lab on the host's disk (its /run does not survive a reboot)
+        disk = self.lab.host_dir(host) / "var-lib" / "zookeeper-lab"
         if empty:
             shutil.rmtree(disk, ignore_errors=True)
         disk.mkdir(parents=True, exist_ok=True)
-        data = "/var/lib/zookeeper-lab"
-        addr = self.lab.addr("coord")
-        cfg = self.workdir / "zoo.cfg"
+        if myid is not None:
+            (disk / "myid").write_text(f"{myid}\n")
+        cfg = self.workdir / f"zoo-{host}.cfg"
         # tickTime 500 ms: sessions of 1-10 s (ZooKeeper's bounds are 2 and 20 ticks).
-        cfg.write_text(f"tickTime=500\ndataDir={data}\nclientPort={ZK_PORT}\n"
-                       f"clientPortAddress={addr}\nadmin.enableServer=false\n")
-        self._spawn("coord", ["java", "-Xmx256m", "-cp", f"/etc/zookeeper/conf:{ZK_JAR}",
-                              "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg)],
-                    "zookeeper.log")
-        probe = (f"import socket; socket.create_connection(('{addr}', {ZK_PORT}), 1).close()")
+        cfg.write_text(f"tickTime=500\ndataDir=/var/lib/zookeeper-lab\nclientPort={ZK_PORT}\n"
+                       f"clientPortAddress={self.lab.addr(host)}\nadmin.enableServer=false\n"
+                       + extra)
+        name = "zookeeper.log" if host == "coord" and myid is None else f"zookeeper-{host}.log"
+        main = "quorum.QuorumPeerMain" if myid is not None else "ZooKeeperServerMain"
+        return self._spawn(host, ["java", "-Xmx256m", "-cp", f"/etc/zookeeper/conf:{ZK_JAR}",
+                                  f"org.apache.zookeeper.server.{main}", str(cfg)], name)
+
+    def _wait_zk(self, hosts: list[str], timeout: float) -> None:
+        """Until a ZooKeeper client from the client host is served (a quorum formed)."""
+        hosts_arg = ",".join(f"{self.lab.addr(h)}:{ZK_PORT}" for h in hosts)
+        probe = ("import sys, logging; logging.disable(logging.CRITICAL)\n"
+                 "from kazoo.client import KazooClient\n"
+                 "z = KazooClient(hosts=sys.argv[1], timeout=4.0)\n"
+                 "z.start(timeout=3.0); z.get_children('/'); z.stop()\n")
         deadline = time.monotonic() + timeout
-        while self.lab.run("client", [sys.executable, "-c", probe],
-                           capture_output=True).returncode != 0:
+        while self.lab.run("client", [sys.executable, "-c", probe, hosts_arg],
+                           capture_output=True, timeout=30).returncode != 0:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ZooKeeper on {addr} not up within {timeout:.0f} s; see "
-                                   f"{self.workdir}/zookeeper.log")
-            time.sleep(0.2)
-        self.coordinator = f"zk://{addr}:{ZK_PORT}/remus-lab"
-        return self.coordinator
+                raise TimeoutError(f"ZooKeeper on {hosts_arg} not serving within {timeout:.0f} s;"
+                                   f" see {self.workdir}/zookeeper*.log")
+            time.sleep(0.3)
 
     def status(self, host: str, timeout: float | None = None) -> dict[str, Any] | None:
         p = self.lab.run(host, [*REMUS, "status", "--json"], capture_output=True, text=True,

@@ -14,6 +14,9 @@
   takes over, and the client's connection survives.
 - The CAS race, 100 rounds against the real ZooKeeper: the primary going solo
   and the backup taking over, at once, from two sessions: exactly one wins.
+- A three-server ensemble named in the URL: the server the backup talks to
+  dies; both agents go on with the others (no failover, protection goes on),
+  and a power cut of the primary is then decided by the two left.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ def state_of(sc: Scenario, host: str) -> str | None:
     return (sc.primary_status(host) or {}).get("state")
 
 
-def coordinated_pair(sc: Scenario) -> Any:
-    sc.start_coordinator(empty=True)
+def coordinated_pair(sc: Scenario, ensemble: bool = False) -> Any:
+    if ensemble:
+        sc.start_coordinator_ensemble()
+    else:
+        sc.start_coordinator(empty=True)
     sc.start_backup("bak")
     wait("backup up", lambda: sc.status("bak"), 30, sc)
     sc.start_primary()
@@ -235,3 +241,39 @@ def test_both_lose_the_coordinator_then_their_link(scenario: Any, lab: Any) -> N
     res = finish(sc, client)
     print(f"\nboth lost the coordinator, then their link: output held, no takeover; the "
           f"coordinator back, {outcome} won; client gap {res['max_gap_s']:.3f} s")
+
+
+def zk_peer(sc: Scenario, host: str) -> str | None:
+    """The ZooKeeper server `host`'s agent is connected to (its address), if any."""
+    p = sc.lab.run(host, ["ss", "-Htn", "state", "established", "( dport = :2181 )"],
+                   capture_output=True, text=True)
+    peers = {line.split()[-1].rsplit(":", 1)[0] for line in p.stdout.splitlines() if line.split()}
+    return peers.pop() if len(peers) == 1 else None
+
+
+def test_an_ensemble_server_dies(scenario: Any) -> None:
+    sc = scenario(server="redis")
+    client = coordinated_pair(sc, ensemble=True)
+    assert sc.coordinator and sc.coordinator.count(",") == 2, sc.coordinator
+    by_addr = {sc.lab.addr(h): h for h in sc.zk_servers}
+    first = wait("bak talks to one server", lambda: zk_peer(sc, "bak"), BOUND_S, sc)
+    victim = by_addr[first]
+    sc.zk_servers[victim].kill()  # that ZooKeeper server dies (SIGKILL)
+    sc.zk_servers[victim].wait(10)
+    moved = wait("bak moved to another server",
+                 lambda: (p := zk_peer(sc, "bak")) not in (None, first) and p, BOUND_S, sc)
+    before = (sc.status("pri") or {})["acked_epoch"]
+    time.sleep(3.0)
+    st = sc.status("pri") or {}
+    assert st["state"] == "protected" and st["acked_epoch"] > before + 20, st  # goes on
+    assert (sc.status("bak") or {}).get("state") == "replicating"
+    cut = time.monotonic()
+    sc.lab.crash("pri")
+    wait("takeover decided by the two servers left", lambda: active_on(sc, "bak"), BOUND_S, sc)
+    took = time.monotonic() - cut
+    blog = (sc.workdir / "backup.log").read_text(errors="replace")
+    assert "coordinator: " in blog and "taking over from epoch" in blog, blog[-2000:]
+    res = finish(sc, client)
+    print(f"\nensemble of 3 in the URL: the backup's server ({victim}) died, it moved to "
+          f"{by_addr[moved]}; protection went on; a primary power cut then took over in "
+          f"{took:.2f} s; client gap {res['max_gap_s']:.3f} s, 0 lost")

@@ -10,6 +10,8 @@ protection comes back by itself. Asserted: `remus ctl list` says protected
 for both, on live hosts only, before and after; both clients' connections
 survive; no acknowledged write is lost. The time from the cut to "both
 protected again" is printed.
+
+Also: `remus ctl switchover --to` a host that is not the backup.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from remus.errors import RemusError
 from remus.fleet_lab import FLEET, REDIS, all_protected, ctl, rows, start_client
 from remus.scenario import ZK_JAR
 from tests.support.ha import logs, wait
@@ -126,6 +129,39 @@ def test_a_host_carrying_five_primaries_is_cut(scenario: Any) -> None:
     finish(sc, {"s1": proc})
     print(f"\nfleet: a host carrying 5 primaries cut; all 5 protected again after {took:.2f} s"
           f"\n{ctl(sc, 'list')}")
+
+
+def test_switchover_to_a_third_host(scenario: Any) -> None:
+    """`ctl switchover` to the backup, then `--to` the host that is neither: the
+    backup moves there and catches up first, then it takes over; the client's
+    connection survives both and no acknowledged write is lost."""
+    sc = scenario(server="redis")
+    up(sc, FLEET)
+    pri, bak, spare = (sc.lab.addr(h) for h in FLEET)
+    ctl(sc, "add", "kv", "--vip", VIPS["kv"], "--on", pri, "--", *REDIS)
+    wait("kv protected", lambda: (r := rows(sc).get("kv")) and r["state"] == "protected"
+         and r["backup"] is not None, BOUND_S, sc)
+    first = rows(sc)["kv"]
+    assert first["primary"] == pri, first
+    proc = start_client(sc, "kv", VIPS["kv"])
+    wait("the client connected", lambda: sc.lab.run(
+        "client", ["ss", "-Htn", "state", "established", "dst", VIPS["kv"].split("/")[0]],
+        capture_output=True, text=True).stdout.strip(), 60, sc)
+    time.sleep(1.0)
+    third = next(a for a in (bak, spare) if a != first["backup"])
+    with pytest.raises(RemusError, match="runs on"):
+        ctl(sc, "switchover", "kv", "--to", pri)
+    out = ctl(sc, "switchover", "kv", "--to", third)
+    assert "catches up first" in out, out
+    t0 = time.monotonic()
+    done = wait(f"kv runs on {third}, protected", lambda: (r := rows(sc)["kv"])
+                ["primary"] == third and r["state"] == "protected" and r["backup"] and r, BOUND_S,
+                sc)
+    took = time.monotonic() - t0
+    assert done["term"] > first["term"], (first, done)
+    finish(sc, {"kv": proc})
+    print(f"\nfleet: switchover of kv from {pri} to {third} (not its backup {first['backup']}):"
+          f" backup moved, caught up and took over in {took:.2f} s; backup now {done['backup']}")
 
 
 def finish(sc: Any, clients: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from remus.backup import Backup, BackupConfig
 from remus.config import Timing
+from remus.protocol import messages as m
 from tests.support.fakes import FakeLink, commit, hello
 
 
@@ -42,3 +43,25 @@ def test_agents_without_instance_are_trusted(tmp_path: Path) -> None:
     b._on_hello(FakeLink(), hello(None, 1))  # type: ignore[arg-type]
     commit(b, 1, 0)
     assert b.checkpoint_is_current()
+
+
+def hello_term(term: int | None, generation: int, unit: str = "kv") -> m.Hello:
+    h = hello("run-a", generation)
+    spec = {**h.spec, **({"term": term} if term is not None else {})}
+    return m.Hello(version=h.version, unit_id=unit, generation=generation, nonce=h.nonce,
+                   spec=spec)
+
+
+def test_a_primary_of_an_older_term_is_refused_and_told_to_fence(tmp_path: Path) -> None:
+    b = backup(tmp_path)
+    b._on_hello(FakeLink(), hello_term(3, 1))  # type: ignore[arg-type]
+    assert b._older_term(hello_term(3, 2)) == ""  # the same term: our primary
+    assert b._older_term(hello_term(4, 2)) == ""  # newer (it went solo, came back)
+    assert b._older_term(hello_term(None, 2)) == ""  # no coordinator: no term to compare
+    why = b._older_term(hello_term(2, 9))
+    assert "taken over" in why and "term 2" in why and "term 3" in why  # the primary fences
+    assert b._older_term(hello_term(1, 9, unit="other")) == ""  # another unit: not ours to judge
+    b = backup(tmp_path)  # remembered across a restart of the backup
+    assert b._older_term(hello_term(2, 9))
+    b._on_hello(FakeLink(), hello_term(None, 3))  # a HELLO without a term keeps the one seen
+    assert b._older_term(hello_term(2, 9))

@@ -114,3 +114,11 @@ def test_url() -> None:
     for bad in ("http://a:1/x", "zk:///x", "10.0.0.4:2181"):
         with pytest.raises(ConfigError):
             parse_url(bad)
+
+
+def test_a_record_recreated_keeps_the_primarys_term() -> None:
+    # a coordinator restarted empty: the running primary writes its record again
+    assert decide_claim(None, PRI, BAK, term=7).write == UnitRecord(7, PRI, BAK, "protected")
+    assert decide_solo(None, PRI, term=7).write == UnitRecord(7, PRI, None, "solo")
+    assert protected_by(None, PRI, BAK, term=7).write == UnitRecord(7, PRI, BAK, "protected")
+    assert protected_by(None, PRI, BAK).write == UnitRecord(1, PRI, BAK, "protected")

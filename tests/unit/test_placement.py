@@ -96,3 +96,15 @@ def test_what_an_agent_runs_for_a_service() -> None:
     # not "not here": whatever runs is kept (the test that found it:
     # tests/reliability/test_fleet.py::test_coordinator_restarted_empty).
     assert wants(a, None, None) == "keep"
+
+
+def test_switchover_to_a_third_host_moves_the_backup_there_first() -> None:
+    recs = {"s1": UnitRecord(2, A, B, "protected")}
+    cur = {"s1": Placement(A, B)}
+    assert place(["s1"], hosts(A, B, C), recs, cur, backup_to={"s1": C}) == \
+        {"s1": Placement(A, C)}
+    # already there: nothing to write; the target is the primary or gone: ignored
+    assert place(["s1"], hosts(A, B, C), recs, {"s1": Placement(A, C)},
+                 backup_to={"s1": C}) == {}
+    assert place(["s1"], hosts(A, B, C), recs, cur, backup_to={"s1": A}) == {}
+    assert place(["s1"], hosts(A, B), recs, cur, backup_to={"s1": C}) == {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from remus.coordinator import CoordinatorUnavailable, UnitRecord
+from remus.coordinator import CoordinatorUnavailable, UnitRecord, protected_by
 from remus.primary_coord import Coordinated
 from remus.roles import P, PrimaryRole
 from remus.saying import Once
@@ -42,6 +42,7 @@ class Agent(Coordinated):
         self._coord_once = Once(logging.getLogger("remus.primary"))
         self.fenced: list[str] = []
         self.opened = 0
+        self.term = 0
 
     def _sync_output(self) -> None:
         self.opened += 1
@@ -90,3 +91,21 @@ def test_asks_at_most_every_half_second() -> None:
     a._coord_asked = a.now - 0.1  # asked a moment ago
     a._coord_lease_lapsed()
     assert not calls and a.role.state is P.STALLED
+
+
+def test_the_term_goes_into_hello_and_never_back() -> None:
+    store = MemoryStore()
+    store.create("kv", UnitRecord(3, ME, BAK, "protected"))
+    a = Agent(store)
+    assert a.coord_term() == 3  # read from the record that names us
+    a._coord_lease_lapsed()  # solo: term 4
+    assert a.term == 4 and a.coord_term() == 4
+    # the coordinator restarted empty: the record comes back at our term, not at 1
+    store.recs.clear()
+    d = store.apply("kv", lambda r: protected_by(r, ME, BAK, a.term))
+    assert d.write == UnitRecord(4, ME, BAK, "protected")
+    assert Agent(Down()).coord_term() == 0  # unreachable, nothing known: no term
+    # a record naming another host (we were taken over) does not lend us its term
+    other = MemoryStore()
+    other.create("kv", UnitRecord(9, BAK, None, "solo"))
+    assert Agent(other).coord_term() == 0
