@@ -20,7 +20,6 @@ list`, and carries out `remus ctl switchover/failover` for the units it runs.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -43,7 +42,6 @@ from remus.placement import Placement, place
 log = logging.getLogger(__name__)
 
 REMUS = [sys.executable, "-m", "remus.cli", "-v"]
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -57,20 +55,60 @@ class AgentConfig:
     every: float = 1.0
 
 
+class Adopted:
+    """A child agent that an earlier run of this agent started (it outlived a crash
+    of that run): found by its control socket, watched and stopped by pid. Not
+    ours to reap, so its exit status is unknown (-1)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._p = psutil.Process(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                alive = self._p.is_running() and self._p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                self.returncode = -1
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            self._p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            self._p.wait(timeout)
+        except psutil.TimeoutExpired as e:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0) from e
+        except psutil.NoSuchProcess:
+            pass
+        self.returncode = -1
+        return -1
+
+
 @dataclass
 class Child:
     role: str  # "primary" (a remus run) or "backup" (a remus backup)
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | Adopted
     spec: ServiceSpec
 
     def socket(self) -> Path:
-        return (socket_path("primary", self.spec.name) if self.role == "primary"
-                else socket_path("backup", str(self.spec.port)))
+        return child_socket(self.role, self.spec)
 
 
-def _die_with_parent() -> None:
-    # A child outliving its agent would be started again next to itself.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def child_socket(role: str, spec: ServiceSpec) -> Path:
+    """The control socket of a service's child agent on this host."""
+    return (socket_path("primary", spec.name) if role == "primary"
+            else socket_path("backup", str(spec.port)))
 
 
 def wants(me: str, rec: UnitRecord | None, pl: Placement | None) -> str | None:
@@ -159,13 +197,44 @@ class FleetAgent:
         if want is None and child is not None:
             self._stop_child(name, "not placed here any more")
             return [f"{name}: stopped its {child.role}"]
+        if want in ("primary", "backup", "running") and child is None:
+            found = self._adopt(spec)
+            if isinstance(found, str):
+                return []  # an agent answers slowly there: never start a second next to it
+            if found is not None:
+                self.children[name] = found
+                return [f"{name}: adopted its {found.role} (pid {found.proc.pid})"]
         if want in ("primary", "backup") and child is None:
             self.children[name] = self._spawn(want, spec)
             return [f"{name}: started its {want}"]
         if want == "running" and child is None:
             log.error("%s: the coordinator says this host runs the unit, but no agent of "
-                      "this host does (restarted?)", name)
+                      "this host does", name)
         return []
+
+    def _adopt(self, spec: ServiceSpec) -> Child | str | None:
+        """A child agent of this service that outlived an earlier run of this agent
+        (children do not die with their agent: a crashed or killed agent restarts
+        and takes them back, and their units stay protected meanwhile). "busy": a
+        control socket accepts but does not answer; None: nobody is there."""
+        for role in ("primary", "backup"):
+            try:
+                st = call(child_socket(role, spec), "status", timeout=2.0)
+            except RemusError as e:
+                if "no agent at" in str(e):
+                    continue  # no socket, or nobody listening (a stale file)
+                return "busy"
+            pid = st.get("pid")
+            if not isinstance(pid, int):
+                continue
+            try:
+                proc = Adopted(pid)
+            except psutil.NoSuchProcess:
+                continue
+            log.warning("%s: adopted its %s agent (pid %d), left running by an earlier run "
+                        "of this agent", spec.name, role, pid)
+            return Child(role, proc, spec)
+        return None
 
     def _spawn(self, role: str, spec: ServiceSpec) -> Child:
         url, key = self.cfg.coordinator, str(self.cfg.key_file)
@@ -182,8 +251,9 @@ class FleetAgent:
                     "--interval", f"{spec.interval_ms:g}ms", *dirs]
         out = open(self.cfg.log_dir / f"{spec.name}-{role}.log", "ab")  # noqa: SIM115
         env = {**os.environ, "REMUS_FLEET_UNIT": spec.name}
+        # Its own session: it outlives a crash of this agent, which adopts it on restart.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent)
+                                start_new_session=True)
         out.close()
         log.info("%s: started its %s (pid %d)", spec.name, role, proc.pid)
         return Child(role, proc, spec)

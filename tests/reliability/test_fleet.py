@@ -11,7 +11,8 @@ for both, on live hosts only, before and after; both clients' connections
 survive; no acknowledged write is lost. The time from the cut to "both
 protected again" is printed.
 
-Also: `remus ctl switchover --to` a host that is not the backup.
+Also: `remus ctl switchover --to` a host that is not the backup, and an agent
+killed with kill -9 whose restart adopts the children it left running.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import time
 from typing import Any
 
+import psutil
 import pytest
 
 from remus.errors import RemusError
@@ -162,6 +164,46 @@ def test_switchover_to_a_third_host(scenario: Any) -> None:
     finish(sc, {"kv": proc})
     print(f"\nfleet: switchover of kv from {pri} to {third} (not its backup {first['backup']}):"
           f" backup moved, caught up and took over in {took:.2f} s; backup now {done['backup']}")
+
+
+def test_a_killed_agent_restarts_and_adopts_its_children(scenario: Any) -> None:
+    """kill -9 of the agent on the primary's host: its `remus run` child goes on
+    protecting (no failover, the same term); the agent started again adopts it
+    (no second copy), and controls it: `ctl remove` stops the adopted child."""
+    sc = scenario(server="redis")
+    up(sc, FLEET)
+    pri = sc.lab.addr("pri")
+    ctl(sc, "add", "kv", "--vip", VIPS["kv"], "--on", pri, "--", *REDIS)
+    wait("kv protected", lambda: (r := rows(sc).get("kv")) and r["state"] == "protected"
+         and r["backup"] is not None and r, BOUND_S, sc)
+    before = rows(sc)["kv"]
+    child = (sc.status("pri") or {}).get("pid")
+    assert isinstance(child, int), sc.status("pri")
+    proc = start_client(sc, "kv", VIPS["kv"])
+    time.sleep(1.0)
+    agent = next(p for p in sc.procs if "agent" in p.args and pri in p.args)
+    os.kill(agent.pid, signal.SIGKILL)  # the agent only: its children stay
+    agent.wait(10)
+    acked = (sc.status("pri") or {})["acked_epoch"]
+    time.sleep(3.0)
+    st = sc.status("pri") or {}
+    assert st.get("pid") == child and st["acked_epoch"] > acked + 20, st  # still protecting
+    sc.start_agent("pri")
+    log = sc.workdir / "agent-pri.log"
+    wait("the new agent adopted its child", lambda: f"adopted its primary agent (pid {child})"
+         in log.read_text(errors="replace"), BOUND_S, sc)
+    time.sleep(3.0)  # a few cycles: nothing started next to it
+    after = rows(sc)["kv"]
+    assert (after["primary"], after["term"], after["state"]) == \
+        (before["primary"], before["term"], "protected"), (before, after)
+    assert "kv: started its primary" not in log.read_text(errors="replace").split("adopted")[-1]
+    assert (sc.status("pri") or {}).get("pid") == child
+    finish(sc, {"kv": proc})
+    ctl(sc, "remove", "kv")  # the adopted child is the agent's to stop
+    wait("the adopted child stopped", lambda: not psutil.pid_exists(child)
+         or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, BOUND_S, sc)
+    print(f"\nfleet: the agent on pri killed; its primary (pid {child}) went on protecting; the "
+          f"restarted agent adopted it (term {after['term']} unchanged) and stopped it on remove")
 
 
 def finish(sc: Any, clients: dict[str, Any]) -> None:
