@@ -26,6 +26,7 @@ from remus.backup_takeover import Takeover, TakeoverFn
 from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.store import CheckpointStore
 from remus.config import Timing
+from remus.coordinator import fence_of, kept_fence
 from remus.errors import RemusError
 from remus.link import Link, LinkClosed
 from remus.progress import Progress
@@ -46,12 +47,6 @@ Clock = Callable[[], float]
 def detector_tick(timing: Timing) -> float:
     """How often the failure detector looks (remus.backup_takeover)."""
     return min(timing.heartbeat / 2, 0.02)
-
-
-def term_of(unit: dict[str, Any] | None) -> int:
-    """The highest coordinator term a backup has seen for its unit (0: none)."""
-    t = (unit or {}).get("term")
-    return t if isinstance(t, int) and not isinstance(t, bool) else 0
 
 
 @dataclass
@@ -309,10 +304,9 @@ class Backup(Takeover):
         HELLO carries the coordinator's term of its run, and this backup has seen
         a newer one since (the unit was taken over, or went solo under a newer
         primary). "taken over" in the reason makes that primary fence itself."""
-        theirs = hello.spec.get("term")
-        seen = term_of(self.unit)
-        if (self.unit or {}).get("unit_id") != hello.unit_id or not isinstance(theirs, int) \
-                or theirs >= seen:
+        (lineage, theirs), (seen_lineage, seen) = fence_of(hello.spec), fence_of(self.unit)
+        if (self.unit or {}).get("unit_id") != hello.unit_id or not theirs or \
+                lineage != seen_lineage or theirs >= seen:
             return ""
         return (f"the unit was taken over since: this primary's term {theirs} is older than "
                 f"term {seen}, which this backup has seen (fenced by term)")
@@ -375,10 +369,10 @@ class Backup(Takeover):
         # The checkpoint we hold belongs to the agent run that produced it; a new run
         # (after `remus stop` or a restart) has not vouched for it yet.
         held = (self.unit or {}).get("checkpoint_instance") if self.epoch >= 0 else None
-        term = max(term_of(self.unit) if (self.unit or {}).get("unit_id") == ev.unit_id else 0,
-                   term_of({"term": ev.spec.get("term")}))
+        seen = fence_of(self.unit) if (self.unit or {}).get("unit_id") == ev.unit_id else ("", 0)
+        lineage, term = kept_fence(seen, fence_of(ev.spec))
         self.unit = {"unit_id": ev.unit_id, "spec": ev.spec, "checkpoint_instance": held,
-                     **({"term": term} if term else {})}
+                     **({"term": term, "lineage": lineage} if term else {})}
         try:
             self._save_unit()
         except OSError as e:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from remus.coordinator import CoordinatorUnavailable, decide_takeover
+from remus.coordinator import CoordinatorUnavailable, decide_takeover, fence_of, kept_fence
 from remus.errors import RemusError
 from remus.link import Link
 from remus.roles import BackupRole, Silence, Verdict
@@ -109,7 +109,8 @@ class Takeover:
         log.warning("coordinator: %s", d.why)
         if d.write is not None and self.unit is not None:
             # Our term now: a primary of an older one is refused from here on.
-            self.unit["term"] = max(d.write.term, int(self.unit.get("term") or 0))
+            lineage, term = kept_fence(fence_of(self.unit), (d.write.lineage, d.write.term))
+            self.unit.update(term=term, lineage=lineage)
             with contextlib.suppress(OSError):
                 self._save_unit()
 

@@ -18,6 +18,9 @@ The record (JSON in the znode PATH/units/UNIT):
              older than a term it has seen: "taken over", it fences itself;
              a record re-created after the coordinator lost it keeps the
              primary's term)
+    lineage  random, set when a record is made from nothing: terms compare
+             only within one lineage (a wiped coordinator or a unit name used
+             again starts afresh, a running primary keeps its own)
     primary  the address of the host that runs the unit
     backup   the address of its backup, or null
     state    protected (primary + backup acking) | solo (primary alone)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -56,6 +60,10 @@ class UnitRecord:
     primary: str
     backup: str | None
     state: str
+    # Random, chosen when a record is made from nothing: terms are compared only
+    # within one lineage (a coordinator that lost everything, or a unit name used
+    # again, starts a new one; a running primary re-creating its record keeps its own).
+    lineage: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -66,7 +74,7 @@ class UnitRecord:
             d = json.loads(raw)
             rec = cls(term=int(d["term"]), primary=str(d["primary"]),
                       backup=None if d.get("backup") is None else str(d["backup"]),
-                      state=str(d["state"]))
+                      state=str(d["state"]), lineage=str(d.get("lineage") or ""))
         except (ValueError, KeyError, TypeError) as e:
             raise RemusError(f"unreadable unit record in the coordinator: {e}") from e
         if rec.state not in STATES:
@@ -87,12 +95,19 @@ class Decision:
 # ---- the rules (pure) --------------------------------------------------------------
 
 
-def decide_claim(rec: UnitRecord | None, me: str, backup: str | None, term: int = 0) -> Decision:
-    """A primary starting (or reconnected, or re-asserting its record). `term`: the
-    term this primary already holds (a record re-created keeps it, never goes back)."""
+def new_lineage() -> str:
+    return secrets.token_hex(8)
+
+
+def decide_claim(rec: UnitRecord | None, me: str, backup: str | None, term: int = 0,
+                 lineage: str = "") -> Decision:
+    """A primary starting (or reconnected, or re-asserting its record). `term`,
+    `lineage`: what this primary already holds (a record it re-creates keeps them:
+    its term never goes back)."""
     if rec is None:
         return Decision(True, UnitRecord(max(1, term), me, backup,
-                                         "solo" if backup is None else "protected"),
+                                         "solo" if backup is None else "protected",
+                                         lineage or new_lineage()),
                         "no record yet: this host runs the unit")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit "
@@ -115,25 +130,27 @@ def decide_takeover(rec: UnitRecord | None, me: str) -> Decision:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit "
                                      f"{rec.state} (term {rec.term}, backup {rec.backup}): "
                                      "not taking over")
-    return Decision(True, UnitRecord(rec.term + 1, me, rec.primary, "solo"),
+    return Decision(True, UnitRecord(rec.term + 1, me, rec.primary, "solo", rec.lineage),
                     f"took over from {rec.primary} (term {rec.term + 1})")
 
 
-def decide_solo(rec: UnitRecord | None, me: str, term: int = 0) -> Decision:
+def decide_solo(rec: UnitRecord | None, me: str, term: int = 0, lineage: str = "") -> Decision:
     """The primary lost its backup: may it run on alone? (If not, it fences itself.)"""
     if rec is None:
-        return Decision(True, UnitRecord(max(1, term), me, None, "solo"),
+        return Decision(True, UnitRecord(max(1, term), me, None, "solo",
+                                         lineage or new_lineage()),
                         "no record: running solo")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit now "
                                      f"(term {rec.term})")
     if rec.state == "solo":
         return Decision(True, None, f"solo (term {rec.term})")
-    return Decision(True, UnitRecord(rec.term + 1, me, None, "solo"),
+    return Decision(True, UnitRecord(rec.term + 1, me, None, "solo", rec.lineage),
                     f"running solo (term {rec.term + 1}): the backup {rec.backup} is gone")
 
 
-def protected_by(rec: UnitRecord | None, me: str, backup: str, term: int = 0) -> Decision:
+def protected_by(rec: UnitRecord | None, me: str, backup: str, term: int = 0,
+                 lineage: str = "") -> Decision:
     """A backup acknowledged our first checkpoint: the record says so (the backup
     may take over from now on). `term`: ours, for a record that has to be
     re-created (a coordinator restarted empty): the term never goes back."""
@@ -142,9 +159,32 @@ def protected_by(rec: UnitRecord | None, me: str, backup: str, term: int = 0) ->
                                      f"(term {rec.term})")
     if rec is not None and rec.state == "protected" and rec.backup == backup:
         return Decision(True, None, "already recorded")
-    term = rec.term if rec is not None else max(1, term)
-    return Decision(True, UnitRecord(term, me, backup, "protected"),
-                    f"protected by {backup} (term {term})")
+    if rec is None:
+        rec = UnitRecord(max(1, term), me, backup, "protected", lineage or new_lineage())
+    return Decision(True, UnitRecord(rec.term, me, backup, "protected", rec.lineage),
+                    f"protected by {backup} (term {rec.term})")
+
+
+# ---- fencing by term in the replication protocol ---------------------------------
+
+
+def fence_of(doc: dict[str, Any] | None) -> tuple[str, int]:
+    """(lineage, term) in a unit.json or a HELLO's spec ("", 0: none)."""
+    d = doc or {}
+    t, lineage = d.get("term"), d.get("lineage")
+    return (lineage if isinstance(lineage, str) else "",
+            t if isinstance(t, int) and not isinstance(t, bool) and t > 0 else 0)
+
+
+def kept_fence(seen: tuple[str, int], theirs: tuple[str, int]) -> tuple[str, int]:
+    """What a backup remembers after accepting a HELLO: a term of another lineage
+    replaces what it had (that record was made anew: terms start again); within
+    one lineage the highest term stays."""
+    if theirs[1] == 0:
+        return seen
+    if theirs[0] != seen[0]:
+        return theirs
+    return seen[0], max(seen[1], theirs[1])
 
 
 # ---- the store -------------------------------------------------------------------

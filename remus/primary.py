@@ -127,6 +127,7 @@ class Primary(BackupSession, Handover, Coordinated):
                                 clock(), solo=cfg.start_solo)
         self._coord_asked = -1e9
         self.term = 0  # the coordinator's term of our run (remus.primary_coord)
+        self.lineage = ""  # the lineage of the record that term belongs to
         self._coord_once = Once(logging.getLogger("remus.primary"))  # coordinator sentences
         self._recorded_backup: str | None = None
         # Is self.buffer the real one? Not while solo (a NullBuffer: output flows).

@@ -18,7 +18,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from remus.coordinator import CoordinatorUnavailable, Decision, decide_solo, protected_by
+from remus.coordinator import (
+    CoordinatorUnavailable,
+    Decision,
+    UnitRecord,
+    decide_solo,
+    protected_by,
+)
 from remus.primary_config import PrimaryConfig
 from remus.roles import P, PrimaryRole
 from remus.saying import Once
@@ -43,6 +49,7 @@ class Coordinated:
     _coord_once: Once
     _recorded_backup: str | None
     term: int  # the coordinator's term for our run (0: none known; sent in HELLO)
+    lineage: str  # and the lineage of the record it belongs to
 
     def _sync_output(self) -> None:
         raise NotImplementedError
@@ -57,21 +64,27 @@ class Coordinated:
 
     def _learn_term(self, d: Decision) -> None:
         if d.write is not None:
-            self.term = max(self.term, d.write.term)
+            self._learn(d.write)
 
-    def coord_term(self) -> int:
-        """Our term for a HELLO, read from the record when it names us (0: no
-        coordinator; unreachable: the last one known)."""
+    def _learn(self, rec: UnitRecord) -> None:
+        if rec.lineage != self.lineage:  # a record made anew: its terms start again
+            self.lineage, self.term = rec.lineage, rec.term
+        else:
+            self.term = max(self.term, rec.term)
+
+    def coord_term(self) -> tuple[int, str]:
+        """Our (term, lineage) for a HELLO, read from the record when it names us
+        ((0, ""): no coordinator; unreachable: the last ones known)."""
         coord = self.cfg.coordinator
         if coord is None:
-            return 0
+            return 0, ""
         try:
             rec, _ = coord.read(self.cfg.unit_id)
         except CoordinatorUnavailable:
-            return self.term
+            return self.term, self.lineage
         if rec is not None and rec.primary == self.cfg.coord_me:
-            self.term = max(self.term, rec.term)
-        return self.term
+            self._learn(rec)
+        return self.term, self.lineage
 
     def _coord_lease_lapsed(self) -> None:
         """Stalled after losing the backup: ask the coordinator whether to run solo."""
@@ -82,7 +95,7 @@ class Coordinated:
         self._coord_asked = now
         me = self.cfg.coord_me
         try:
-            d = coord.apply(self.cfg.unit_id, lambda r: decide_solo(r, me, self.term))
+            d = coord.apply(self.cfg.unit_id, lambda r: decide_solo(r, me, self.term, self.lineage))
         except CoordinatorUnavailable as e:
             self._coord_say(f"STALLED: backup lost and {e}; output held until one of them "
                             "answers")
@@ -113,7 +126,7 @@ class Coordinated:
             last_check = self.clock()
             try:
                 d = coord.apply(self.cfg.unit_id, lambda r, b=backup, me=self.cfg.coord_me:
-                                protected_by(r, me, b, self.term))
+                                protected_by(r, me, b, self.term, self.lineage))
             except CoordinatorUnavailable as e:
                 if backup != self._recorded_backup:
                     self._coord_say(f"protected by {backup}, but {e}: the backup cannot take "

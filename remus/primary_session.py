@@ -84,7 +84,7 @@ class BackupSession:
     _new_generation: bool
     _retry_at: float
     _coord_lease_lapsed: Callable[[], None]  # remus.primary_coord
-    coord_term: Callable[[], int]  # remus.primary_coord
+    coord_term: Callable[[], tuple[int, str]]  # remus.primary_coord
     local_ip: str | None
     instance: str
     _progress_link: Link | None
@@ -264,9 +264,9 @@ class BackupSession:
         # the unit there after a takeover); "protection": how it should protect.
         # "term": the coordinator's term of our run, the fencing token: a backup that
         # saw a newer one (the unit was taken over since) refuses us, and we fence.
-        term = self.coord_term()
+        term, lineage = self.coord_term()
         spec = {**self.cfg.spec, "on_peer_loss": self.cfg.on_peer_loss, "instance": self.instance,
-                **({"term": term} if term else {}),
+                **({"term": term, "lineage": lineage} if term else {}),
                 "rejoin": f"{local_ip}:{port}",
                 "protection": {"interval": self.cfg.timing.interval,
                                "dirty_tracking": self.cfg.dirty_tracking,

@@ -45,9 +45,10 @@ def test_agents_without_instance_are_trusted(tmp_path: Path) -> None:
     assert b.checkpoint_is_current()
 
 
-def hello_term(term: int | None, generation: int, unit: str = "kv") -> m.Hello:
+def hello_term(term: int | None, generation: int, unit: str = "kv",
+               lineage: str = "L") -> m.Hello:
     h = hello("run-a", generation)
-    spec = {**h.spec, **({"term": term} if term is not None else {})}
+    spec = {**h.spec, **({"term": term, "lineage": lineage} if term is not None else {})}
     return m.Hello(version=h.version, unit_id=unit, generation=generation, nonce=h.nonce,
                    spec=spec)
 
@@ -63,5 +64,17 @@ def test_a_primary_of_an_older_term_is_refused_and_told_to_fence(tmp_path: Path)
     assert b._older_term(hello_term(1, 9, unit="other")) == ""  # another unit: not ours to judge
     b = backup(tmp_path)  # remembered across a restart of the backup
     assert b._older_term(hello_term(2, 9))
-    b._on_hello(FakeLink(), hello_term(None, 3))  # a HELLO without a term keeps the one seen
+    b._on_hello(FakeLink(), hello_term(None, 3))  # type: ignore[arg-type]  # keeps what it saw
     assert b._older_term(hello_term(2, 9))
+
+
+def test_a_record_made_anew_starts_a_new_lineage(tmp_path: Path) -> None:
+    # The coordinator lost everything (or the unit's name is used again) and a new
+    # primary made a new record at term 1: not "older" than the old lineage's 5.
+    b = backup(tmp_path)
+    b._on_hello(FakeLink(), hello_term(5, 1, lineage="old"))  # type: ignore[arg-type]
+    assert b._older_term(hello_term(1, 2, lineage="new")) == ""
+    b._on_hello(FakeLink(), hello_term(1, 2, lineage="new"))  # type: ignore[arg-type]
+    assert b._older_term(hello_term(1, 3, lineage="new")) == ""
+    b._on_hello(FakeLink(), hello_term(2, 4, lineage="new"))  # type: ignore[arg-type]
+    assert b._older_term(hello_term(1, 5, lineage="new"))  # within it: fenced by term

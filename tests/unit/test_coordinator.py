@@ -33,7 +33,8 @@ def test_record_round_trip_and_bad_records() -> None:
 
 def test_claim() -> None:
     d = decide_claim(None, PRI, None)
-    assert d.won and d.write == UnitRecord(1, PRI, None, "solo")
+    assert d.won and d.write is not None and d.write.lineage  # a new lineage
+    assert d.write == UnitRecord(1, PRI, None, "solo", d.write.lineage)
     assert decide_claim(PROTECTED, PRI, BAK).won and decide_claim(PROTECTED, PRI, BAK).write is None
     d = decide_claim(PROTECTED, OTHER, None)
     assert not d.won and PRI in d.why  # another host runs it: do not start a second copy
@@ -64,7 +65,7 @@ def test_protected_by() -> None:
     assert protected_by(d.write, BAK, PRI).write is None
     assert not protected_by(UnitRecord(6, PRI, None, "solo"), BAK, PRI).won
     d = protected_by(None, PRI, BAK)  # the coordinator came back empty
-    assert d.won and d.write == UnitRecord(1, PRI, BAK, "protected")
+    assert d.won and d.write == UnitRecord(1, PRI, BAK, "protected", d.write.lineage)
 
 
 def test_apply_rereads_when_it_loses_a_race() -> None:
@@ -116,9 +117,18 @@ def test_url() -> None:
             parse_url(bad)
 
 
-def test_a_record_recreated_keeps_the_primarys_term() -> None:
+def test_a_record_recreated_keeps_the_primarys_term_and_lineage() -> None:
     # a coordinator restarted empty: the running primary writes its record again
-    assert decide_claim(None, PRI, BAK, term=7).write == UnitRecord(7, PRI, BAK, "protected")
-    assert decide_solo(None, PRI, term=7).write == UnitRecord(7, PRI, None, "solo")
-    assert protected_by(None, PRI, BAK, term=7).write == UnitRecord(7, PRI, BAK, "protected")
-    assert protected_by(None, PRI, BAK).write == UnitRecord(1, PRI, BAK, "protected")
+    assert decide_claim(None, PRI, BAK, term=7, lineage="L").write == \
+        UnitRecord(7, PRI, BAK, "protected", "L")
+    assert decide_solo(None, PRI, term=7, lineage="L").write == UnitRecord(7, PRI, None, "solo", "L")
+    assert protected_by(None, PRI, BAK, term=7, lineage="L").write == \
+        UnitRecord(7, PRI, BAK, "protected", "L")
+    # every change of who runs it keeps the lineage
+    rec = UnitRecord(3, PRI, BAK, "protected", "L")
+    assert decide_takeover(rec, BAK).write == UnitRecord(4, BAK, PRI, "solo", "L")
+    assert decide_solo(rec, PRI).write == UnitRecord(4, PRI, None, "solo", "L")
+    assert UnitRecord.from_json(rec.to_json()) == rec
+    # a fresh record (no primary to remember one): a lineage of its own each time
+    a, b = (decide_claim(None, PRI, None).write for _ in range(2))
+    assert a is not None and b is not None and a.lineage != b.lineage

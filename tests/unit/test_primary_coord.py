@@ -42,7 +42,7 @@ class Agent(Coordinated):
         self._coord_once = Once(logging.getLogger("remus.primary"))
         self.fenced: list[str] = []
         self.opened = 0
-        self.term = 0
+        self.term, self.lineage = 0, ""
 
     def _sync_output(self) -> None:
         self.opened += 1
@@ -95,17 +95,17 @@ def test_asks_at_most_every_half_second() -> None:
 
 def test_the_term_goes_into_hello_and_never_back() -> None:
     store = MemoryStore()
-    store.create("kv", UnitRecord(3, ME, BAK, "protected"))
+    store.create("kv", UnitRecord(3, ME, BAK, "protected", "L"))
     a = Agent(store)
-    assert a.coord_term() == 3  # read from the record that names us
+    assert a.coord_term() == (3, "L")  # read from the record that names us
     a._coord_lease_lapsed()  # solo: term 4
-    assert a.term == 4 and a.coord_term() == 4
+    assert (a.term, a.lineage) == (4, "L") and a.coord_term() == (4, "L")
     # the coordinator restarted empty: the record comes back at our term, not at 1
     store.recs.clear()
-    d = store.apply("kv", lambda r: protected_by(r, ME, BAK, a.term))
-    assert d.write == UnitRecord(4, ME, BAK, "protected")
-    assert Agent(Down()).coord_term() == 0  # unreachable, nothing known: no term
+    d = store.apply("kv", lambda r: protected_by(r, ME, BAK, a.term, a.lineage))
+    assert d.write == UnitRecord(4, ME, BAK, "protected", "L")
+    assert Agent(Down()).coord_term() == (0, "")  # unreachable, nothing known: no term
     # a record naming another host (we were taken over) does not lend us its term
     other = MemoryStore()
-    other.create("kv", UnitRecord(9, BAK, None, "solo"))
-    assert Agent(other).coord_term() == 0
+    other.create("kv", UnitRecord(9, BAK, None, "solo", "L"))
+    assert Agent(other).coord_term() == (0, "")
