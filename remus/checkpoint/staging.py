@@ -96,6 +96,11 @@ class StagedEpoch:
         writer, self._writer = self._writer, None
         self._commit(writer, self.header)
 
+    @property
+    def open(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return self._writer is not None
+
     def abort(self) -> None:
         """Throw the epoch away (idempotent)."""
         if self._writer is not None:

@@ -167,7 +167,7 @@ class CheckpointStore:
                 f"delta {generation}/{epoch} is based on {generation}/{base_epoch}, "
                 f"but the committed checkpoint is {gen}/{committed}: send a full one"
             )
-        if self._staged is not None:
+        if self._staged is not None and self._staged.open:  # (a refused one is closed already)
             log.warning("abandoning unfinished epoch %d", self._staged.header.epoch)
             self._staged.abort()
         header = LogHeader(generation, epoch, base_epoch, full)

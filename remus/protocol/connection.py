@@ -264,7 +264,9 @@ class Connection:
             self._writer.use_psk(psk)
         shared = kex_shared(self._kex, nonce_backup if primary else nonce_primary)
         p2b, b2p = derive_session_keys(psk, shared, nonce_primary, nonce_backup)
-        self._writer.session_key, self._reader.session_key = (p2b, b2p) if primary else (b2p, p2b)
+        ours, theirs = (p2b, b2p) if primary else (b2p, p2b)
+        self._writer.set_session_key(ours)
+        self._reader.set_session_key(theirs)
 
     @property
     def sealed_with(self) -> bytes:

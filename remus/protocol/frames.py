@@ -248,12 +248,9 @@ class FrameWriter:
         check_key(psk)
         self._first = Sealer(first_frame_key(psk))
 
-    @property
-    def session_key(self) -> None:
-        return None  # write-only: the key is not kept in the clear
-
-    @session_key.setter
-    def session_key(self, key: bytes | None) -> None:
+    def set_session_key(self, key: bytes | None) -> None:
+        """Seal every frame after the first with `key` (None: none yet). Only the
+        cipher keeps it; it cannot be read back."""
         self._session = None if key is None else Sealer(key)
 
     def encode(self, msg_type: int, payload: Buffer | Sequence[Buffer]) -> list[Buffer]:
@@ -298,12 +295,8 @@ class FrameDecoder:
         self._eof = False
         self._failed: str | None = None
 
-    @property
-    def session_key(self) -> None:
-        return None  # write-only
-
-    @session_key.setter
-    def session_key(self, key: bytes | None) -> None:
+    def set_session_key(self, key: bytes | None) -> None:
+        """Open every frame after the first with `key` (None: none yet)."""
         self._session = None if key is None else Sealer(key)
 
     @property

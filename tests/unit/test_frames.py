@@ -35,7 +35,7 @@ def frame_bytes(payload: bytes, seq: int = 0, key: bytes = PSK, msg_type: int = 
 
 def decode_all(data: bytes, session_key: bytes | None = SESSION, **kw: int) -> list[bytes]:
     dec = FrameDecoder(PSK, **kw)
-    dec.session_key = session_key
+    dec.set_session_key(session_key)
     dec.feed(data)
     out = []
     while (f := dec.next_frame()) is not None:
@@ -63,7 +63,8 @@ def test_session_frame_is_aes_gcm_with_the_seq_as_nonce() -> None:
     by_hand = header + AESGCM(SESSION).encrypt(nonce, b"abc", header)
     assert frame_bytes(b"abc", seq=7, key=SESSION) == by_hand
     dec = FrameDecoder(PSK)
-    dec.expected_seq, dec.session_key = 7, SESSION
+    dec.expected_seq = 7
+    dec.set_session_key(SESSION)
     dec.feed(by_hand)
     frame = dec.next_frame()
     assert frame is not None and frame.payload == b"abc"
@@ -203,7 +204,7 @@ def test_random_splits_give_the_same_frames() -> None:
                       for i, p in enumerate(payloads))
     for _ in range(20):
         dec = FrameDecoder(PSK)
-        dec.session_key = SESSION
+        dec.set_session_key(SESSION)
         got, pos = [], 0
         while pos < len(stream):
             step = rng.choice([1, 7, 20, 33, 1000, 65536, 300_000])
@@ -221,7 +222,7 @@ def test_writer_numbers_frames_and_switches_keys() -> None:
     with pytest.raises(LocalProtocolError, match="session key"):
         w.encode(3, b"b")
     assert w.next_seq == 1  # a refused frame does not consume a seq
-    w.session_key = SESSION
+    w.set_session_key(SESSION)
     second = b"".join(w.encode(3, b"b"))
     assert decode_all(first + second) == [b"a", b"b"]
 

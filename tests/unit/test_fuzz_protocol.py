@@ -124,7 +124,7 @@ def _drain_decoder(dec: FrameDecoder, data: bytes, step: int) -> tuple[list[byte
 @given(data=st.binary(max_size=2000), step=st.integers(1, 600))
 def test_decoder_with_bytes_from_anyone(data: bytes, step: int) -> None:
     dec = FrameDecoder(PSK, max_payload=MAX_PAYLOAD)
-    dec.session_key = SESSION
+    dec.set_session_key(SESSION)
     got, _ = _drain_decoder(dec, data, step)
     assert got == []  # without the key nothing opens
 
@@ -163,7 +163,7 @@ def test_decoder_with_a_damaged_stream(payloads: list[bytes], edits: list[Any],
         elif op == "length" and len(data) >= HEADER_SIZE:
             struct.pack_into("!I", data, 16, (val << 24) | pos)
     dec = FrameDecoder(PSK, max_payload=MAX_PAYLOAD)
-    dec.session_key = SESSION
+    dec.set_session_key(SESSION)
     got, _ = _drain_decoder(dec, bytes(data), step)
     assert got == payloads[:len(got)]
     if bytes(data) != stream:

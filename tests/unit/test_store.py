@@ -459,3 +459,15 @@ def test_fsync_mode_round_trip(tmp_path: Path) -> None:
         ship(store, enc, d, 1, epoch)
         store.apply_pending()
         assert_same(store, d)
+
+
+def test_only_an_open_staged_epoch_is_abandoned(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    store = new_store(tmp_path / "store")
+    staged = store.begin(1, 0, -1, True)
+    staged.abort()  # refused (e.g. a full disk): closed by the backup already
+    with caplog.at_level("WARNING", logger="remus.checkpoint.store"):
+        left_open = store.begin(2, 0, -1, True)
+        assert "abandoning" not in caplog.text
+        store.begin(3, 0, -1, True)  # this one was still open: it is thrown away, said once
+    assert caplog.text.count("abandoning unfinished epoch 0") == 1 and not left_open.open
