@@ -97,6 +97,10 @@ def _alive(path: Path) -> bool:
         return False
 
 
+class NoAgent(RemusError):
+    """Nobody listens on a control socket (no file, or a stale one)."""
+
+
 def call(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -105,7 +109,7 @@ def call(path: Path, cmd: str, timeout: float = 5.0, **args: Any) -> dict[str, A
             s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             data = s.makefile("rb").readline()
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise RemusError(f"no agent at {path} ({e.strerror})") from e
+        raise NoAgent(f"no agent at {path} ({e.strerror})") from e
     except OSError as e:
         raise RemusError(f"control socket {path}: {e}") from e
     if not data:

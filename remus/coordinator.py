@@ -95,19 +95,18 @@ class Decision:
 # ---- the rules (pure) --------------------------------------------------------------
 
 
-def new_lineage() -> str:
-    return secrets.token_hex(8)
+def _anew(me: str, backup: str | None, state: str, term: int, lineage: str) -> UnitRecord:
+    """A record made where there is none. `term`, `lineage`: what the writing
+    primary already holds (0, "": nothing), so a record it re-creates after the
+    coordinator lost it keeps them and its term never goes back; otherwise term 1
+    of a new lineage."""
+    return UnitRecord(max(1, term), me, backup, state, lineage or secrets.token_hex(8))
 
 
-def decide_claim(rec: UnitRecord | None, me: str, backup: str | None, term: int = 0,
-                 lineage: str = "") -> Decision:
-    """A primary starting (or reconnected, or re-asserting its record). `term`,
-    `lineage`: what this primary already holds (a record it re-creates keeps them:
-    its term never goes back)."""
+def decide_claim(rec: UnitRecord | None, me: str, backup: str | None) -> Decision:
+    """A primary starting (or reconnected, or re-asserting its record)."""
     if rec is None:
-        return Decision(True, UnitRecord(max(1, term), me, backup,
-                                         "solo" if backup is None else "protected",
-                                         lineage or new_lineage()),
+        return Decision(True, _anew(me, backup, "solo" if backup is None else "protected", 0, ""),
                         "no record yet: this host runs the unit")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit "
@@ -137,9 +136,7 @@ def decide_takeover(rec: UnitRecord | None, me: str) -> Decision:
 def decide_solo(rec: UnitRecord | None, me: str, term: int = 0, lineage: str = "") -> Decision:
     """The primary lost its backup: may it run on alone? (If not, it fences itself.)"""
     if rec is None:
-        return Decision(True, UnitRecord(max(1, term), me, None, "solo",
-                                         lineage or new_lineage()),
-                        "no record: running solo")
+        return Decision(True, _anew(me, None, "solo", term, lineage), "no record: running solo")
     if rec.primary != me:
         return Decision(False, None, f"the coordinator says {rec.primary} runs the unit now "
                                      f"(term {rec.term})")
@@ -160,7 +157,7 @@ def protected_by(rec: UnitRecord | None, me: str, backup: str, term: int = 0,
     if rec is not None and rec.state == "protected" and rec.backup == backup:
         return Decision(True, None, "already recorded")
     if rec is None:
-        rec = UnitRecord(max(1, term), me, backup, "protected", lineage or new_lineage())
+        rec = _anew(me, backup, "protected", term, lineage)
     return Decision(True, UnitRecord(rec.term, me, backup, "protected", rec.lineage),
                     f"protected by {backup} (term {rec.term})")
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from remus.control import call, socket_path
+from remus.control import NoAgent, call, socket_path
 from remus.coordinator import CoordinatorUnavailable, UnitRecord, ZkCoordinator
 from remus.errors import RemusError
 from remus.fleet_store import FleetStore, ServiceSpec
@@ -220,9 +220,9 @@ class FleetAgent:
         for role in ("primary", "backup"):
             try:
                 st = call(child_socket(role, spec), "status", timeout=2.0)
-            except RemusError as e:
-                if "no agent at" in str(e):
-                    continue  # no socket, or nobody listening (a stale file)
+            except NoAgent:
+                continue  # no socket, or nobody listening (a stale file)
+            except RemusError:
                 return "busy"
             pid = st.get("pid")
             if not isinstance(pid, int):
@@ -297,7 +297,9 @@ class FleetAgent:
         if not (runs_here or backup_here):
             return
         ahead = self.store.peek_request(name)
-        if ahead is not None and ahead.get("op") == "switchover" and ahead.get("to") and \
+        if ahead is None:
+            return  # nothing asked (one read per cycle, not two)
+        if ahead.get("op") == "switchover" and ahead.get("to") and \
                 not (rec.backup == ahead["to"] and rec.state == "protected"):
             return  # the backup moves to its target and catches up first (the leader moves it)
         req = self.store.take_request(name)

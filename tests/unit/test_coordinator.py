@@ -119,8 +119,6 @@ def test_url() -> None:
 
 def test_a_record_recreated_keeps_the_primarys_term_and_lineage() -> None:
     # a coordinator restarted empty: the running primary writes its record again
-    assert decide_claim(None, PRI, BAK, term=7, lineage="L").write == \
-        UnitRecord(7, PRI, BAK, "protected", "L")
     assert decide_solo(None, PRI, term=7, lineage="L").write == UnitRecord(7, PRI, None, "solo", "L")
     assert protected_by(None, PRI, BAK, term=7, lineage="L").write == \
         UnitRecord(7, PRI, BAK, "protected", "L")
