@@ -19,6 +19,7 @@ from typing import Any
 
 from remus.errors import ProtocolError, RemusError
 from remus.protocol import NEED_DATA
+from remus.protocol.frames import LocalProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,16 @@ class Link:
         """Send what `make(protocol connection)` returns, in protocol order."""
         with self.send_lock:
             with self.lock:
-                data = make(self.conn)
+                try:
+                    data = make(self.conn)
+                except LocalProtocolError as e:
+                    # The reader saw the peer's EOF (or BYE) and closed the
+                    # conversation a moment before it closes the link: for the
+                    # sender that is a lost link, not a protocol violation.
+                    if not getattr(self.conn, "closed", False):
+                        raise
+                    self.close()
+                    raise LinkClosed(f"{self.peer} closed the connection ({e})") from e
             self.send_raw(data)
 
     def events(self, bufsize: int = 1 << 20) -> Iterator[Any]:

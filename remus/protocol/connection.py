@@ -174,6 +174,11 @@ class Connection:
     def state(self) -> State:
         return self._state
 
+    @property
+    def closed(self) -> bool:
+        """The conversation is over (BYE/ERROR sent or received, or EOF)."""
+        return self._state is State.CLOSED
+
     # -- receiving -----------------------------------------------------------
     def receive_data(self, data: Buffer) -> None:
         """Buffer bytes from the peer; b"" means the peer closed (EOF)."""

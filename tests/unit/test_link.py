@@ -14,9 +14,15 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from remus.link import Link, LinkClosed
-from remus.protocol import NEED_DATA
+from remus.protocol import NEED_DATA, BackupConnection, PrimaryConnection
+from remus.protocol import messages as m
+from remus.protocol.frames import LocalProtocolError
 from tests.support.timing import wait_for
+
+PSK = b"f" * 32
 
 
 class LineConn:
@@ -95,3 +101,41 @@ def test_unread_counts_what_the_reader_has_not_taken() -> None:
     assert link.bytes_acked() == 0  # not TCP: no progress to report
     link.close()
     peer.close()
+
+
+def test_a_send_racing_the_peers_eof_is_a_lost_link() -> None:
+    """Seen in a fresh-clone run: the backup was killed, the reader fed the EOF
+    to the protocol (state CLOSED) and the heartbeat thread sent before the
+    reader closed the link. The send raised LocalProtocolError, which the
+    heartbeat loop did not expect: protection ended "abnormally" instead of
+    reconnecting. A lost link is LinkClosed, whatever moment it is seen at."""
+    p = PrimaryConnection(PSK, "u", 1, {})
+    b = BackupConnection(PSK)
+    b.receive_data(p.start())
+    b.next_event()
+    p.receive_data(b.welcome())
+    p.next_event()
+    ours, peer = socket.socketpair()
+    link = Link(ours, p, "backup")
+    p.receive_data(b"")  # what the reader does with the EOF, just before link.close()
+    assert p.next_event() is not NEED_DATA
+    try:
+        with pytest.raises(LinkClosed):
+            link.send(m.Heartbeat(generation=1, epoch=0, acked=-1, sent_ns=0, lease_ms=200))
+        assert link.closed
+    finally:
+        link.close()
+        peer.close()
+
+
+def test_a_send_the_protocol_refuses_on_a_live_link_is_still_an_error() -> None:
+    p = PrimaryConnection(PSK, "u", 1, {})  # no handshake yet: an epoch may not be sent
+    ours, peer = socket.socketpair()
+    link = Link(ours, p, "backup")
+    try:
+        with pytest.raises(LocalProtocolError):
+            link.send(m.EpochBegin(generation=1, epoch=0, base_epoch=-1, full=True))
+        assert not link.closed
+    finally:
+        link.close()
+        peer.close()
