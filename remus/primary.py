@@ -333,7 +333,10 @@ class Primary(BackupSession, Handover, Coordinated):
         # CRIU patch 0007: each mapping's VmFlags from a cache kept here while the
         # mappings are unchanged, instead of /proc/PID/smaps, whose page walk grew
         # with the unit's memory (~10 ms per GiB of every freeze).
-        env = {"CRIU_REMUS_VMFLAGS_DIR": str(self.cfg.dump_root / VMFLAGS_DIR)}
+        env = {"CRIU_REMUS_VMFLAGS_DIR": str(self.cfg.dump_root / VMFLAGS_DIR),
+               # CRIU patch 0008: all TCP streams in one file (tcp_stream.RAW_BUNDLE),
+               # not a file per connection; only the encoder reads it.
+               "CRIU_REMUS_TCP_BUNDLE": "1"}
         return {**env, **CRIU_ENV} if tracked else env
 
     def _reap_loop(self) -> None:

@@ -228,6 +228,7 @@ class Criu:
             req.opts.images_dir_fd = dfd
             t0 = time.perf_counter()
             proc = self._spawn(theirs, dfd, cgroup_procs, env)
+            _raise_priority(proc.pid)
             theirs.close()
             t1 = time.perf_counter()
             try:
@@ -291,6 +292,21 @@ class Criu:
 
 
 _REQ_NAMES = {1: "dump", 2: "restore"}
+
+#: CRIU's nice value. While CRIU dumps, the unit is frozen (and while it
+#: restores, the service is down): every millisecond CRIU waits for a CPU is a
+#: millisecond of stall. The agent's own threads (the sender of the previous
+#: epoch, the backup's apply) can wait. Measured at 1000 busy connections on 2
+#: cores: pause p50 56 -> 46 ms, throughput +15 %.
+CRIU_NICE = -10
+
+
+def _raise_priority(pid: int) -> None:
+    """CRIU_NICE for CRIU; without CAP_SYS_NICE it runs at the default priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, CRIU_NICE)
+    except OSError as e:  # e.g. EPERM without CAP_SYS_NICE, ESRCH if it exited already
+        log.debug("CRIU (pid %d) keeps its priority: %s", pid, e)
 
 
 def _request(kind: str, log_file: str, log_level: int, notify: Notify | None) -> Any:

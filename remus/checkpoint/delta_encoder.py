@@ -156,6 +156,12 @@ class DeltaEncoder:
         # TCP stream images of the previous dump: bytes, timestamp span (see tcp_stream)
         self._prev_streams: dict[str, tuple[bytes, Span | None]] = {}
         self._prev_maps: dict[str, _Prev] = {}
+        # Bundled streams (CRIU patch 0008), by inode: the previous dump's image
+        # and timestamp span, and what the backup holds (see _held_bundle).
+        self._prev_records: dict[int, tuple[bytes, Span | None]] = {}
+        self._prev_held: dict[int, tcp_stream.HeldStream] = {}
+        self._records: dict[int, tuple[bytes, Span | None]] = {}
+        self._held: dict[int, tcp_stream.HeldStream] = {}
 
     @property
     def base_dir(self) -> Path | None:
@@ -168,6 +174,7 @@ class DeltaEncoder:
         self._prev_files = {}
         self._prev_maps = {}
         self._prev_streams = {}
+        self._prev_records, self._prev_held = {}, {}
 
     def check_base(self, dump_dir: Path, full: bool, parent: Path | None) -> None:
         """CheckpointError unless encode(dump_dir, full, parent) can produce a delta.
@@ -196,6 +203,7 @@ class DeltaEncoder:
         stats = DeltaStats(full=full)
         self.stats = stats
         names = images.list_images(dump_dir)
+        self._records, self._held = {}, {}
         files: dict[str, FileInfo] = {}
         maps: dict[str, _Prev] = {}
         parsed = {n: pagemap.read_pagemap(dump_dir / n) for n in names if images.is_pagemap(n)}
@@ -216,7 +224,13 @@ class DeltaEncoder:
             # A tracked dump's pagemap goes out flattened (see module doc).
             data = (parsed[name].flattened() if name in full_layouts
                     else images.read_image(os.path.join(dump_dir, name)))
-            if tcp_stream.is_tcp_stream(name):
+            if name == tcp_stream.RAW_BUNDLE:
+                held = self._held_bundle(data, full, os.stat(dump_dir / name).st_mtime_ns)
+                if held is None:  # every stream carried: the backup's copy stands
+                    files[tcp_stream.HELD_BUNDLE] = self._prev_files[tcp_stream.HELD_BUNDLE]
+                    continue
+                name, data = tcp_stream.HELD_BUNDLE, held
+            elif tcp_stream.is_tcp_stream(name):
                 kept = None if full else self._carry_stream(name, data)
                 streams[name] = (data, kept)
                 if kept is not None:
@@ -255,11 +269,43 @@ class DeltaEncoder:
         yield (KIND_MANIFEST, "manifest", Manifest(full, files, pagemaps).to_json(), b"")
         self._prev_dir, self._prev_files, self._prev_maps = dump_dir, files, maps
         self._prev_streams = streams
+        self._prev_held, self._prev_records = self._held, self._records
         log.debug(
             "encoded %s: %d/%d pages, %d files, %.1f ms",
             dump_dir, stats.pages_changed, stats.pages_total, stats.files_sent,
             stats.seconds * 1e3,
         )
+
+    def _held_bundle(self, raw: bytes, full: bool, dumped_ns: int) -> bytes | None:
+        """The held bundle for the backup from a dump's raw one; None when the
+        backup's copy stands as it is (every stream in it only had its clock move,
+        and no stream came or went).
+
+        Per stream the same rule as _carry_stream: an image that differs from the
+        previous dump's only in its timestamp is carried (the backup keeps its copy
+        and its dump time), anything else is held anew with this dump's time.
+        """
+        changed = full or tcp_stream.HELD_BUNDLE not in self._prev_files
+        dumped_ms = dumped_ns // 1_000_000
+        order = []
+        for ino, image in tcp_stream.parse_raw_bundle(raw):
+            if ino in self._records:
+                raise CheckpointError(f"{tcp_stream.RAW_BUNDLE}: inode {ino} twice")
+            order.append(ino)
+            prev, held = self._prev_records.get(ino), self._prev_held.get(ino)
+            span = None
+            if not full and prev is not None and held is not None and len(held.image) == len(image):
+                span = tcp_stream.timestamp_only_change(prev[0], image, prev[1])
+            self._records[ino] = (image, span)
+            if span is not None and held is not None:
+                self._held[ino] = held
+                self.stats.streams_carried += 1
+            else:
+                self._held[ino] = tcp_stream.HeldStream(ino, image, dumped_ms)
+                changed = True
+        if not changed and order == list(self._prev_held):
+            return None
+        return tcp_stream.build_held([self._held[i] for i in order], time.time_ns() // 1_000_000)
 
     def _carry_stream(self, name: str, data: bytes) -> Span | None:
         """The timestamp span if ``data`` differs from the backup's copy of this TCP

@@ -10,7 +10,8 @@ sending it. Marked unsent, CRIU transmits it as soon as it leaves repair mode
 (same bytes, same sequence numbers; a client that has them just ACKs again),
 so the client's blocked read completes right after the address comes up.
 Every restored TCP timestamp clock is also moved forward by the age of its
-image (see remus.checkpoint.tcp_stream).
+image, and a bundle of all streams (CRIU patch 0008) is split back into
+stock image files (see remus.checkpoint.tcp_stream).
 """
 
 from __future__ import annotations
@@ -31,19 +32,24 @@ def prepare(images: Path, scratch: Path) -> tuple[Path, int]:
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
     for p in images.iterdir():
-        if p.name.endswith(".log"):
+        if p.name.endswith(".log") or p.name == tcp_stream.HELD_BUNDLE:
             continue
         target = p.resolve()
         if p.name.startswith("pages-"):
             os.symlink(target, scratch / p.name)
         else:
             shutil.copyfile(target, scratch / p.name)
-    changed = 0
-    for p in scratch.glob("tcp-stream-*.img"):
-        changed += _mark_unsent(p)
     # Images the primary left here while only their clock moved are older than
     # the connection: move every clock on by at least the image's age.
     tcp_stream.advance_timestamps(scratch, ages_from=images)
+    held = images / tcp_stream.HELD_BUNDLE
+    if held.exists():
+        # One file for all streams (CRIU patch 0008): back to stock image files,
+        # each clock moved on by its own age.
+        tcp_stream.split_bundle(held, scratch)
+    changed = 0
+    for p in scratch.glob("tcp-stream-*.img"):
+        changed += _mark_unsent(p)
     return scratch, changed
 
 

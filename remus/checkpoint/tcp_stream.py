@@ -15,6 +15,17 @@ has it (``timestamp_only_change``), and the takeover moves every restored
 clock forward by at least the age of its image (``advance_timestamps``):
 the peer must never see a TSval older than one it saw (PAWS, RFC 7323,
 drops such segments), and a clock that jumps forward is harmless.
+
+Bundles (CRIU patch 0008, ``CRIU_REMUS_TCP_BUNDLE=1``): the dump writes every
+stream to one file, ``remus-tcp-streams.raw`` (RAW_BUNDLE), a record per
+connection: u32 inode, u32 length, then the bytes of the stock image file.
+The primary turns it into the file the backup keeps, ``remus-tcp-streams.img``
+(HELD_BUNDLE): a header (magic, version, the wall time it was built on the
+primary, in ms) and per connection its inode, length, the primary's wall
+time (ms) when that image was dumped, then the image. A carried image keeps
+its old dump time, so the takeover still knows each clock's age: the age of
+the held file on the backup plus (built - dumped), two differences on one
+clock each. split_bundle() writes stock image files back before a restore.
 """
 
 from __future__ import annotations
@@ -23,9 +34,11 @@ import os
 import re
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from remus.checkpoint.images import IMG_COMMON_MAGIC
+from remus.errors import CheckpointError
 
 TCP_STREAM_MAGIC = 0x51465506
 _HEAD = struct.Struct("<III")  # IMG_COMMON magic, TCP_STREAM magic, entry size
@@ -45,6 +58,103 @@ Span = tuple[int, int]
 
 def is_tcp_stream(name: str) -> bool:
     return _NAME_RE.match(name) is not None
+
+
+def stream_name(ino: int) -> str:
+    """CRIU's name of the image of the stream with socket inode ``ino``."""
+    return f"tcp-stream-{ino:x}.img"
+
+
+RAW_BUNDLE = "remus-tcp-streams.raw"
+HELD_BUNDLE = "remus-tcp-streams.img"
+_RAW_REC = struct.Struct("<II")  # inode, length
+_HELD_HEAD = struct.Struct("<4sIQ")  # magic, version, built (ms)
+_HELD_MAGIC = b"RTSB"
+_HELD_REC = struct.Struct("<IIQ")  # inode, length, dumped (ms)
+
+
+@dataclass(frozen=True)
+class HeldStream:
+    """One stream of a held bundle: its image and when the primary dumped it."""
+
+    ino: int
+    image: bytes
+    dumped_ms: int
+
+
+def parse_raw_bundle(data: bytes) -> list[tuple[int, bytes]]:
+    """(inode, image bytes) of every record of a CRIU bundle, in dump order."""
+    out: list[tuple[int, bytes]] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < _RAW_REC.size:
+            raise CheckpointError(f"{RAW_BUNDLE}: truncated record header at byte {pos}")
+        ino, size = _RAW_REC.unpack_from(data, pos)
+        pos += _RAW_REC.size
+        if size > end - pos:
+            raise CheckpointError(f"{RAW_BUNDLE}: record of inode {ino} runs past the end")
+        out.append((ino, data[pos : pos + size]))
+        pos += size
+    return out
+
+
+def build_held(streams: list[HeldStream], built_ms: int) -> bytes:
+    """The held bundle of ``streams`` (see module doc)."""
+    parts = [_HELD_HEAD.pack(_HELD_MAGIC, 1, built_ms)]
+    for st in streams:
+        parts.append(_HELD_REC.pack(st.ino, len(st.image), st.dumped_ms))
+        parts.append(st.image)
+    return b"".join(parts)
+
+
+def parse_held(data: bytes) -> tuple[int, list[HeldStream]]:
+    """(built ms, streams) of a held bundle; CheckpointError if damaged."""
+    if len(data) < _HELD_HEAD.size:
+        raise CheckpointError(f"{HELD_BUNDLE}: {len(data)} bytes, too short")
+    magic, version, built = _HELD_HEAD.unpack_from(data)
+    if magic != _HELD_MAGIC or version != 1:
+        raise CheckpointError(f"{HELD_BUNDLE}: not a held bundle (magic {magic!r}, "
+                              f"version {version})")
+    out: list[HeldStream] = []
+    pos, end = _HELD_HEAD.size, len(data)
+    while pos < end:
+        if end - pos < _HELD_REC.size:
+            raise CheckpointError(f"{HELD_BUNDLE}: truncated record header at byte {pos}")
+        ino, size, dumped = _HELD_REC.unpack_from(data, pos)
+        pos += _HELD_REC.size
+        if size > end - pos:
+            raise CheckpointError(f"{HELD_BUNDLE}: record of inode {ino} runs past the end")
+        out.append(HeldStream(ino, data[pos : pos + size], dumped))
+        pos += size
+    return built, out
+
+
+def split_bundle(held: Path, out_dir: Path, now: float | None = None) -> list[Path]:
+    """Write each stream of the held bundle ``held`` as a stock image file in
+    ``out_dir``, its clock moved on by its age plus ADVANCE_MARGIN_MS (see
+    advance_timestamps); the files written.
+
+    The age: how long ago the backup wrote ``held`` (its mtime), plus how old
+    the image already was when the primary built the bundle.
+    """
+    now = time.time() if now is None else now
+    built, streams = parse_held(held.read_bytes())
+    since_write_ms = max(0.0, now - os.stat(held).st_mtime) * 1000
+    written = []
+    for st in streams:
+        data = st.image
+        ts = read_timestamp(data)
+        if ts is not None:
+            age_ms = since_write_ms + max(0, built - st.dumped_ms)
+            data = with_timestamp(data, ts + _jump(age_ms))
+        path = out_dir / stream_name(st.ino)
+        path.write_bytes(data)
+        written.append(path)
+    return written
+
+
+def _jump(age_ms: float) -> int:
+    return int(min(age_ms + ADVANCE_MARGIN_MS, MAX_ADVANCE_MS))
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -144,9 +254,8 @@ def advance_timestamps(images_dir: Path, ages_from: Path | None = None,
         ts = read_timestamp(data)
         if ts is None:
             continue
-        jump = int(min(age_ms + ADVANCE_MARGIN_MS, MAX_ADVANCE_MS))
         tmp = p.with_suffix(".tmp")
-        tmp.write_bytes(with_timestamp(data, ts + jump))
+        tmp.write_bytes(with_timestamp(data, ts + _jump(age_ms)))
         os.replace(tmp, p)
         changed += 1
     return changed

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import time
 from pathlib import Path
 
 import pycriu
 import pytest
 
-from remus.checkpoint import tcp_stream
+from remus.checkpoint import restore_prep, tcp_stream
 from remus.checkpoint.delta import Manifest, files_of
 from remus.checkpoint.delta_encoder import DeltaEncoder
+from remus.errors import CheckpointError
 
 ENTRY = {"inq_len": 0, "inq_seq": 3273214409, "outq_len": 3, "outq_seq": 46948013,
          "opt_mask": 7, "snd_wscale": 10, "mss_clamp": 1460, "rcv_wscale": 10,
@@ -117,3 +119,133 @@ def test_takeover_moves_every_clock_forward_by_the_image_age(tmp_path: Path) -> 
     assert old == pytest.approx(ENTRY["timestamp"] + tcp_stream.ADVANCE_MARGIN_MS + 3_600_000, abs=2)
     assert (scratch / "core-1.img").read_bytes() == b"core"
     assert entry((scratch / "tcp-stream-2.img").read_bytes())["outq_seq"] == ENTRY["outq_seq"]
+
+
+# -- one file for all streams (CRIU patch 0008) --------------------------------
+
+def raw_bundle(streams: list[tuple[int, bytes]]) -> bytes:
+    """What CRIU_REMUS_TCP_BUNDLE=1 writes: u32 inode, u32 length, the image."""
+    return b"".join(struct.pack("<II", ino, len(data)) + data for ino, data in streams)
+
+
+def bundled_dump(root: Path, n: int, streams: list[tuple[int, bytes]], mtime: float) -> Path:
+    d = dump(root, n, {})
+    if streams:
+        path = d / tcp_stream.RAW_BUNDLE
+        path.write_bytes(raw_bundle(streams))
+        os.utime(path, (mtime, mtime))
+    return d
+
+
+def held_of(got: dict[str, bytes]) -> dict[int, tcp_stream.HeldStream]:
+    _, streams = tcp_stream.parse_held(got[tcp_stream.HELD_BUNDLE])
+    return {s.ino: s for s in streams}
+
+
+def test_raw_bundle_parses_and_refuses_damage() -> None:
+    recs = [(0xA1, image()), (0xB2, image(queues=b"x" * 5000))]
+    assert tcp_stream.parse_raw_bundle(raw_bundle(recs)) == recs
+    assert tcp_stream.parse_raw_bundle(b"") == []
+    whole = raw_bundle(recs)
+    for cut in (3, 20, len(whole) - 1):
+        with pytest.raises(CheckpointError):
+            tcp_stream.parse_raw_bundle(whole[:cut])
+    held = tcp_stream.build_held([tcp_stream.HeldStream(7, image(), 123)], 456)
+    assert tcp_stream.parse_held(held) == (456, [tcp_stream.HeldStream(7, image(), 123)])
+    for bad in (held[:-1], b"XXXX" + held[4:], held[:10]):
+        with pytest.raises(CheckpointError):
+            tcp_stream.parse_held(bad)
+
+
+def test_encoder_keeps_one_held_file_and_carries_idle_streams(tmp_path: Path) -> None:
+    enc = DeltaEncoder()
+    ts, t0 = ENTRY["timestamp"], 1_700_000_000.0
+    idle, busy = 0xA1, 0xB2
+    d = bundled_dump(tmp_path, 0, [(idle, image(timestamp=ts)), (busy, image(timestamp=ts))], t0)
+    got = sent(list(enc.encode(d, full=True)))
+    assert tcp_stream.RAW_BUNDLE not in got and not any(tcp_stream.is_tcp_stream(n) for n in got)
+    held = held_of(got)
+    assert list(held) == [idle, busy]
+    assert held[idle].image == image(timestamp=ts) and held[idle].dumped_ms == int(t0 * 1000)
+    for epoch in range(1, 4):
+        d = bundled_dump(tmp_path, epoch, [
+            (idle, image(timestamp=ts + 50 * epoch)),
+            (busy, image(timestamp=ts + 50 * epoch, outq_seq=ENTRY["outq_seq"] + epoch))],
+            t0 + epoch)
+        chunks = list(enc.encode(d, full=False))
+        got = sent(chunks)
+        held = held_of(got)
+        # the idle stream: the backup's copy, with its first dump time
+        assert held[idle].image == image(timestamp=ts)
+        assert held[idle].dumped_ms == int(t0 * 1000)
+        assert entry(held[busy].image)["outq_seq"] == ENTRY["outq_seq"] + epoch
+        assert held[busy].dumped_ms == int((t0 + epoch) * 1000)
+        assert enc.stats.streams_carried == 1
+        manifest = Manifest.from_json(chunks[-1][2])
+        assert manifest.files[tcp_stream.HELD_BUNDLE].size == len(got[tcp_stream.HELD_BUNDLE])
+    # only clocks moved: nothing sent, the backup's file stands
+    backup_info = manifest.files[tcp_stream.HELD_BUNDLE]
+    d = bundled_dump(tmp_path, 4, [
+        (idle, image(timestamp=ts + 400)),
+        (busy, image(timestamp=ts + 400, outq_seq=ENTRY["outq_seq"] + 3))], t0 + 4)
+    chunks = list(enc.encode(d, full=False))
+    assert tcp_stream.HELD_BUNDLE not in sent(chunks)
+    assert Manifest.from_json(chunks[-1][2]).files[tcp_stream.HELD_BUNDLE] == backup_info
+    # a stream that goes away changes the file; with none left it leaves the manifest
+    d = bundled_dump(tmp_path, 5, [(idle, image(timestamp=ts + 450))], t0 + 5)
+    assert list(held_of(sent(list(enc.encode(d, full=False))))) == [idle]
+    d = bundled_dump(tmp_path, 6, [], t0 + 6)
+    chunks = list(enc.encode(d, full=False))
+    assert tcp_stream.HELD_BUNDLE not in Manifest.from_json(chunks[-1][2]).files
+    # a full checkpoint holds every stream anew
+    d = bundled_dump(tmp_path, 7, [(idle, image(timestamp=ts + 500))], t0 + 7)
+    held = held_of(sent(list(enc.encode(d, full=True))))
+    assert held[idle].image == image(timestamp=ts + 500)
+
+
+def test_an_abandoned_encode_leaves_the_held_streams(tmp_path: Path) -> None:
+    enc = DeltaEncoder()
+    ts, t0 = ENTRY["timestamp"], 1_700_000_000.0
+    d = bundled_dump(tmp_path, 0, [(1, image(timestamp=ts))], t0)
+    list(enc.encode(d, full=True))
+    d = bundled_dump(tmp_path, 1, [(1, image(timestamp=ts, rcv_wnd=5))], t0 + 1)
+    it = enc.encode(d, full=False)
+    next(it)  # the held file goes out, then the link dies
+    d = bundled_dump(tmp_path, 2, [(1, image(timestamp=ts + 9))], t0 + 2)
+    chunks = list(enc.encode(d, full=False))
+    # the backup never got epoch 1: its copy is still epoch 0's, and only the clock moved since
+    assert tcp_stream.HELD_BUNDLE not in sent(chunks)
+
+
+def test_split_bundle_writes_stock_images_with_their_own_age(tmp_path: Path) -> None:
+    built = 1_700_000_000_000
+    held = tmp_path / tcp_stream.HELD_BUNDLE
+    held.write_bytes(tcp_stream.build_held([
+        tcp_stream.HeldStream(0x1F, image(), built),                # fresh when built
+        tcp_stream.HeldStream(0x2E, image(queues=b"q"), built - 3_600_000),  # an hour old
+    ], built))
+    now = time.time()
+    os.utime(held, (now - 10, now - 10))  # written on the backup 10 s ago
+    out = tmp_path / "scratch"
+    out.mkdir()
+    paths = tcp_stream.split_bundle(held, out, now=now)
+    assert sorted(p.name for p in paths) == ["tcp-stream-1f.img", "tcp-stream-2e.img"]
+    fresh = tcp_stream.read_timestamp((out / "tcp-stream-1f.img").read_bytes())
+    old = (out / "tcp-stream-2e.img").read_bytes()
+    margin = tcp_stream.ADVANCE_MARGIN_MS
+    assert fresh == pytest.approx(ENTRY["timestamp"] + margin + 10_000, abs=2)
+    assert tcp_stream.read_timestamp(old) == pytest.approx(
+        ENTRY["timestamp"] + margin + 3_610_000, abs=2)
+    assert old.endswith(b"q") and entry(old)["outq_seq"] == ENTRY["outq_seq"]
+
+
+def test_restore_prep_splits_the_held_bundle(tmp_path: Path) -> None:
+    store, scratch = tmp_path / "store", tmp_path / "scratch"
+    store.mkdir()
+    (store / "core-1.img").write_bytes(b"core")
+    (store / tcp_stream.HELD_BUNDLE).write_bytes(tcp_stream.build_held(
+        [tcp_stream.HeldStream(0xAB, image(outq_len=3, unsq_len=0), 1)], 1))
+    d, queues = restore_prep.prepare(store, scratch)
+    assert sorted(p.name for p in d.iterdir()) == ["core-1.img", "tcp-stream-ab.img"]
+    assert queues == 1  # its send queue is marked unsent, as for a stock image
+    assert entry((d / "tcp-stream-ab.img").read_bytes())["unsq_len"] == 3
