@@ -183,7 +183,8 @@ class Primary(BackupSession, Handover, Coordinated):
 
     # -- epoch loop -----------------------------------------------------------
     def _epoch_loop(self) -> None:
-        last_start = -1e9
+        last_start = thawed = -1e9
+        frozen_s = 0.0
         while not self.stop_event.is_set() and self.fatal is None:
             if self._handover is not None:
                 self._hand_over(self._handover)
@@ -199,7 +200,8 @@ class Primary(BackupSession, Handover, Coordinated):
                 self.wake.clear()
                 continue
             # Recomputed every pass so that set-interval takes effect at once.
-            delay = last_start + self.cfg.timing.interval - self.clock()
+            delay = next_epoch_at(last_start, self.cfg.timing.interval, thawed,
+                                  frozen_s) - self.clock()
             if delay > 0:
                 self.wake.wait(delay)
                 self.wake.clear()
@@ -207,7 +209,8 @@ class Primary(BackupSession, Handover, Coordinated):
             if not self._wait_window():
                 continue
             last_start = self.clock()
-            self._checkpoint_once()
+            frozen_s = self._checkpoint_once() / 1000
+            thawed = self.clock()
             self.epoch_times.append(last_start)
             if len(self.epoch_times) > 200:
                 del self.epoch_times[:100]
@@ -230,7 +233,8 @@ class Primary(BackupSession, Handover, Coordinated):
                 self.cond.wait(0.05)
         return not self.stop_event.is_set()
 
-    def _checkpoint_once(self) -> None:
+    def _checkpoint_once(self) -> float:
+        """One dump; the unit's pause in ms (0 when the dump failed)."""
         e = self.epoch
         d = self.cfg.dump_root / f"e{e}"
         shutil.rmtree(d, ignore_errors=True)
@@ -287,7 +291,7 @@ class Primary(BackupSession, Handover, Coordinated):
                     and self.clock() - self.failing_since > MAX_FAILING_S):
                 raise FatalError(f"checkpoints failed for {MAX_FAILING_S:.0f} s "
                                  f"({self.failed_dumps} in a row); the last: {err}") from err
-            return
+            return 0.0
         finally:
             self.buffer.hold_inbound(False)
         self.chain.dumped(d)
@@ -303,6 +307,7 @@ class Primary(BackupSession, Handover, Coordinated):
         for k, v in split.items():
             self.frozen_split.setdefault(k, Series(500)).add(v)
         self.sendq.put((e, d, parent, disk))
+        return res.freezing_ms + res.frozen_ms
 
     # -- sender ---------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -457,6 +462,18 @@ class Primary(BackupSession, Handover, Coordinated):
 
     def status(self) -> dict[str, Any]:
         return primary_status(self)
+
+
+def next_epoch_at(last_start: float, interval: float, thawed: float, frozen_s: float) -> float:
+    """When the next epoch may start: an interval after the last one started, and
+    not before the unit has run, since it thawed, as long as it was frozen (at
+    most an interval).
+
+    Under overload (pauses longer than half the interval: thousands of busy
+    connections) back-to-back epochs froze the unit most of the time, and the
+    sender took the CPU it had left; with shorter pauses nothing changes.
+    """
+    return max(last_start + interval, thawed + min(frozen_s, interval))
 
 
 def _alive(pid: int) -> bool:

@@ -61,7 +61,7 @@ class Handover:
     last_sentence: str
     _handover: HandoverRequest | None
 
-    def _checkpoint_once(self) -> None:
+    def _checkpoint_once(self) -> float:
         raise NotImplementedError
 
     def _backup_name(self) -> str:

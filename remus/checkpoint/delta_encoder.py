@@ -37,15 +37,19 @@ from remus.checkpoint import images, pagemap, tcp_stream
 from remus.checkpoint.delta import (
     BUNDLE_ENTRY,
     KIND_FILE,
+    KIND_FILE_LZ4,
     KIND_FILES,
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
+    KIND_PAGES_XOR,
     VADDR_DTYPE,
+    XOR_DENSE_WORDS,
     Chunk,
     FileInfo,
     Manifest,
     PagemapInfo,
+    encode_xor,
 )
 from remus.checkpoint.images import PAGE_SIZE, PAGE_WORDS, Vaddrs
 from remus.checkpoint.tcp_stream import Span
@@ -73,6 +77,7 @@ class DeltaStats:
     pages_total: int = 0
     pages_changed: int = 0
     page_bytes: int = 0  # raw page data sent
+    pages_xor: int = 0  # of pages_changed, sent as XOR with the backup's version
     wire_page_bytes: int = 0  # page data as sent (after compression)
     file_bytes: int = 0
     files_sent: int = 0
@@ -244,7 +249,11 @@ class DeltaEncoder:
             if full or self._prev_files.get(name) != info:
                 stats.files_sent += 1
                 stats.file_bytes += len(data)
-                if len(data) > BUNDLE_FILE_MAX:
+                if len(data) > BUNDLE_FILE_MAX and self.compress:
+                    # e.g. the TCP streams: the requests and replies in socket queues
+                    yield (KIND_FILE_LZ4, name, b"",
+                           lz4.frame.compress(data, block_linked=False, content_checksum=False))
+                elif len(data) > BUNDLE_FILE_MAX:
                     yield (KIND_FILE, name, b"", data)
                 elif bundle.add(name, data) >= BUNDLE_BYTES:
                     yield bundle.take()
@@ -335,30 +344,44 @@ class DeltaEncoder:
         old_rows = map_rows(prev.pages_path) if prev is not None else None
         same_layout = prev is not None and np.array_equal(prev.layout, layout)
         digest = xxhash.xxh3_64()
-        pending: list[npt.NDArray[np.intp]] = []
-        npending = 0
+        # Changed pages wait here until a chunk is full: those the backup holds a
+        # version of (their row in old_rows) go out as XOR, new ones as they are.
+        xor_sel: list[npt.NDArray[np.intp]] = []
+        xor_base: list[npt.NDArray[np.intp]] = []
+        new_sel: list[npt.NDArray[np.intp]] = []
         changed_total = 0
+        use_xor = self.compress and old_rows is not None
         for start in range(0, layout.size, self.block_pages):
             stop = min(start + self.block_pages, layout.size)
             block = rows[start:stop]
             digest.update(block.data)
             if prev is None or old_rows is None:
                 changed = np.arange(start, stop, dtype=np.intp)
+                base = np.full(changed.size, -1, dtype=np.intp)
             else:
-                changed = start + _changed_rows(
-                    block, layout[start:stop], prev, old_rows, same_layout, start
-                )
-            if changed.size:
-                pending.append(changed)
-                npending += changed.size
-                changed_total += changed.size
-            while npending >= MAX_CHUNK_PAGES:
-                sel = np.concatenate(pending)
-                yield self._chunk(name, layout, rows, sel[:MAX_CHUNK_PAGES])
-                pending = [sel[MAX_CHUNK_PAGES:]]
-                npending = pending[0].size
-        if npending:
-            yield self._chunk(name, layout, rows, np.concatenate(pending))
+                rel, base = _changed_rows(block, layout[start:stop], prev, old_rows, same_layout,
+                                          start)
+                changed = start + rel
+            changed_total += changed.size
+            if use_xor:
+                held = base >= 0
+                xor_sel.append(changed[held])
+                xor_base.append(base[held])
+                new_sel.append(changed[~held])
+            else:
+                new_sel.append(changed)
+            while _count(xor_sel) >= MAX_CHUNK_PAGES:
+                sel, xor_sel = _split(xor_sel)
+                bases, xor_base = _split(xor_base)
+                yield from self._xor_chunks(name, layout, rows, old_rows, sel, bases)
+            while _count(new_sel) >= MAX_CHUNK_PAGES:
+                sel, new_sel = _split(new_sel)
+                yield self._chunk(name, layout, rows, sel)
+        if _count(xor_sel):
+            yield from self._xor_chunks(name, layout, rows, old_rows,
+                                        np.concatenate(xor_sel), np.concatenate(xor_base))
+        if _count(new_sel):
+            yield self._chunk(name, layout, rows, np.concatenate(new_sel))
         self.stats.pages_total += layout.size
         self.stats.image_bytes += layout.size * PAGE_SIZE
         self.stats.pages_changed += changed_total
@@ -376,6 +399,37 @@ class DeltaEncoder:
             return (KIND_PAGES_LZ4, name, meta, data)
         self.stats.wire_page_bytes += len(data)
         return (KIND_PAGES, name, meta, data)
+
+    def _xor_chunks(self, name: str, layout: Vaddrs, rows: Rows, old_rows: Rows | None,
+                    sel: npt.NDArray[np.intp], base: npt.NDArray[np.intp]) -> list[Chunk]:
+        """Pages the backup holds a version of (the page at the same vaddr in the
+        base dump): as sparse XOR with that version (delta.KIND_PAGES_XOR), those
+        that changed in most of their words as they are."""
+        assert old_rows is not None  # XOR pages only where there is a base
+        x = np.bitwise_xor(rows[sel], old_rows[base])
+        dense = np.count_nonzero(x, axis=1) > XOR_DENSE_WORDS
+        out = []
+        if bool(dense.any()):
+            out.append(self._chunk(name, layout, rows, sel[dense]))
+            x, sel = x[~dense], sel[~dense]
+        if sel.size:
+            data = encode_xor(x)
+            self.stats.page_bytes += x.nbytes
+            self.stats.wire_page_bytes += len(data)
+            self.stats.pages_xor += sel.size
+            out.append((KIND_PAGES_XOR, name, layout[sel].astype(VADDR_DTYPE).tobytes(), data))
+        return out
+
+
+def _count(parts: list[npt.NDArray[np.intp]]) -> int:
+    return sum(p.size for p in parts)
+
+
+def _split(parts: list[npt.NDArray[np.intp]]) -> tuple[npt.NDArray[np.intp],
+                                                       list[npt.NDArray[np.intp]]]:
+    """The first MAX_CHUNK_PAGES entries, and the rest as a one-part list."""
+    whole = np.concatenate(parts)
+    return whole[:MAX_CHUNK_PAGES], [whole[MAX_CHUNK_PAGES:]]
 
 
 class _Bundle:
@@ -405,21 +459,26 @@ class _Bundle:
 
 def _changed_rows(
     block: Rows, vaddrs: Vaddrs, prev: _Prev, old_rows: Rows, same_layout: bool, start: int
-) -> npt.NDArray[np.intp]:
-    """Indices (relative to the block) of pages that are new or differ."""
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Indices (relative to the block) of pages that are new or differ, and for
+    each its row in old_rows (the previous version, which the backup holds), -1
+    for a new page."""
     if same_layout:
         old = old_rows[start : start + block.shape[0]]
-        return np.flatnonzero((block != old).any(axis=1))
+        rel = np.flatnonzero((block != old).any(axis=1))
+        return rel, start + rel
     idx = images.lookup(prev.index, vaddrs)
     matched = idx >= 0
     if bool(matched.all()) and _contiguous(idx):
         # a shifted but unbroken run of the old file: slice, don't gather
         old = old_rows[int(idx[0]) : int(idx[-1]) + 1]
-        return np.flatnonzero((block != old).any(axis=1))
+        rel = np.flatnonzero((block != old).any(axis=1))
+        return rel, int(idx[0]) + rel
     differs = ~matched
     if bool(matched.any()):
         differs[matched] = (block[matched] != old_rows[idx[matched]]).any(axis=1)
-    return np.flatnonzero(differs)
+    rel = np.flatnonzero(differs)
+    return rel, idx[rel]
 
 
 def _contiguous(idx: npt.NDArray[np.intp]) -> bool:

@@ -19,10 +19,19 @@ place (same layout: the same bytes at the same offsets, so redoing it after
 a crash is harmless) or builds ``pages/P.<epoch>.img`` in the new layout,
 its ``.vaddrs`` first, and renames it in: its existence means "done" when
 the epoch is applied again.
+
+XOR pages (KIND_PAGES_XOR) are the words in which the new page differs
+from the one the store holds. Building a new file reads the old one, which stays untouched
+until the rename. Patching in place would not survive a redo (the second
+XOR undoes the first), so the resolved pages are written first to
+``pages/.P.<generation>-<epoch>.resolved`` and a redo takes them from
+there; forget_resolved() removes these once the store has recorded the
+epoch as applied.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +41,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from remus.checkpoint import images
-from remus.checkpoint.delta import Manifest, decode_pages
-from remus.checkpoint.images import PAGE_SIZE, Vaddrs
+from remus.checkpoint.delta import KIND_PAGES_XOR, VADDR_DTYPE, Manifest, decode_pages, decode_xor
+from remus.checkpoint.images import PAGE_SIZE, PAGE_WORDS, Vaddrs
 from remus.checkpoint.redo import LogRecord, RedoLog
 from remus.errors import CheckpointError
 
@@ -83,17 +92,27 @@ class PagesDir:
         self._files = {name: self._load_pages_file(name, e) for name, e in newest.items()}
 
     def apply_pagemap(
-        self, redo: RedoLog, name: str, layout: Vaddrs, recs: list[LogRecord], epoch: int
+        self, redo: RedoLog, name: str, layout: Vaddrs, recs: list[LogRecord],
+        position: tuple[int, int],
     ) -> None:
-        """Bring the pages of ``name`` to ``layout`` with the page records ``recs``."""
+        """Bring the pages of ``name`` to ``layout`` with the page records ``recs``
+        of the epoch at ``position`` (generation, epoch)."""
+        generation, epoch = position
         target = self.path / f"{name}.{epoch}.img"
         cur = self._files.get(name)
         if target.exists():  # built before a crash
             self._files[name] = self._load_pages_file(name, epoch)
         elif cur is not None and np.array_equal(cur.layout, layout):
-            self._patch_in_place(redo, cur, recs)
+            sidecar = self.path / f".{name}.{generation}-{epoch}.resolved"
+            self._patch_in_place(redo, cur, recs, sidecar)
         else:
             self._build(redo, name, layout, recs, cur, target, epoch)
+
+    def forget_resolved(self) -> None:
+        """Remove the resolved XOR pages of applied epochs (call once the store
+        has recorded the epoch as applied: a redo before that needs them)."""
+        for p in self.path.glob(".*.resolved"):
+            p.unlink(missing_ok=True)
 
     def link(self, images_dir: Path, manifest: Manifest) -> None:
         """Point images_dir/pages-N.img of each pagemap at its current pages file."""
@@ -114,7 +133,7 @@ class PagesDir:
         keep = {f.path.name for f in self._files.values()}
         keep |= {f.path.with_suffix(".vaddrs").name for f in self._files.values()}
         for p in _pages_first(self.path):
-            if p.name not in keep:
+            if p.name not in keep and not p.name.endswith(".resolved"):
                 self._hook(f"unlink pages/{p.name}")
                 p.unlink()
 
@@ -126,17 +145,76 @@ class PagesDir:
         """Forget every pages file (the store has wiped pages/)."""
         self._files = {}
 
-    def _patch_in_place(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord]) -> None:
-        # Same bytes at the same offsets: redoing this after a crash is harmless.
+    def _patch_in_place(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord],
+                        sidecar: Path) -> None:
+        # Same bytes at the same offsets: redoing this after a crash is harmless,
+        # XOR pages included, since they come resolved from the sidecar.
+        xor = [r for r in recs if r.kind == KIND_PAGES_XOR]
+        resolved = self._resolve(redo, cur, xor, sidecar) if xor else []
         fd = os.open(cur.path, os.O_WRONLY)
         try:
-            for rec in recs:
-                vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+            plain = [decode_pages(r.kind, r.meta, redo.data(r))
+                     for r in recs if r.kind != KIND_PAGES_XOR]
+            for vaddrs, data in plain + resolved:
                 self._write_pages(fd, images.lookup(cur.index, vaddrs), data, cur.path.name)
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+    def _resolve(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord],
+                 sidecar: Path) -> list[tuple[Vaddrs, bytes]]:
+        """The full pages of XOR records against ``cur``, kept in ``sidecar``
+        (written once, before ``cur`` changes; read back on a redo)."""
+        if sidecar.exists():
+            raw = sidecar.read_bytes()
+            (n,) = np.frombuffer(raw[:8], dtype=VADDR_DTYPE)
+            vaddrs = np.frombuffer(raw[8 : 8 + 8 * int(n)], dtype=VADDR_DTYPE).astype(np.uint64)
+            data = raw[8 + 8 * int(n):]
+            if len(data) != vaddrs.size * PAGE_SIZE:
+                raise CheckpointError(f"{sidecar.name}: {len(data)} bytes for {vaddrs.size} pages")
+            return [(vaddrs, data)]
+        out = []
+        for rec in recs:
+            vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
+            old = np.frombuffer(bytearray(self._read_pages(cur, vaddrs)), dtype=np.uint64)
+            old[pos] ^= words
+            out.append((vaddrs, old.tobytes()))
+        vaddrs = np.concatenate([v for v, _ in out]) if out else np.empty(0, np.uint64)
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        self._hook(f"resolve {sidecar.name}")
+        with open(tmp, "wb") as f:
+            f.write(np.array([vaddrs.size], dtype=VADDR_DTYPE).tobytes())
+            f.write(vaddrs.astype(VADDR_DTYPE).tobytes())
+            for _, data in out:
+                f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, sidecar)
+        return out
+
+    def _read_pages(self, cur: _PagesFile, vaddrs: Vaddrs) -> bytes:
+        """The pages at ``vaddrs`` in the current file ``cur`` (the base of XOR pages),
+        gathered through a read-only mapping (one numpy operation, not a read per run)."""
+        idx = images.lookup(cur.index, vaddrs)
+        if bool((idx < 0).any()):
+            raise CheckpointError(f"{cur.path.name}: an XOR page at a vaddr the store "
+                                  "does not hold")
+        fd = os.open(cur.path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < cur.layout.size * PAGE_SIZE:
+                raise CheckpointError(f"{cur.path.name}: shorter than its layout")
+            mm = mmap.mmap(fd, cur.layout.size * PAGE_SIZE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        try:
+            rows = np.frombuffer(mm, dtype=np.uint64).reshape(-1, PAGE_WORDS)
+            out = rows[idx].tobytes()
+            del rows
+        finally:
+            mm.close()
+        return out
+
     def _build(
         self,
         redo: RedoLog,
@@ -152,19 +230,35 @@ class PagesDir:
         self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
         tmp = target.with_name(f".{target.name}.tmp")
         self._hook(f"build {target.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, layout.size * PAGE_SIZE)
             covered = np.zeros(layout.size, dtype=bool)
+            from_old = covered.copy()
             if cur is not None:
                 old_idx = images.lookup(cur.index, layout)
-                covered |= old_idx >= 0
+                from_old = old_idx >= 0
+                covered |= from_old
                 self._copy_runs(cur.path, fd, old_idx)
+            xor = []
             for rec in recs:
+                if rec.kind == KIND_PAGES_XOR:
+                    vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
+                    idx = images.lookup(index, vaddrs)
+                    # The old version is already in place (copied above): XOR it there.
+                    if bool((idx < 0).any()) or not bool(from_old[idx].all()):
+                        raise CheckpointError(f"epoch {epoch}: XOR pages of {name} at vaddrs "
+                                              "the store does not hold")
+                    xor.append((idx[pos // PAGE_WORDS] * PAGE_WORDS + pos % PAGE_WORDS, words))
+                    self.stats.pages_written += idx.size
+                    continue
                 vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
                 idx = images.lookup(index, vaddrs)
                 self._write_pages(fd, idx, data, target.name)
                 covered[idx] = True
+            if xor:
+                self._hook(f"xor {target.name}")
+                _xor_in_place(fd, layout.size, xor)
             if not covered.all():
                 raise CheckpointError(
                     f"epoch {epoch} lacks {int((~covered).sum())} pages of {name}"
@@ -211,3 +305,27 @@ def _pages_first(pages_dir: Path) -> list[Path]:
     exists without its layout, whatever point a crash interrupts.
     """
     return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")
+
+
+def _xor_in_place(fd: int, nr_pages: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """XOR words into the file: each part is (u64 word positions in the file, words).
+    The pages they fall in are read (a pread per run of pages), XORed in memory and
+    written back; no shared mapping (whose faults and unmap cost more, measured)."""
+    if not parts:
+        return
+    pos = np.concatenate([p for p, _ in parts])
+    words = np.concatenate([w for _, w in parts])
+    pages, where = np.unique(pos // PAGE_WORDS, return_inverse=True)
+    if pages.size and int(pages[-1]) >= nr_pages:
+        raise CheckpointError("XOR words beyond the pages file")
+    buf = np.empty((pages.size, PAGE_WORDS), dtype=np.uint64)
+    runs = images.page_runs(pages.astype(np.intp))
+    view = memoryview(buf.data).cast("B")
+    for start, first, n in runs:
+        got = os.preadv(fd, [view[start * PAGE_SIZE : (start + n) * PAGE_SIZE]],
+                        first * PAGE_SIZE)
+        if got != n * PAGE_SIZE:
+            raise CheckpointError("pages file shorter than its layout")
+    buf.reshape(-1)[where * PAGE_WORDS + pos % PAGE_WORDS] ^= words
+    for start, first, n in runs:
+        os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 from remus.checkpoint import images
 from remus.checkpoint.delta import (
     KIND_FILE,
+    KIND_FILE_LZ4,
     KIND_FILES,
     KIND_MANIFEST,
-    KIND_PAGES,
-    KIND_PAGES_LZ4,
+    MAX_FILE_BYTES,
+    PAGE_KINDS,
     Manifest,
     check_file_name,
+    decompress,
     unbundle,
 )
 from remus.checkpoint.redo import LogHeader, Record, RedoWriter
@@ -65,12 +67,15 @@ class StagedEpoch:
                 self._names.append((KIND_FILE, fname))
                 self._writer.append(Record(KIND_FILE, fname, b"", fdata))
             return
+        if kind == KIND_FILE_LZ4:
+            check_file_name(name)
+            kind, data = KIND_FILE, decompress(data, MAX_FILE_BYTES, f"file {name}")
         record = Record(kind, name, meta, data)
         if kind == KIND_MANIFEST:
             self._manifest = Manifest.from_json(meta).validated()
         elif kind == KIND_FILE:
             check_file_name(name)
-        elif kind in (KIND_PAGES, KIND_PAGES_LZ4):
+        elif kind in PAGE_KINDS:
             if not images.is_pagemap(name):
                 raise ProtocolError(f"page record for {name!r}, not a pagemap")
         elif kind in self._handlers:
@@ -90,7 +95,7 @@ class StagedEpoch:
             raise ProtocolError(f"epoch {self.header.epoch} has no manifest")
         for kind, name in self._names:
             if (kind == KIND_FILE and name not in m.files) or (
-                kind in (KIND_PAGES, KIND_PAGES_LZ4) and name not in m.pagemaps
+                kind in PAGE_KINDS and name not in m.pagemaps
             ):
                 raise ProtocolError(f"{name} was sent but is not in the manifest")
         writer, self._writer = self._writer, None

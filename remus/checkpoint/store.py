@@ -36,10 +36,10 @@ from remus import faults
 from remus.checkpoint import pagemap
 from remus.checkpoint.delta import (
     KIND_FILE,
+    KIND_FILE_LZ4,
     KIND_FILES,
     KIND_MANIFEST,
-    KIND_PAGES,
-    KIND_PAGES_LZ4,
+    PAGE_KINDS,
     Manifest,
 )
 from remus.checkpoint.pages_dir import PagesDir
@@ -114,7 +114,7 @@ class CheckpointStore:
 
     def register_kind(self, kind: int, handler: KindHandler) -> None:
         """Route records of ``kind`` (16 and up: disk deltas) to ``handler``."""
-        if kind in (KIND_FILE, KIND_FILES, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST) or kind <= 0:
+        if kind in (KIND_FILE, KIND_FILES, KIND_FILE_LZ4, *PAGE_KINDS, KIND_MANIFEST) or kind <= 0:
             raise ValueError(f"kind {kind} is reserved")
         self.handlers[kind] = handler
 
@@ -245,9 +245,10 @@ class CheckpointStore:
             if pm.pages_name != info.pages:
                 raise CheckpointError(f"{name}: pages file {pm.pages_name}, manifest {info.pages}")
             pages_recs = [
-                r for r in redo.records if r.name == name and r.kind in (KIND_PAGES, KIND_PAGES_LZ4)
+                r for r in redo.records if r.name == name and r.kind in PAGE_KINDS
             ]
-            self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs, h.epoch)
+            self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs,
+                                          (h.generation, h.epoch))
         faults.point("backup-apply")  # pages written, files not yet: a half-applied epoch
         for name, rec in files.items():
             data = redo.data(rec)
@@ -260,6 +261,7 @@ class CheckpointStore:
         self._fsync_dir(self._images)
         self._fsync_dir(self._pages)
         self._write_state((h.generation, h.epoch))
+        self._pages_dir.forget_resolved()  # a redo of this epoch no longer happens
         self.applying = None
         self.stats.epochs_applied += 1
         self.stats.seconds = time.perf_counter() - t0
@@ -275,7 +277,7 @@ class CheckpointStore:
     def _apply_handlers(self, redo: RedoLog) -> None:
         by_kind: dict[int, list[Record]] = {}
         for r in redo.records:
-            if r.kind not in (KIND_FILE, KIND_PAGES, KIND_PAGES_LZ4, KIND_MANIFEST):
+            if r.kind not in (KIND_FILE, *PAGE_KINDS, KIND_MANIFEST):
                 by_kind.setdefault(r.kind, []).append(redo.load(r))
         for kind, recs in by_kind.items():
             handler = self.handlers.get(kind)

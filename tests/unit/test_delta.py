@@ -19,9 +19,13 @@ from remus.checkpoint.delta import (
     KIND_MANIFEST,
     KIND_PAGES,
     KIND_PAGES_LZ4,
+    KIND_PAGES_XOR,
+    PAGE_KINDS,
     Chunk,
     Manifest,
     decode_pages,
+    decompress,
+    encode_xor,
     files_of,
     unbundle,
 )
@@ -66,11 +70,16 @@ def decode(prev: Model | None, chunks: list[Chunk]) -> tuple[Model, dict[str, se
     sent_files = dict(f for c in chunks for f in files_of(c))
     sent: dict[str, dict[int, bytes]] = {}
     for kind, name, meta, data in chunks:
-        if kind in (KIND_PAGES, KIND_PAGES_LZ4):
+        if kind in PAGE_KINDS:
             vaddrs, raw = decode_pages(kind, meta, data)
             for i, v in enumerate(vaddrs):
                 assert int(v) not in sent.setdefault(name, {}), "page sent twice"
-                sent[name][int(v)] = raw[i * PAGE : (i + 1) * PAGE]
+                pg = raw[i * PAGE : (i + 1) * PAGE]
+                if kind == KIND_PAGES_XOR:  # against what the backup holds at v
+                    assert prev is not None, "XOR page in a full checkpoint"
+                    old = np.frombuffer(prev.maps[name][1][int(v)], dtype=np.uint64)
+                    pg = (np.frombuffer(pg, dtype=np.uint64) ^ old).tobytes()
+                sent[name][int(v)] = pg
     pages_names = {p.pages for p in manifest.pagemaps.values()}
     out = Model()
     for name in manifest.files:
@@ -271,11 +280,81 @@ def test_lz4_round_trip(tmp_path: Path) -> None:
     r.step(m, full=True)
     assert {c[0] for c in r.chunks} == {KIND_FILES, KIND_PAGES_LZ4, KIND_MANIFEST}
     m2 = m.copy()
-    m2.maps["pagemap-1.img"][1][BASE + 2 * PAGE] = b"\0" * PAGE
-    assert r.step(m2) == {"pagemap-1.img": {BASE + 2 * PAGE}}
+    new_vaddr = BASE + 1000 * PAGE  # the backup holds no version of it: plain lz4
+    m2.maps["pagemap-1.img"][1][new_vaddr] = b"\0" * PAGE
+    assert r.step(m2) == {"pagemap-1.img": {new_vaddr}}
+    assert [c[0] for c in r.chunks if c[1] == "pagemap-1.img"][-1] == KIND_PAGES_LZ4
     assert r.enc.stats.wire_page_bytes < 100 < r.enc.stats.page_bytes
     with pytest.raises(ProtocolError):
         decode_pages(KIND_PAGES_LZ4, b"\0" * 8, b"not lz4")
+
+
+@pytest.mark.parametrize("block_pages", [1024, 16])  # 16: blocks of the same, shifted, new
+def test_changed_pages_go_as_xor_with_the_backups_version(tmp_path: Path, block_pages: int) -> None:
+    r = Run(tmp_path, compress=True, block_pages=block_pages)
+    m = base_model()
+    r.step(m, full=True)
+    for step in range(3):
+        m2 = m.copy()
+        pages = m2.maps["pagemap-1.img"][1]
+        for i in range(0, 300, 7):  # a few bytes of many pages, as a busy server does
+            pg = bytearray(pages[BASE + i * PAGE])
+            pg[100 + step] ^= 0xFF
+            pg[3000] = step
+            pages[BASE + i * PAGE] = bytes(pg)
+        pages[BASE + (step + 1) * PAGE] = b"\0" * PAGE  # wholly rewritten: still exact
+        del pages[BASE + (299 - step) * PAGE]  # the layout moves too
+        pages[BASE + (500 + step) * PAGE] = page(77 + step)  # and grows
+        r.step(m2)  # decode() applies each XOR page to the previous model's page
+        assert KIND_PAGES_XOR in {c[0] for c in r.chunks}
+        assert r.enc.stats.pages_xor >= 40
+        # ~45 changed pages of 4 KiB, the new one random: the rest is a few bytes each
+        assert r.enc.stats.wire_page_bytes < 2 * PAGE + 2000 < r.enc.stats.page_bytes
+        m = m2
+    m2 = m.copy()  # the same layout: the encoder compares in place
+    pages = m2.maps["pagemap-1.img"][1]
+    for v in list(pages)[::5]:
+        pages[v] = pages[v][:10] + b"xyz" + pages[v][13:]
+    r.step(m2)
+    assert r.enc.stats.pages_xor >= 40
+    m = m2
+    r.step(m, full=True)
+    assert KIND_PAGES_XOR not in {c[0] for c in r.chunks}  # a full checkpoint has no base
+    plain = Run(tmp_path / "plain", compress=False)
+    (tmp_path / "plain").mkdir()
+    plain.step(base_model(), full=True)
+    plain.step(m)
+    assert KIND_PAGES_XOR not in {c[0] for c in plain.chunks}  # --no-compress: pages as they are
+
+
+def test_damaged_or_oversized_lz4_is_refused() -> None:
+    import lz4.frame
+    big = lz4.frame.compress(b"\0" * (3 * PAGE))
+    with pytest.raises(ProtocolError):  # says 3 pages of data for 1 vaddr
+        decode_pages(KIND_PAGES_LZ4, b"\0" * 8, big)
+    with pytest.raises(ProtocolError):
+        decode_pages(KIND_PAGES_LZ4, b"\0" * 24, big[:-5])
+    assert decompress(big, 3 * PAGE, "x") == b"\0" * (3 * PAGE)
+    with pytest.raises(ProtocolError):
+        decompress(big, 3 * PAGE - 1, "x")
+
+
+def test_sparse_xor_round_trip_and_refusals() -> None:
+    x = np.zeros((3, 512), dtype=np.uint64)
+    x[0, 5], x[2, 511], x[1, 0] = 7, 2**64 - 1, 1
+    data = encode_xor(x)
+    meta = np.array([BASE, BASE + PAGE, BASE + 9 * PAGE], dtype="<u8").tobytes()
+    vaddrs, raw = decode_pages(KIND_PAGES_XOR, meta, data)
+    assert raw == x.tobytes() and len(data) == 4 + 12 * 3
+    bad_pos = bytearray(data)
+    bad_pos[4:8] = (3 * 512).to_bytes(4, "little")  # outside the 3 pages (and unsorted)
+    unsorted = bytearray(data)
+    unsorted[4:12] = unsorted[8:12] + unsorted[4:8]
+    for bad in (data[:-1], data + b"\0", b"", bytes(bad_pos), bytes(unsorted)):
+        with pytest.raises(ProtocolError):
+            decode_pages(KIND_PAGES_XOR, meta, bad)
+    with pytest.raises(ProtocolError):
+        decode_pages(KIND_PAGES_XOR, meta[:-8], data)  # a word of a page not listed
 
 
 def test_abandoned_encode_keeps_the_base(tmp_path: Path) -> None:
@@ -434,3 +513,17 @@ def test_layout_helpers() -> None:
         images.sorted_index(np.array([PAGE, PAGE], dtype=np.uint64))
     idx = np.array([4, 5, 6, -1, 9, 10, 3, -1], dtype=np.intp)
     assert images.page_runs(idx) == [(0, 4, 3), (4, 9, 2), (6, 3, 1)]
+
+
+def test_big_files_go_compressed_and_arrive_plain(tmp_path: Path) -> None:
+    from remus.checkpoint.delta import KIND_FILE_LZ4
+    r = Run(tmp_path, compress=True)
+    m = base_model()
+    m.files["remus-tcp-streams.img"] = b"*3\r\n$3\r\nSET\r\n" * 20_000  # > BUNDLE_FILE_MAX
+    r.step(m, full=True)  # decode() reads it through files_of
+    (big,) = [c for c in r.chunks if c[1] == "remus-tcp-streams.img"]
+    assert big[0] == KIND_FILE_LZ4 and len(big[3]) < len(m.files["remus-tcp-streams.img"]) // 10
+    plain = Run(tmp_path / "p", compress=False)
+    (tmp_path / "p").mkdir()
+    plain.step(m, full=True)
+    assert [c[0] for c in plain.chunks if c[1] == "remus-tcp-streams.img"] == [KIND_FILE]

@@ -121,12 +121,13 @@ def test_in_place_epoch_writes_only_changed_pages(tmp_path: Path) -> None:
     assert_same(store, dumps[1])
 
 
-def commit_pending(tmp_path: Path, upto: int) -> tuple[Path, list[Path]]:
-    """A store with dumps[:upto] applied and dumps[upto] committed, unapplied."""
+def commit_pending(tmp_path: Path, upto: int, compress: bool = False) -> tuple[Path, list[Path]]:
+    """A store with dumps[:upto] applied and dumps[upto] committed, unapplied
+    (compress: changed pages travel as XOR with the store's version)."""
     dumps = evolution(tmp_path)
     work = tmp_path / "store"
     store = new_store(work)
-    enc = DeltaEncoder()
+    enc = DeltaEncoder(compress=compress)
     for epoch, d in enumerate(dumps[: upto + 1]):
         ship(store, enc, d, 1, epoch)
         if epoch < upto:
@@ -149,9 +150,10 @@ def crash_after(k: int) -> Callable[[str], None]:
     return hook
 
 
+@pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("epoch", [1, 2, 3, 4, 5])
-def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int) -> None:
-    work, dumps = commit_pending(tmp_path, epoch)
+def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int, compress: bool) -> None:
+    work, dumps = commit_pending(tmp_path, epoch, compress)
     writes: list[str] = []
     probe = tmp_path / "probe"
     shutil.copytree(work, probe, symlinks=True)
@@ -471,3 +473,16 @@ def test_only_an_open_staged_epoch_is_abandoned(tmp_path: Path,
         assert "abandoning" not in caplog.text
         store.begin(3, 0, -1, True)  # this one was still open: it is thrown away, said once
     assert caplog.text.count("abandoning unfinished epoch 0") == 1 and not left_open.open
+
+
+def test_compressed_files_and_xor_pages_round_trip(tmp_path: Path) -> None:
+    dumps = evolution(tmp_path)
+    big = b"+OK\r\n" * 40_000  # an image file above the bundle size: sent as KIND_FILE_LZ4
+    (dumps[1] / "remus-tcp-streams.img").write_bytes(big)
+    store = new_store(tmp_path / "store")
+    enc = DeltaEncoder(compress=True)
+    for epoch, d in enumerate(dumps[:3]):
+        ship(store, enc, d, 1, epoch)
+        store.apply_pending()
+        assert_same(store, d)
+    assert not list((tmp_path / "store" / "pages").glob(".*.resolved"))  # forgotten once applied
