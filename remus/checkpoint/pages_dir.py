@@ -31,7 +31,6 @@ epoch as applied.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,11 +173,19 @@ class PagesDir:
                 raise CheckpointError(f"{sidecar.name}: {len(data)} bytes for {vaddrs.size} pages")
             return [(vaddrs, data)]
         out = []
-        for rec in recs:
-            vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
-            old = np.frombuffer(bytearray(self._read_pages(cur, vaddrs)), dtype=np.uint64)
-            old[pos] ^= words
-            out.append((vaddrs, old.tobytes()))
+        fd = os.open(cur.path, os.O_RDONLY)
+        try:
+            for rec in recs:
+                vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
+                idx = images.lookup(cur.index, vaddrs)
+                if bool((idx < 0).any()):
+                    raise CheckpointError(f"{cur.path.name}: an XOR page at a vaddr the store "
+                                          "does not hold")
+                pages = _pread_pages(fd, idx)
+                pages.reshape(-1)[pos] ^= words
+                out.append((vaddrs, pages.tobytes()))
+        finally:
+            os.close(fd)
         vaddrs = np.concatenate([v for v, _ in out]) if out else np.empty(0, np.uint64)
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         self._hook(f"resolve {sidecar.name}")
@@ -191,28 +198,6 @@ class PagesDir:
                 f.flush()
                 os.fsync(f.fileno())
         os.rename(tmp, sidecar)
-        return out
-
-    def _read_pages(self, cur: _PagesFile, vaddrs: Vaddrs) -> bytes:
-        """The pages at ``vaddrs`` in the current file ``cur`` (the base of XOR pages),
-        gathered through a read-only mapping (one numpy operation, not a read per run)."""
-        idx = images.lookup(cur.index, vaddrs)
-        if bool((idx < 0).any()):
-            raise CheckpointError(f"{cur.path.name}: an XOR page at a vaddr the store "
-                                  "does not hold")
-        fd = os.open(cur.path, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size < cur.layout.size * PAGE_SIZE:
-                raise CheckpointError(f"{cur.path.name}: shorter than its layout")
-            mm = mmap.mmap(fd, cur.layout.size * PAGE_SIZE, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        try:
-            rows = np.frombuffer(mm, dtype=np.uint64).reshape(-1, PAGE_WORDS)
-            out = rows[idx].tobytes()
-            del rows
-        finally:
-            mm.close()
         return out
 
     def _build(
@@ -307,10 +292,25 @@ def _pages_first(pages_dir: Path) -> list[Path]:
     return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")
 
 
+def _pread_pages(fd: int, idx: np.ndarray) -> np.ndarray:
+    """The pages at page indices ``idx`` of the file, in that order (pages x 512 u64):
+    a preadv per run of consecutive pages. The GIL is released in every read, so
+    the backup's receiver and detector run between them even on a large epoch
+    (a gather through a mapping of the file faulted page by page holding it)."""
+    buf = np.empty((idx.size, PAGE_WORDS), dtype=np.uint64)
+    view = memoryview(buf.data).cast("B")
+    for start, first, n in images.page_runs(idx):
+        got = os.preadv(fd, [view[start * PAGE_SIZE : (start + n) * PAGE_SIZE]],
+                        first * PAGE_SIZE)
+        if got != n * PAGE_SIZE:
+            raise CheckpointError("pages file shorter than its layout")
+    return buf
+
+
 def _xor_in_place(fd: int, nr_pages: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """XOR words into the file: each part is (u64 word positions in the file, words).
-    The pages they fall in are read (a pread per run of pages), XORed in memory and
-    written back; no shared mapping (whose faults and unmap cost more, measured)."""
+    The pages they fall in are read (_pread_pages), XORed in memory and written
+    back; no shared mapping (whose faults and unmap cost more, measured)."""
     if not parts:
         return
     pos = np.concatenate([p for p, _ in parts])
@@ -318,14 +318,9 @@ def _xor_in_place(fd: int, nr_pages: int, parts: list[tuple[np.ndarray, np.ndarr
     pages, where = np.unique(pos // PAGE_WORDS, return_inverse=True)
     if pages.size and int(pages[-1]) >= nr_pages:
         raise CheckpointError("XOR words beyond the pages file")
-    buf = np.empty((pages.size, PAGE_WORDS), dtype=np.uint64)
-    runs = images.page_runs(pages.astype(np.intp))
-    view = memoryview(buf.data).cast("B")
-    for start, first, n in runs:
-        got = os.preadv(fd, [view[start * PAGE_SIZE : (start + n) * PAGE_SIZE]],
-                        first * PAGE_SIZE)
-        if got != n * PAGE_SIZE:
-            raise CheckpointError("pages file shorter than its layout")
+    pages = pages.astype(np.intp)
+    buf = _pread_pages(fd, pages)
     buf.reshape(-1)[where * PAGE_WORDS + pos % PAGE_WORDS] ^= words
-    for start, first, n in runs:
+    view = memoryview(buf.data).cast("B")
+    for start, first, n in images.page_runs(pages):
         os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from remus.checkpoint import images, pagemap
-from remus.checkpoint.delta import KIND_FILE, KIND_FILES, KIND_MANIFEST, Manifest
+from remus.checkpoint.delta import KIND_FILE, KIND_FILES, KIND_MANIFEST, KIND_PAGES_XOR, Manifest
 from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.redo import Record
 from remus.checkpoint.store import CheckpointStore
@@ -486,3 +486,47 @@ def test_compressed_files_and_xor_pages_round_trip(tmp_path: Path) -> None:
         store.apply_pending()
         assert_same(store, d)
     assert not list((tmp_path / "store" / "pages").glob(".*.resolved"))  # forgotten once applied
+
+
+def test_sparse_xor_in_place_survives_a_crash_anywhere(tmp_path: Path) -> None:
+    """Pages changed in a few words, same layout: the store patches in place from
+    resolved XOR pages; a crash at any write, then a redo, must not XOR twice."""
+    heap = {BASE + i * PAGE: page(i) for i in range(64)}
+    files = {"core-1.img": b"core", "inventory.img": b"inv"}
+    d0 = write_dump(tmp_path / "d0", files, {"pagemap-1.img": (1, heap)})
+    heap2 = dict(heap)
+    for i in range(0, 64, 3):
+        pg = bytearray(heap2[BASE + i * PAGE])
+        pg[8 * i : 8 * i + 3] = b"new"
+        heap2[BASE + i * PAGE] = bytes(pg)
+    d1 = write_dump(tmp_path / "d1", files, {"pagemap-1.img": (1, heap2)})
+    work = tmp_path / "store"
+    store = new_store(work)
+    enc = DeltaEncoder(compress=True)
+    ship(store, enc, d0, 1, 0)
+    store.apply_pending()
+    staged = store.begin(1, 1, 0, False)
+    kinds = []
+    for chunk in enc.encode(d1, False):
+        kinds.append(chunk[0])
+        staged.add(*chunk)
+    staged.commit()
+    assert KIND_PAGES_XOR in kinds
+    writes: list[str] = []
+    probe = tmp_path / "probe"
+    shutil.copytree(work, probe, symlinks=True)
+    s = new_store_no_apply(probe)
+    s.on_write = writes.append
+    s.apply_pending()
+    assert_same(s, d1)
+    assert any(w.startswith("resolve") for w in writes), writes
+    for k in range(len(writes)):
+        trial = tmp_path / f"trial{k}"
+        shutil.copytree(work, trial, symlinks=True)
+        s = new_store_no_apply(trial)
+        s.on_write = crash_after(k)
+        with pytest.raises(Crash):
+            s.apply_pending()
+        s2 = new_store(trial)
+        assert s2.committed() == (1, 1)
+        assert_same(s2, d1)
