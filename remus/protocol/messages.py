@@ -32,7 +32,9 @@ import xxhash
 
 from remus.protocol.frames import Buffer, LocalProtocolError, RemoteProtocolError, nbytes
 
-PROTOCOL_VERSION = 4  # 3: HANDOVER (planned switchover); 4: sealed frames, X25519 in HELLO/WELCOME
+PROTOCOL_VERSION = 5  # 3: HANDOVER (planned switchover); 4: sealed frames, X25519 in HELLO/WELCOME;
+#                        5: chunk kinds KIND_PAGES_XOR, KIND_FILE_LZ4 and the TCP streams bundle
+#                        (an older backup would refuse them mid-epoch; refused at HELLO instead)
 DIGEST_SIZE = 16
 
 # Byte fields at least this big become their own buffer instead of being
