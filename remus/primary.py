@@ -296,18 +296,19 @@ class Primary(BackupSession, Handover, Coordinated):
             self.buffer.hold_inbound(False)
         self.chain.dumped(d)
         split = res.split()
+        pause_ms = res.freezing_ms + res.frozen_ms  # seize to thaw
         self.marks.setdefault(e, {}).update(dumped=time.time(), split=split,
-                                            pause_ms=round(res.freezing_ms + res.frozen_ms, 3))
+                                            pause_ms=round(pause_ms, 3))
         self.epoch = e + 1
         self.failed_dumps = 0
         self.dumped_once = True
-        self.pause.add(res.freezing_ms + res.frozen_ms)  # seize to thaw
+        self.pause.add(pause_ms)
         self.dump_wall.add(res.wall_ms)
         self.dumped_pages.add(float(res.pages_written))
         for k, v in split.items():
             self.frozen_split.setdefault(k, Series(500)).add(v)
         self.sendq.put((e, d, parent, disk))
-        return res.freezing_ms + res.frozen_ms
+        return pause_ms
 
     # -- sender ---------------------------------------------------------------
     def _send_loop(self) -> None:

@@ -252,4 +252,3 @@ def check_file_name(name: str) -> None:
         or images.is_pages(name)
     ):
         raise ProtocolError(f"bad image file name {name!r}")
-

@@ -165,8 +165,6 @@ class DeltaEncoder:
         # and timestamp span, and what the backup holds (see _held_bundle).
         self._prev_records: dict[int, tuple[bytes, Span | None]] = {}
         self._prev_held: dict[int, tcp_stream.HeldStream] = {}
-        self._records: dict[int, tuple[bytes, Span | None]] = {}
-        self._held: dict[int, tcp_stream.HeldStream] = {}
 
     @property
     def base_dir(self) -> Path | None:
@@ -208,7 +206,6 @@ class DeltaEncoder:
         stats = DeltaStats(full=full)
         self.stats = stats
         names = images.list_images(dump_dir)
-        self._records, self._held = {}, {}
         files: dict[str, FileInfo] = {}
         maps: dict[str, _Prev] = {}
         parsed = {n: pagemap.read_pagemap(dump_dir / n) for n in names if images.is_pagemap(n)}
@@ -223,6 +220,8 @@ class DeltaEncoder:
         pages_names = {info.pages for info in pagemaps.values()}
         bundle = _Bundle()
         streams: dict[str, tuple[bytes, Span | None]] = {}
+        records: dict[int, tuple[bytes, Span | None]] = {}  # bundled, as _prev_records
+        held_streams: dict[int, tcp_stream.HeldStream] = {}  # as _prev_held
         for name in names:
             if name in pages_names:
                 continue
@@ -230,7 +229,8 @@ class DeltaEncoder:
             data = (parsed[name].flattened() if name in full_layouts
                     else images.read_image(os.path.join(dump_dir, name)))
             if name == tcp_stream.RAW_BUNDLE:
-                held = self._held_bundle(data, full, os.stat(dump_dir / name).st_mtime_ns)
+                held = self._held_bundle(data, full, os.stat(dump_dir / name).st_mtime_ns,
+                                         records, held_streams)
                 if held is None:  # every stream carried: the backup's copy stands
                     files[tcp_stream.HELD_BUNDLE] = self._prev_files[tcp_stream.HELD_BUNDLE]
                     continue
@@ -278,17 +278,20 @@ class DeltaEncoder:
         yield (KIND_MANIFEST, "manifest", Manifest(full, files, pagemaps).to_json(), b"")
         self._prev_dir, self._prev_files, self._prev_maps = dump_dir, files, maps
         self._prev_streams = streams
-        self._prev_held, self._prev_records = self._held, self._records
+        self._prev_held, self._prev_records = held_streams, records
         log.debug(
             "encoded %s: %d/%d pages, %d files, %.1f ms",
             dump_dir, stats.pages_changed, stats.pages_total, stats.files_sent,
             stats.seconds * 1e3,
         )
 
-    def _held_bundle(self, raw: bytes, full: bool, dumped_ns: int) -> bytes | None:
+    def _held_bundle(self, raw: bytes, full: bool, dumped_ns: int,
+                     records: dict[int, tuple[bytes, Span | None]],
+                     held_streams: dict[int, tcp_stream.HeldStream]) -> bytes | None:
         """The held bundle for the backup from a dump's raw one; None when the
         backup's copy stands as it is (every stream in it only had its clock move,
-        and no stream came or went).
+        and no stream came or went). Fills ``records`` and ``held_streams``, which
+        become _prev_records and _prev_held once the encode completes.
 
         Per stream the same rule as _carry_stream: an image that differs from the
         previous dump's only in its timestamp is carried (the backup keeps its copy
@@ -296,25 +299,24 @@ class DeltaEncoder:
         """
         changed = full or tcp_stream.HELD_BUNDLE not in self._prev_files
         dumped_ms = dumped_ns // 1_000_000
-        order = []
         for ino, image in tcp_stream.parse_raw_bundle(raw):
-            if ino in self._records:
+            if ino in records:
                 raise CheckpointError(f"{tcp_stream.RAW_BUNDLE}: inode {ino} twice")
-            order.append(ino)
             prev, held = self._prev_records.get(ino), self._prev_held.get(ino)
             span = None
             if not full and prev is not None and held is not None and len(held.image) == len(image):
                 span = tcp_stream.timestamp_only_change(prev[0], image, prev[1])
-            self._records[ino] = (image, span)
+            records[ino] = (image, span)
             if span is not None and held is not None:
-                self._held[ino] = held
+                held_streams[ino] = held
                 self.stats.streams_carried += 1
             else:
-                self._held[ino] = tcp_stream.HeldStream(ino, image, dumped_ms)
+                held_streams[ino] = tcp_stream.HeldStream(ino, image, dumped_ms)
                 changed = True
-        if not changed and order == list(self._prev_held):
+        # dicts keep the dump order: the same streams in the same order, or a new file
+        if not changed and list(held_streams) == list(self._prev_held):
             return None
-        return tcp_stream.build_held([self._held[i] for i in order], time.time_ns() // 1_000_000)
+        return tcp_stream.build_held(list(held_streams.values()), time.time_ns() // 1_000_000)
 
     def _carry_stream(self, name: str, data: bytes) -> Span | None:
         """The timestamp span if ``data`` differs from the backup's copy of this TCP
@@ -357,19 +359,16 @@ class DeltaEncoder:
             digest.update(block.data)
             if prev is None or old_rows is None:
                 changed = np.arange(start, stop, dtype=np.intp)
-                base = np.full(changed.size, -1, dtype=np.intp)
+                new_sel.append(changed)
             else:
                 rel, base = _changed_rows(block, layout[start:stop], prev, old_rows, same_layout,
                                           start)
                 changed = start + rel
-            changed_total += changed.size
-            if use_xor:
-                held = base >= 0
+                held = base >= 0 if use_xor else np.zeros(changed.size, dtype=bool)
                 xor_sel.append(changed[held])
                 xor_base.append(base[held])
                 new_sel.append(changed[~held])
-            else:
-                new_sel.append(changed)
+            changed_total += changed.size
             while _count(xor_sel) >= MAX_CHUNK_PAGES:
                 sel, xor_sel = _split(xor_sel)
                 bases, xor_base = _split(xor_base)

@@ -21,9 +21,10 @@ its ``.vaddrs`` first, and renames it in: its existence means "done" when
 the epoch is applied again.
 
 XOR pages (KIND_PAGES_XOR) are the words in which the new page differs
-from the one the store holds. Building a new file reads the old one, which stays untouched
-until the rename. Patching in place would not survive a redo (the second
-XOR undoes the first), so the resolved pages are written first to
+from the one the store holds. Building a new file XORs them into the copy
+of the old pages there; the old file stays untouched until the rename.
+Patching in place would not survive a redo (the second XOR undoes the
+first), so the resolved pages are written first to
 ``pages/.P.<generation>-<epoch>.resolved`` and a redo takes them from
 there; forget_resolved() removes these once the store has recorded the
 epoch as applied.
@@ -160,6 +161,7 @@ class PagesDir:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
     def _resolve(self, redo: RedoLog, cur: _PagesFile, recs: list[LogRecord],
                  sidecar: Path) -> list[tuple[Vaddrs, bytes]]:
         """The full pages of XOR records against ``cur``, kept in ``sidecar``

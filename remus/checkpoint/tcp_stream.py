@@ -34,6 +34,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,20 +83,25 @@ class HeldStream:
     dumped_ms: int
 
 
+def _walk(data: bytes, pos: int, rec: struct.Struct, what: str) -> Iterator[tuple[tuple[int, ...],
+                                                                                  bytes]]:
+    """(header fields, body) of each record from ``pos`` on: a ``rec`` header whose
+    first two fields are the inode and the body's length, then the body."""
+    end = len(data)
+    while pos < end:
+        if end - pos < rec.size:
+            raise CheckpointError(f"{what}: truncated record header at byte {pos}")
+        fields = rec.unpack_from(data, pos)
+        pos += rec.size
+        if fields[1] > end - pos:
+            raise CheckpointError(f"{what}: record of inode {fields[0]} runs past the end")
+        yield fields, data[pos : pos + fields[1]]
+        pos += fields[1]
+
+
 def parse_raw_bundle(data: bytes) -> list[tuple[int, bytes]]:
     """(inode, image bytes) of every record of a CRIU bundle, in dump order."""
-    out: list[tuple[int, bytes]] = []
-    pos, end = 0, len(data)
-    while pos < end:
-        if end - pos < _RAW_REC.size:
-            raise CheckpointError(f"{RAW_BUNDLE}: truncated record header at byte {pos}")
-        ino, size = _RAW_REC.unpack_from(data, pos)
-        pos += _RAW_REC.size
-        if size > end - pos:
-            raise CheckpointError(f"{RAW_BUNDLE}: record of inode {ino} runs past the end")
-        out.append((ino, data[pos : pos + size]))
-        pos += size
-    return out
+    return [(f[0], body) for f, body in _walk(data, 0, _RAW_REC, RAW_BUNDLE)]
 
 
 def build_held(streams: list[HeldStream], built_ms: int) -> bytes:
@@ -115,18 +121,8 @@ def parse_held(data: bytes) -> tuple[int, list[HeldStream]]:
     if magic != _HELD_MAGIC or version != 1:
         raise CheckpointError(f"{HELD_BUNDLE}: not a held bundle (magic {magic!r}, "
                               f"version {version})")
-    out: list[HeldStream] = []
-    pos, end = _HELD_HEAD.size, len(data)
-    while pos < end:
-        if end - pos < _HELD_REC.size:
-            raise CheckpointError(f"{HELD_BUNDLE}: truncated record header at byte {pos}")
-        ino, size, dumped = _HELD_REC.unpack_from(data, pos)
-        pos += _HELD_REC.size
-        if size > end - pos:
-            raise CheckpointError(f"{HELD_BUNDLE}: record of inode {ino} runs past the end")
-        out.append(HeldStream(ino, data[pos : pos + size], dumped))
-        pos += size
-    return built, out
+    return built, [HeldStream(f[0], body, f[2])
+                   for f, body in _walk(data, _HELD_HEAD.size, _HELD_REC, HELD_BUNDLE)]
 
 
 def split_bundle(held: Path, out_dir: Path, now: float | None = None) -> list[Path]:

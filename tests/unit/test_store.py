@@ -154,6 +154,14 @@ def crash_after(k: int) -> Callable[[str], None]:
 @pytest.mark.parametrize("epoch", [1, 2, 3, 4, 5])
 def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int, compress: bool) -> None:
     work, dumps = commit_pending(tmp_path, epoch, compress)
+    crash_at_every_write(tmp_path, work, dumps[epoch], (1, epoch))
+
+
+def crash_at_every_write(tmp_path: Path, work: Path, dump: Path,
+                         position: tuple[int, int]) -> list[str]:
+    """Apply the committed epoch in copies of the store at ``work``, crashing at
+    each write in turn, then once more during recovery, then recovering cleanly:
+    every copy must end at ``position`` holding ``dump``. The writes, in order."""
     writes: list[str] = []
     probe = tmp_path / "probe"
     shutil.copytree(work, probe, symlinks=True)
@@ -161,6 +169,7 @@ def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int, compre
     s.on_write = writes.append
     s.apply_pending()
     assert writes, "the hook must see the writes"
+    assert_same(s, dump)
     for k in range(len(writes)):
         trial = tmp_path / f"trial{k}"
         shutil.copytree(work, trial, symlinks=True)
@@ -176,8 +185,9 @@ def test_crash_anywhere_in_apply_then_recover(tmp_path: Path, epoch: int, compre
         except Crash:
             pass
         s3 = new_store(trial)
-        assert s3.committed() == (1, epoch)
-        assert_same(s3, dumps[epoch])
+        assert s3.committed() == position
+        assert_same(s3, dump)
+    return writes
 
 
 def new_store_no_apply(workdir: Path) -> CheckpointStore:
@@ -512,21 +522,5 @@ def test_sparse_xor_in_place_survives_a_crash_anywhere(tmp_path: Path) -> None:
         staged.add(*chunk)
     staged.commit()
     assert KIND_PAGES_XOR in kinds
-    writes: list[str] = []
-    probe = tmp_path / "probe"
-    shutil.copytree(work, probe, symlinks=True)
-    s = new_store_no_apply(probe)
-    s.on_write = writes.append
-    s.apply_pending()
-    assert_same(s, d1)
+    writes = crash_at_every_write(tmp_path, work, d1, (1, 1))
     assert any(w.startswith("resolve") for w in writes), writes
-    for k in range(len(writes)):
-        trial = tmp_path / f"trial{k}"
-        shutil.copytree(work, trial, symlinks=True)
-        s = new_store_no_apply(trial)
-        s.on_write = crash_after(k)
-        with pytest.raises(Crash):
-            s.apply_pending()
-        s2 = new_store(trial)
-        assert s2.committed() == (1, 1)
-        assert_same(s2, d1)
