@@ -177,6 +177,7 @@ class BackupSession:
         if self.trace_f is not None:
             self.trace_f.write(json.dumps({
                 "epoch": epoch, "generation": self.generation,
+                "start": marks.get("start"), "hold": marks.get("hold"),
                 "boundary": marks.get("boundary"), "dumped": marks.get("dumped"),
                 "send_start": marks.get("send_start"), "sent": marks.get("sent"),
                 "released": released, "pause_ms": marks.get("pause_ms", self.pause.last),

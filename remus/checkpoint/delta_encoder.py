@@ -64,6 +64,9 @@ BLOCK_PAGES = 1024
 #: files up to this size travel in KIND_FILES bundles of at most BUNDLE_BYTES
 BUNDLE_FILE_MAX = 64 << 10
 BUNDLE_BYTES = 1 << 20
+#: pre_encode keeps pagemaps whose pages file is at most this big (the chunks
+#: wait in memory until the dump completes)
+EARLY_MAX_BYTES = 64 << 20
 
 Rows = npt.NDArray[np.uint64]
 
@@ -85,6 +88,13 @@ class DeltaStats:
     streams_carried: int = 0  # TCP stream images left at the backup (only the clock moved)
     seconds: float = 0.0
     per_pagemap: dict[str, int] = field(default_factory=dict)  # changed pages
+
+    def absorb(self, other: DeltaStats) -> None:
+        """Add the page counts of ``other`` (a pagemap encoded early) to these."""
+        for k in ("image_bytes", "pages_total", "pages_changed", "page_bytes", "pages_xor",
+                  "wire_page_bytes"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.per_pagemap.update(other.per_pagemap)
 
 
 def map_rows(path: Path) -> Rows:
@@ -137,6 +147,18 @@ class _Prev:
     pages_path: Path
 
 
+@dataclass
+class _Early:
+    """A pagemap encoded while CRIU was still writing the rest of its dump."""
+
+    parsed: pagemap.Pagemap
+    flat: bytes | None  # the flattened pagemap of a tracked dump
+    chunks: list[Chunk]
+    info: FileInfo  # of its pages file
+    prev: _Prev
+    stats: DeltaStats
+
+
 class DeltaEncoder:
     """Turns successive dumps of one unit into deltas (primary side).
 
@@ -149,6 +171,10 @@ class DeltaEncoder:
       compared against its pages files. After that it may be deleted.
     - The first encode after construction or reset() must be full
       (CheckpointError otherwise): there is nothing to diff against.
+    - pre_encode(dir, pagemap) may encode one pagemap of a dump that CRIU is
+      still writing, once that pagemap and its pages file are complete; the
+      next encode(dir, full=False) against the same base sends the result
+      instead of encoding it again. Anything else drops it.
     - Not thread-safe; one encoder per unit.
     """
 
@@ -165,6 +191,9 @@ class DeltaEncoder:
         # and timestamp span, and what the backup holds (see _held_bundle).
         self._prev_records: dict[int, tuple[bytes, Span | None]] = {}
         self._prev_held: dict[int, tcp_stream.HeldStream] = {}
+        # pre_encode's results, for (dump dir, base dir)
+        self._early: dict[str, _Early] = {}
+        self._early_key: tuple[Path, Path] | None = None
 
     @property
     def base_dir(self) -> Path | None:
@@ -178,6 +207,51 @@ class DeltaEncoder:
         self._prev_maps = {}
         self._prev_streams = {}
         self._prev_records, self._prev_held = {}, {}
+        self.drop_early()
+
+    def drop_early(self) -> None:
+        """Forget what pre_encode kept (its dump failed or will not be sent)."""
+        self._early, self._early_key = {}, None
+
+    def pre_encode(self, dump_dir: Path, name: str, max_bytes: int = EARLY_MAX_BYTES) -> bool:
+        """Encode pagemap ``name`` of ``dump_dir`` now: CRIU has closed it (and its
+        pages file, which it closes first) but is still dumping the rest, with
+        the unit frozen. The chunks wait in memory for encode(). False (nothing
+        kept) when there is no base, the pages file is over ``max_bytes``, or
+        the pagemap cannot be encoded early for any reason: encode() then does
+        the work (and reports the error, if there is one).
+        """
+        base = self._prev_dir
+        if base is None:
+            return False
+        if self._early_key != (dump_dir, base):
+            self._early, self._early_key = {}, (dump_dir, base)
+        saved, self.stats = self.stats, DeltaStats()
+        try:
+            pm = pagemap.read_pagemap(dump_dir / name)
+            if os.stat(dump_dir / pm.pages_name).st_size > max_bytes:
+                return False
+            gen = self._pagemap_result(name, pm, dump_dir, full=False)
+            chunks: list[Chunk] = []
+            while True:
+                try:
+                    chunks.append(next(gen))
+                except StopIteration as done:
+                    info, prev = done.value
+                    break
+            flat = pm.flattened() if pm.has_parent else None
+            self._early[name] = _Early(pm, flat, chunks, info, prev, self.stats)
+            return True
+        except (CheckpointError, OSError, ValueError) as e:
+            log.debug("%s/%s not encoded early: %s", dump_dir, name, e)
+            return False
+        finally:
+            self.stats = saved
+
+    def _take_early(self, dump_dir: Path, full: bool) -> dict[str, _Early]:
+        early, key = self._early, self._early_key
+        self.drop_early()
+        return early if not full and key == (dump_dir, self._prev_dir) else {}
 
     def check_base(self, dump_dir: Path, full: bool, parent: Path | None) -> None:
         """CheckpointError unless encode(dump_dir, full, parent) can produce a delta.
@@ -208,13 +282,15 @@ class DeltaEncoder:
         names = images.list_images(dump_dir)
         files: dict[str, FileInfo] = {}
         maps: dict[str, _Prev] = {}
-        parsed = {n: pagemap.read_pagemap(dump_dir / n) for n in names if images.is_pagemap(n)}
-        full_layouts = {n: pm.full_layout() for n, pm in parsed.items() if pm.has_parent}
-        if full_layouts and parent is None:
+        early = self._take_early(dump_dir, full)
+        parsed = {n: early[n].parsed if n in early else pagemap.read_pagemap(dump_dir / n)
+                  for n in names if images.is_pagemap(n)}
+        tracked = {n for n, pm in parsed.items() if pm.has_parent}
+        if tracked and parent is None:
             raise CheckpointError(f"{dump_dir}: has parent holes, but no parent was given")
         self.check_base(dump_dir, full, parent)
         pagemaps = {
-            n: PagemapInfo(pm.pages_name, full_layouts[n].size if n in full_layouts else pm.nr_present)
+            n: PagemapInfo(pm.pages_name, pm.nr_full if n in tracked else pm.nr_present)
             for n, pm in parsed.items()
         }
         pages_names = {info.pages for info in pagemaps.values()}
@@ -226,8 +302,12 @@ class DeltaEncoder:
             if name in pages_names:
                 continue
             # A tracked dump's pagemap goes out flattened (see module doc).
-            data = (parsed[name].flattened() if name in full_layouts
-                    else images.read_image(os.path.join(dump_dir, name)))
+            flat = early[name].flat if name in early else None
+            if flat is not None:
+                data = flat
+            else:
+                data = (parsed[name].flattened() if name in tracked
+                        else images.read_image(os.path.join(dump_dir, name)))
             if name == tcp_stream.RAW_BUNDLE:
                 held = self._held_bundle(data, full, os.stat(dump_dir / name).st_mtime_ns,
                                          records, held_streams)
@@ -261,16 +341,13 @@ class DeltaEncoder:
             yield bundle.take()
         stats.files_total = len(files)
         for name, pinfo in pagemaps.items():
-            layout = parsed[name].layout()
-            pages_path = dump_dir / pinfo.pages
-            files[pinfo.pages] = yield from self._encode_pagemap(name, layout, pages_path, full)
-            if name in full_layouts:
-                # The holes' data is in older dumps: size known, digest not.
-                holes = full_layouts[name].size - layout.size
-                stats.pages_total += holes
-                stats.image_bytes += holes * PAGE_SIZE
-                files[pinfo.pages] = FileInfo(full_layouts[name].size * PAGE_SIZE, "")
-            maps[name] = _Prev(layout, images.sorted_index(layout), pages_path)
+            if name in early:
+                yield from early[name].chunks
+                stats.absorb(early[name].stats)
+                files[pinfo.pages], maps[name] = early[name].info, early[name].prev
+                continue
+            files[pinfo.pages], maps[name] = yield from self._pagemap_result(
+                name, parsed[name], dump_dir, full)
         for name in names:
             if images.is_pages(name) and name not in files:
                 log.warning("%s: pages file %s belongs to no pagemap; ignored", dump_dir, name)
@@ -333,10 +410,29 @@ class DeltaEncoder:
             return None
         return tcp_stream.timestamp_only_change(prev[0], data, prev[1])
 
+    def _pagemap_result(self, name: str, pm: pagemap.Pagemap, dump_dir: Path,
+                        full: bool) -> Generator[Chunk, None, tuple[FileInfo, _Prev]]:
+        """Yield the page chunks of pagemap ``name``; return its pages file's
+        FileInfo and what the next encode compares against."""
+        layout = pm.layout()
+        pages_path = dump_dir / pm.pages_name
+        if not pm.has_parent:
+            info = yield from self._encode_pagemap(name, layout, pages_path, full)
+        else:
+            # The holes' data is in older dumps: size known, digest not.
+            yield from self._encode_pagemap(name, layout, pages_path, full, digest=False)
+            whole = pm.nr_full
+            holes = whole - layout.size
+            self.stats.pages_total += holes
+            self.stats.image_bytes += holes * PAGE_SIZE
+            info = FileInfo(whole * PAGE_SIZE, "")
+        return info, _Prev(layout, images.sorted_index(layout), pages_path)
+
     def _encode_pagemap(
-        self, name: str, layout: Vaddrs, pages_path: Path, full: bool
+        self, name: str, layout: Vaddrs, pages_path: Path, full: bool, digest: bool = True
     ) -> Generator[Chunk, None, FileInfo]:
-        """Yield the page chunks of one pagemap; return its pages file's FileInfo."""
+        """Yield the page chunks of one pagemap; return its pages file's FileInfo
+        (without a digest when ``digest`` is False)."""
         rows = map_rows(pages_path)
         if rows.shape[0] != layout.size:
             raise CheckpointError(
@@ -345,7 +441,7 @@ class DeltaEncoder:
         prev = None if full else self._prev_maps.get(name)
         old_rows = map_rows(prev.pages_path) if prev is not None else None
         same_layout = prev is not None and np.array_equal(prev.layout, layout)
-        digest = xxhash.xxh3_64()
+        hasher = xxhash.xxh3_64() if digest else None
         # Changed pages wait here until a chunk is full: those the backup holds a
         # version of (their row in old_rows) go out as XOR, new ones as they are.
         xor_sel: list[npt.NDArray[np.intp]] = []
@@ -356,7 +452,8 @@ class DeltaEncoder:
         for start in range(0, layout.size, self.block_pages):
             stop = min(start + self.block_pages, layout.size)
             block = rows[start:stop]
-            digest.update(block.data)
+            if hasher is not None:
+                hasher.update(block.data)
             if prev is None or old_rows is None:
                 changed = np.arange(start, stop, dtype=np.intp)
                 new_sel.append(changed)
@@ -385,7 +482,7 @@ class DeltaEncoder:
         self.stats.image_bytes += layout.size * PAGE_SIZE
         self.stats.pages_changed += changed_total
         self.stats.per_pagemap[name] = changed_total
-        return FileInfo(layout.size * PAGE_SIZE, digest.hexdigest())
+        return FileInfo(layout.size * PAGE_SIZE, hasher.hexdigest() if hasher else "")
 
     def _chunk(self, name: str, layout: Vaddrs, rows: Rows, sel: npt.NDArray[np.intp]) -> Chunk:
         meta = layout[sel].astype(VADDR_DTYPE).tobytes()

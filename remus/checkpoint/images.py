@@ -56,16 +56,21 @@ def pages_file_name(pages_id: int) -> str:
     return f"pages-{pages_id}.img"
 
 
+NOT_STATE = "stats-dump"  # CRIU's timings of the dump (remus.checkpoint.criu)
+
+
 def list_images(dump_dir: Path) -> list[str]:
     """Sorted names of the image files of a dump directory.
 
     Regular files (or symlinks to them) only; CRIU's own logs (``*.log``)
-    are not part of a checkpoint and are left out.
+    and its measures (``stats-dump``, written after the images, once the unit
+    is thawed) are not part of a checkpoint and are left out.
     """
     # scandir: the file type comes with the name (no stat per file; a dump of a
     # server with a thousand connections has a thousand files every epoch)
     with os.scandir(dump_dir) as it:
-        return sorted(e.name for e in it if not e.name.endswith(".log") and e.is_file())
+        return sorted(e.name for e in it
+                      if not e.name.endswith(".log") and e.name != NOT_STATE and e.is_file())
 
 
 def read_image(path: Path | str) -> bytes:

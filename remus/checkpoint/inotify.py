@@ -34,8 +34,8 @@ class Inotify:
             raise CheckpointError(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
         self.fd: int = fd
 
-    def add(self, path: Path) -> int:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK)
+    def add(self, path: Path, mask: int = WATCH_MASK) -> int:
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             err = ctypes.get_errno()
             hint = " (raise fs.inotify.max_user_watches)" if err == errno.ENOSPC else ""

@@ -527,3 +527,82 @@ def test_big_files_go_compressed_and_arrive_plain(tmp_path: Path) -> None:
     (tmp_path / "p").mkdir()
     plain.step(m, full=True)
     assert [c[0] for c in plain.chunks if c[1] == "remus-tcp-streams.img"] == [KIND_FILE]
+
+
+# ---- pre_encode: pagemaps encoded while CRIU still dumps the rest ----------
+def _encode_both(tmp_path: Path, models: list[Model], pre: list[str] | None
+                 ) -> list[tuple[list[Chunk], dict[str, object]]]:
+    """Encode the models in turn; before each delta, pre_encode the pagemaps `pre`
+    (None: all of them). Returns each epoch's chunks and stats (but its time)."""
+    enc = DeltaEncoder(compress=True, block_pages=16)
+    out = []
+    tmp_path.mkdir()
+    for i, m in enumerate(models):
+        d = write_dump(tmp_path, m, i)
+        if i:
+            for name in (m.maps if pre is None else pre):
+                assert enc.pre_encode(d, name)
+        chunks = list(enc.encode(d, i == 0))
+        out.append((chunks, {k: v for k, v in vars(enc.stats).items() if k != "seconds"}))
+    return out
+
+
+@pytest.mark.parametrize("pre", [None, ["pagemap-1.img"]])
+def test_pre_encoded_pagemaps_send_what_encode_sends(tmp_path: Path, pre: list[str] | None) -> None:
+    rnd = random.Random(5)
+    models = [base_model()]
+    for _ in range(4):
+        m = models[-1].copy()
+        for name in m.maps:
+            pages = m.maps[name][1]
+            for v in rnd.sample(sorted(pages), 6):
+                pages[v] = bytearray(pages[v])
+                pages[v][rnd.randrange(PAGE)] ^= 0xFF  # a word: sent as XOR
+                pages[v] = bytes(pages[v])
+            pages[max(pages) + PAGE] = page(rnd.randrange(10**9))  # a new page
+        models.append(m)
+    plain = _encode_both(tmp_path / "plain", models, pre=[])
+    early = _encode_both(tmp_path / "early", models, pre=pre)
+    assert early == plain  # chunks and stats
+    assert any(c[0] == KIND_PAGES_XOR for c in early[1][0]) and early[1][1]["pages_xor"]
+    prev = None
+    for m, (chunks, _) in zip(models, early, strict=True):
+        got, _ = decode(prev, chunks)
+        assert got == m
+        prev = m
+
+
+def test_pre_encoded_pages_are_dropped_unless_the_same_dump_follows(tmp_path: Path) -> None:
+    m0 = base_model()
+    m1 = m0.copy()
+    m1.maps["pagemap-1.img"][1][BASE] = page(424242)
+    enc = DeltaEncoder(compress=True)
+    d0, d1, d2 = (write_dump(tmp_path, m, i) for i, m in enumerate((m0, m1, m1)))
+    assert not enc.pre_encode(d1, "pagemap-1.img")  # no base yet
+    list(enc.encode(d0, True))
+    # too big to keep in memory
+    assert not enc.pre_encode(d1, "pagemap-1.img", max_bytes=PAGE)
+    # a damaged pagemap: not kept; encode() is the one to report it
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pagemap-1.img").write_bytes(b"nonsense")
+    assert not enc.pre_encode(tmp_path / "bad", "pagemap-1.img")
+    # kept for d1, but the next encode is of another dump: not used
+    assert enc.pre_encode(d1, "pagemap-1.img")
+    enc._early["pagemap-1.img"].chunks.clear()  # would lose the change if it were used
+    got, sent = decode(m0, list(enc.encode(d2, False)))
+    assert got == m1 and sent == {"pagemap-1.img": {BASE}}
+    # kept, then dropped (its dump failed): encode does the work itself
+    m3 = m1.copy()
+    m3.maps["pagemap-1.img"][1][BASE] = page(7)
+    d3 = write_dump(tmp_path, m3, 3)
+    assert enc.pre_encode(d3, "pagemap-1.img")
+    enc._early["pagemap-1.img"].chunks.clear()
+    enc.drop_early()
+    got, _ = decode(m1, list(enc.encode(d3, False)))
+    assert got == m3
+    # a full encode never uses what was kept
+    d4 = write_dump(tmp_path, m0, 4)
+    assert enc.pre_encode(d4, "pagemap-1.img")
+    enc._early["pagemap-1.img"].chunks.clear()
+    got, _ = decode(None, list(enc.encode(d4, True)))
+    assert got == m0

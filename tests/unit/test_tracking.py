@@ -183,3 +183,19 @@ def test_tracked_dump_must_be_based_on_the_delta_base(tmp_path: Path) -> None:
     enc.check_base(tmp_path / "e1", False, tmp_path / "e0")  # the right parent is fine
     assert np.array_equal(pagemap.read_pagemap(tmp_path / "e1" / PM).layout(),
                           np.array([vaddr(3)], dtype=np.uint64))
+
+
+def test_tracked_pagemap_encoded_early_sends_the_same(tmp_path: Path) -> None:
+    write_tracked(tmp_path / "e0", [(0, 8, PE_PRESENT)], {i: i for i in range(8)})
+    write_tracked(tmp_path / "e1", [(0, 2, PE_PARENT), (2, 2, PE_PRESENT), (4, 3, PE_PARENT),
+                                    (9, 1, PE_PRESENT)], {2: 102, 3: 3, 9: 109})
+    got = []
+    for early in (False, True):
+        enc = DeltaEncoder(compress=True)
+        list(enc.encode(tmp_path / "e0", True))
+        if early:
+            assert enc.pre_encode(tmp_path / "e1", PM)
+        chunks = list(enc.encode(tmp_path / "e1", False, parent=tmp_path / "e0"))
+        got.append((chunks, enc.stats.pages_changed, enc.stats.pages_total))
+    assert got[0] == got[1]
+    assert got[1][1:] == (2, 8)
