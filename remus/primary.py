@@ -261,7 +261,7 @@ class Primary(BackupSession, Handover, Coordinated):
         disk: DiskDelta | None = None
         started_at, held_at = time.time(), 0.0
         handed = False  # the dump is the sender's (post-dump handed it over)
-        prelude = self._prelude(e, d)
+        prelude = self._prelude(d)
 
         def notify(script: str) -> None:
             nonlocal boundary, disk, held_at, handed
@@ -344,7 +344,7 @@ class Primary(BackupSession, Handover, Coordinated):
             self.frozen_split.setdefault(k, Series(500)).add(v)
         return pause_ms
 
-    def _prelude(self, e: int, d: Path) -> Prelude | None:
+    def _prelude(self, d: Path) -> Prelude | None:
         """Let an idle sender encode this dump's pages while CRIU still dumps the
         rest (remus.checkpoint.early). Not for a full checkpoint (nothing to
         compare with, and its pages can be the whole memory)."""
@@ -352,7 +352,7 @@ class Primary(BackupSession, Handover, Coordinated):
                 or (self.pause.last or 0.0) > EARLY_MAX_PAUSE_MS):
             return None
         d.mkdir(parents=True)
-        prelude = self.early.watch(e, d)
+        prelude = self.early.watch(d)
         if prelude is not None:
             self.sendq.put(prelude)
         return prelude

@@ -32,8 +32,7 @@ class Prelude:
     """One dump's early encoding: what the epoch loop hands the sender before the
     dump starts. ``finish`` says how the dump ended."""
 
-    def __init__(self, epoch: int, dump_dir: Path, wd: int) -> None:
-        self.epoch = epoch
+    def __init__(self, dump_dir: Path, wd: int) -> None:
         self.dir = dump_dir
         self.wd = wd
         self.done = False  # post-dump handed the dump over, or the dump failed
@@ -51,14 +50,14 @@ class EarlyPages:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
 
-    def watch(self, epoch: int, dump_dir: Path) -> Prelude | None:
+    def watch(self, dump_dir: Path) -> Prelude | None:
         """Watch ``dump_dir`` (created, empty) for the pagemaps CRIU closes."""
         try:
             wd = self._ino.add(dump_dir, IN_CLOSE_WRITE | IN_ONLYDIR | IN_DONT_FOLLOW)
         except Exception as e:  # no early encoding; the dump goes on
             log.debug("cannot watch %s: %s", dump_dir, e)
             return None
-        return Prelude(epoch, dump_dir, wd)
+        return Prelude(dump_dir, wd)
 
     def finish(self, prelude: Prelude, handed: bool) -> None:
         """The dump was handed to the sender (True) or failed (False)."""
