@@ -60,13 +60,28 @@ from remus.stats import MS_BUCKETS, Series
 
 log = logging.getLogger(__name__)
 
-#: sys.setswitchinterval of the primary agent (see Primary.run)
+#: A pause above this means the unit is busy (at 1000 busy connections pauses
+#: are 40-70 ms; an idle redis's ~10 ms). What helps at light load costs the
+#: peak under load, where the agent, CRIU's parasite and the unit share the
+#: cores; from the next epoch on, a busy unit gets (A/B at 1000x100, 50 ms, 6
+#: pairs, all four together: 230k -> 276k SET/s, every pair higher):
+#: - no early encoding (Primary._prelude; alone, 4 pairs: 212k -> 276k SET/s);
+#: - no handover at post-dump: the sender starts once CRIU has thawed the unit
+#:   and exited, not alongside the thaw;
+#: - the GIL switch interval BUSY_SWITCH_INTERVAL_S, not SWITCH_INTERVAL_S;
+#: - a run of twice its last freeze before the next one (next_epoch_at).
+#: At light load each of these costs latency: the early encoding and the
+#: handover save ~2.8 ms of commit, the short switch interval ~1 ms of pause.
+BUSY_PAUSE_MS = 20.0
+#: sys.setswitchinterval of the primary agent at light load. CRIU's post-dump
+#: is answered with the unit frozen, while the sender may be encoding pages;
+#: at Python's default 5 ms the answer waited for the GIL (pause +1-2 ms).
 SWITCH_INTERVAL_S = 0.001
-#: Early encoding (Primary._prelude) only after a pause up to this: under load
-#: it competes with CRIU's parasite for the cores. A/B at 1000x100, 50 ms, 4
-#: pairs: pause 44 -> 56 ms, 276k -> 212k SET/s with it; at light load (pauses
-#: ~10 ms) it costs ~1 ms of pause and saves ~2.8 ms of commit.
-EARLY_MAX_PAUSE_MS = 20.0
+#: ... and under load (Python's default): fewer GIL hand-overs between the
+#: sender, the output buffer and the epoch loop.
+BUSY_SWITCH_INTERVAL_S = 0.005
+#: Under load the unit runs at least this many times as long as its last freeze.
+BUSY_RUN_PER_FREEZE = 2.0
 
 Clock = Callable[[], float]
 class Primary(BackupSession, Handover, Coordinated):
@@ -159,10 +174,7 @@ class Primary(BackupSession, Handover, Coordinated):
 
     # -- public -------------------------------------------------------------
     def run(self) -> None:
-        # The epoch loop answers CRIU's post-dump, with the unit frozen, while the
-        # sender may be encoding pages (remus.checkpoint.early): at Python's default
-        # 5 ms switch interval the answer waited for the GIL (pause +1-2 ms at 25 ms).
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # until the first pause says otherwise
         self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
         (self.cfg.dump_root / VMFLAGS_DIR).mkdir(exist_ok=True)
         with parasite_dir_lock(self.cfg.pid):
@@ -261,7 +273,9 @@ class Primary(BackupSession, Handover, Coordinated):
         disk: DiskDelta | None = None
         started_at, held_at = time.time(), 0.0
         handed = False  # the dump is the sender's (post-dump handed it over)
-        prelude = self._prelude(d)
+        busy = (self.pause.last or 0.0) > BUSY_PAUSE_MS
+        sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else SWITCH_INTERVAL_S)
+        prelude = None if busy else self._prelude(d)
 
         def notify(script: str) -> None:
             nonlocal boundary, disk, held_at, handed
@@ -280,11 +294,12 @@ class Primary(BackupSession, Handover, Coordinated):
                 if tracker is not None:
                     # Still frozen: what CRIU just saw is what the re-armed pages hold.
                     tracker.rearm()
-                # Every image is written and flushed before CRIU calls post-dump
-                # (only its stats-dump comes later, and is not state): the sender
-                # encodes while CRIU thaws the unit and exits, ~1.5 ms sooner.
-                self.sendq.put((e, d, parent, disk))
-                handed = True
+                if not busy:
+                    # Every image is written and flushed before CRIU calls post-dump
+                    # (only its stats-dump comes later, and is not state): the sender
+                    # encodes while CRIU thaws the unit and exits, ~1.5 ms sooner.
+                    self.sendq.put((e, d, parent, disk))
+                    handed = True
                 if prelude is not None:
                     self.early.finish(prelude, handed=True)
 
@@ -329,6 +344,8 @@ class Primary(BackupSession, Handover, Coordinated):
             self.buffer.hold_inbound(False)
             if prelude is not None:
                 self.early.finish(prelude, handed=handed)
+        if not handed:
+            self.sendq.put((e, d, parent, disk))
         self.chain.dumped(d)
         split = res.split()
         pause_ms = res.freezing_ms + res.frozen_ms  # seize to thaw
@@ -348,8 +365,7 @@ class Primary(BackupSession, Handover, Coordinated):
         """Let an idle sender encode this dump's pages while CRIU still dumps the
         rest (remus.checkpoint.early). Not for a full checkpoint (nothing to
         compare with, and its pages can be the whole memory)."""
-        if (self.need_full or not self._sender_idle or self.sendq.qsize()
-                or (self.pause.last or 0.0) > EARLY_MAX_PAUSE_MS):
+        if self.need_full or not self._sender_idle or self.sendq.qsize():
             return None
         d.mkdir(parents=True)
         prelude = self.early.watch(d)
@@ -523,13 +539,16 @@ class Primary(BackupSession, Handover, Coordinated):
 def next_epoch_at(last_start: float, interval: float, thawed: float, frozen_s: float) -> float:
     """When the next epoch may start: an interval after the last one started, and
     not before the unit has run, since it thawed, as long as it was frozen (at
-    most an interval).
+    most an interval); twice that after a busy pause (BUSY_PAUSE_MS).
 
-    Under overload (pauses longer than half the interval: thousands of busy
-    connections) back-to-back epochs froze the unit most of the time, and the
-    sender took the CPU it had left; with shorter pauses nothing changes.
+    Under overload (thousands of busy connections) back-to-back epochs froze
+    the unit most of the time, and the sender took the CPU it had left. Each
+    epoch costs CPU that does not grow with its length (CRIU, the encoder, the
+    backup's apply) on the cores the unit needs: longer runs under load leave
+    it more. With short pauses nothing changes.
     """
-    return max(last_start + interval, thawed + min(frozen_s, interval))
+    k = BUSY_RUN_PER_FREEZE if frozen_s * 1000 > BUSY_PAUSE_MS else 1.0
+    return max(last_start + interval, thawed + k * min(frozen_s, interval))
 
 
 def _alive(pid: int) -> bool:
