@@ -7,7 +7,7 @@ STAMP := .cache/.setup-stamp
 .PHONY: setup test test-fast test-unit test-integration check demo fleet-demo bench fuzz soak install lab-down clean
 
 # bin/setup is idempotent; the stamp only avoids re-running it when nothing changed.
-$(STAMP): bin/setup pyproject.toml $(wildcard bin/criu-patches/*.patch)
+$(STAMP): bin/setup pyproject.toml setup.py remus/checkpoint/_pagexor.c $(wildcard bin/criu-patches/*.patch)
 	./bin/setup
 	@mkdir -p .cache && touch $(STAMP)
 

@@ -23,6 +23,7 @@ from remus.check_probes import (
     probe_freezer,
     probe_in_netns,
     probe_namespace,
+    probe_page_encoder,
     probe_pagemap_scan,
     probe_root,
     probe_soft_dirty,
@@ -62,6 +63,7 @@ def run_checks(criu_path: str | None = None) -> CheckReport:
         ("tcp_repair", probe_tcp_repair, ()),
         ("tmpfs_run", probe_tmpfs_run, ()),
         ("pagemap_scan", probe_pagemap_scan, ()),
+        ("page_encoder", probe_page_encoder, ()),
     ]
     with ThreadPoolExecutor(8) as pool:
         criu_future = pool.submit(probe_criu, path, explicit)

@@ -253,6 +253,15 @@ def probe_tmpfs_run() -> Feature:
     return feature("tmpfs_run", "degraded", f"/run is not a tmpfs ({fs} on {mnt})")
 
 
+def probe_page_encoder() -> Feature:
+    """Whether bin/setup built the encoder's C module (it is optional)."""
+    try:
+        import remus.checkpoint._pagexor as m  # noqa: F401
+    except ImportError as e:
+        return feature("page_encoder", "degraded", f"remus.checkpoint._pagexor: {e}")
+    return feature("page_encoder", "ok", os.path.basename(m.__file__ or "built"))
+
+
 def probe_pagemap_scan() -> Feature:
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:

@@ -18,7 +18,7 @@ MIN_CRIU = (4, 2)
 FEATURES = (
     "root", "soft_dirty", "uffd_wp", "userfaultfd", "nfqueue", "xt_cgroup", "sch_plug",
     "cgroup_freezer_v1", "cgroup_freezer_v2", "netns", "pidns", "tcp_repair",
-    "tmpfs_run", "pagemap_scan",
+    "tmpfs_run", "pagemap_scan", "page_encoder",
 )  # fmt: skip
 INFORMATIONAL = frozenset({"pagemap_scan"})  # reported, never a warning
 
@@ -179,6 +179,11 @@ _CONSEQUENCES: dict[str, tuple[str, str]] = {  # name -> (when ok, when not ok)
     "pagemap_scan": (
         "used by uffd-wp tracking and by CRIU to read page maps",
         "informational: no uffd-wp tracking; CRIU reads /proc/PID/pagemap",
+    ),
+    "page_encoder": (
+        "the delta encoder compares and XORs pages in C (remus.checkpoint._pagexor)",
+        "the delta encoder uses its numpy loops: same output, ~6x the CPU per changed page; "
+        "`make setup` builds the C module (Debian packages build-essential, python3-dev)",
     ),
 }
 

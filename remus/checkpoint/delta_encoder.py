@@ -55,6 +55,11 @@ from remus.checkpoint.images import PAGE_SIZE, PAGE_WORDS, Vaddrs
 from remus.checkpoint.tcp_stream import Span
 from remus.errors import CheckpointError
 
+try:  # the page loops in C (built by bin/setup; _pagexor.c says why)
+    from remus.checkpoint import _pagexor
+except ImportError:  # not built: the numpy loops below, same output
+    _pagexor = None
+
 log = logging.getLogger(__name__)
 
 #: at most 4 MiB of page data per chunk
@@ -502,19 +507,42 @@ class DeltaEncoder:
         base dump): as sparse XOR with that version (delta.KIND_PAGES_XOR), those
         that changed in most of their words as they are."""
         assert old_rows is not None  # XOR pages only where there is a base
-        x = np.bitwise_xor(rows[sel], old_rows[base])
-        dense = np.count_nonzero(x, axis=1) > XOR_DENSE_WORDS
+        dense, data = _xor_pages(rows, old_rows, sel, base)
         out = []
         if bool(dense.any()):
             out.append(self._chunk(name, layout, rows, sel[dense]))
-            x, sel = x[~dense], sel[~dense]
+            sel = sel[~dense]
         if sel.size:
-            data = encode_xor(x)
-            self.stats.page_bytes += x.nbytes
+            self.stats.page_bytes += sel.size * PAGE_SIZE
             self.stats.wire_page_bytes += len(data)
             self.stats.pages_xor += sel.size
             out.append((KIND_PAGES_XOR, name, layout[sel].astype(VADDR_DTYPE).tobytes(), data))
         return out
+
+
+def _xor_pages(rows: Rows, old_rows: Rows, sel: npt.NDArray[np.intp],
+               base: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.bool_], bytes]:
+    """For each page rows[sel[k]], whether it changed in more than XOR_DENSE_WORDS
+    words since old_rows[base[k]]; and the XOR of the others with their old
+    version, as a KIND_PAGES_XOR body."""
+    if _pagexor is not None:
+        dense_raw, data, _ = _pagexor.xor_sparse(rows, old_rows, _i64(sel), _i64(base),
+                                                 XOR_DENSE_WORDS)
+        return np.frombuffer(dense_raw, dtype=np.bool_), data
+    x = np.bitwise_xor(rows[sel], old_rows[base])
+    dense = np.count_nonzero(x, axis=1) > XOR_DENSE_WORDS
+    return dense, encode_xor(x[~dense])
+
+
+def _i64(a: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _differing(new: Rows, old: Rows) -> npt.NDArray[np.intp]:
+    """Rows of new that differ from the same row of old."""
+    if _pagexor is not None:
+        return np.frombuffer(_pagexor.changed_rows(new, old), dtype=np.intp)
+    return np.flatnonzero((new != old).any(axis=1))
 
 
 def _count(parts: list[npt.NDArray[np.intp]]) -> int:
@@ -560,16 +588,17 @@ def _changed_rows(
     each its row in old_rows (the previous version, which the backup holds), -1
     for a new page."""
     if same_layout:
-        old = old_rows[start : start + block.shape[0]]
-        rel = np.flatnonzero((block != old).any(axis=1))
+        rel = _differing(block, old_rows[start : start + block.shape[0]])
         return rel, start + rel
     idx = images.lookup(prev.index, vaddrs)
     matched = idx >= 0
     if bool(matched.all()) and _contiguous(idx):
         # a shifted but unbroken run of the old file: slice, don't gather
-        old = old_rows[int(idx[0]) : int(idx[-1]) + 1]
-        rel = np.flatnonzero((block != old).any(axis=1))
+        rel = _differing(block, old_rows[int(idx[0]) : int(idx[-1]) + 1])
         return rel, int(idx[0]) + rel
+    if _pagexor is not None:
+        rel = np.frombuffer(_pagexor.changed_rows(block, old_rows, _i64(idx)), dtype=np.intp)
+        return rel, idx[rel]
     differs = ~matched
     if bool(matched.any()):
         differs[matched] = (block[matched] != old_rows[idx[matched]]).any(axis=1)
