@@ -66,6 +66,22 @@ class QueueSocket:
                      flags=nfnl.NFQA_CFG_F_GSO,
                      mask=nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO)
 
+    def set_passing(self, queue: int, maxlen: int, passing: bool, *, acked: bool = False) -> None:
+        """Whether `queue` lets packets through in the kernel (an empty queue
+        that fails open: every packet overflows it and is accepted at once,
+        without a message to us) or queues them (up to maxlen, fail-open off).
+        Applied when the send returns: the kernel handles the request in it.
+        acked: wait for the kernel's ACK (only before the reader runs)."""
+        kw: dict[str, Any] = dict(copy_mode=nfnl.NFQNL_COPY_PACKET, copy_range=COPY_RANGE,
+                                  maxlen=0 if passing else maxlen,
+                                  flags=nfnl.NFQA_CFG_F_GSO | (nfnl.NFQA_CFG_F_FAIL_OPEN
+                                                               if passing else 0),
+                                  mask=nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO)
+        if acked:
+            self.request(nfnl.config_params, queue, **kw)
+        else:
+            self.sock.send(nfnl.config_params(queue, **kw))
+
     def send(self, msg: bytes) -> None:
         self.sock.send(msg)
 

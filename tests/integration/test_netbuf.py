@@ -167,6 +167,35 @@ def test_hold_inbound_holds_packets_towards_the_unit(lab: Lab, buf: NfqueueBuffe
     s.close()
 
 
+def test_inbound_passes_in_the_kernel_outside_holds(lab: Lab, buf: NfqueueBuffer,
+                                                    echo: Echo) -> None:
+    """Between holds the inbound queue fails open at length 0: packets towards
+    the unit never reach the reader (no Python per packet); a hold queues
+    them again, and its end lets them out, read or not."""
+    s = establish(lab, buf)
+    for i, data in enumerate((b"d", b"e", b"f")):
+        s.sendall(data)
+        time.sleep(0.2)
+        buf.begin_epoch(2 + i)
+        buf.release(1 + i)
+        assert recv_within(s, 1.0) == data
+    c = buf.counters()
+    assert c["inbound_passed"] == 0 and c["inbound_held"] == 0, c
+    # a hold still holds, and its end still lets the held data through
+    assert send_while_held(s, buf, b"g", range(5, 9)) == b""
+    assert buf.counters()["inbound_waiting"] >= 1
+    assert unhold_and_receive(s, buf, 9) == b"g"
+    # ... and then inbound passes in the kernel again
+    before = buf.counters()["inbound_passed"] + buf.counters()["inbound_held"]
+    s.sendall(b"h")
+    time.sleep(0.2)
+    buf.begin_epoch(10)
+    buf.release(9)
+    assert recv_within(s, 1.0) == b"h"
+    assert buf.counters()["inbound_passed"] + buf.counters()["inbound_held"] == before
+    s.close()
+
+
 def test_full_buffer_drops_and_never_releases_early(lab: Lab) -> None:
     b = NfqueueBuffer(VETH, netns=lab.host, max_packets=5)
     b.start()
