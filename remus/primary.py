@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 #: - no handover at post-dump: the sender starts once CRIU has thawed the unit
 #:   and exited, not alongside the thaw;
 #: - the GIL switch interval BUSY_SWITCH_INTERVAL_S, not SWITCH_INTERVAL_S;
-#: - a run of twice its last freeze before the next one (next_epoch_at).
+#: - a run of twice its last freeze (at most two intervals) before the next
+#:   one (next_epoch_at).
 #: At light load each of these costs latency: the early encoding and the
 #: handover save ~2.8 ms of commit, the short switch interval ~1 ms of pause.
 BUSY_PAUSE_MS = 20.0
@@ -272,13 +273,14 @@ class Primary(BackupSession, Handover, Coordinated):
         boundary = False
         disk: DiskDelta | None = None
         started_at, held_at = time.time(), 0.0
-        handed = False  # the dump is the sender's (post-dump handed it over)
+        handed = False  # the dump is the sender's
+        complete = False  # post-dump ran through: every image is written
         busy = (self.pause.last or 0.0) > BUSY_PAUSE_MS
         sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else SWITCH_INTERVAL_S)
         prelude = None if busy else self._prelude(d)
 
         def notify(script: str) -> None:
-            nonlocal boundary, disk, held_at, handed
+            nonlocal boundary, disk, held_at, handed, complete
             if script == "pre-dump":
                 self.buffer.hold_inbound(True)
                 held_at = time.time()
@@ -294,10 +296,12 @@ class Primary(BackupSession, Handover, Coordinated):
                 if tracker is not None:
                     # Still frozen: what CRIU just saw is what the re-armed pages hold.
                     tracker.rearm()
+                # Every image is written and flushed before CRIU calls post-dump
+                # (only its stats-dump comes later, and is not state).
+                complete = True
                 if not busy:
-                    # Every image is written and flushed before CRIU calls post-dump
-                    # (only its stats-dump comes later, and is not state): the sender
-                    # encodes while CRIU thaws the unit and exits, ~1.5 ms sooner.
+                    # The sender encodes while CRIU thaws the unit and exits, ~1.5 ms
+                    # sooner (busy: once CRIU has exited, below).
                     self.sendq.put((e, d, parent, disk))
                     handed = True
                 if prelude is not None:
@@ -313,11 +317,18 @@ class Primary(BackupSession, Handover, Coordinated):
                                      freeze_cgroup=self.cfg.freeze_cgroup,
                                      track_mem=self.chain.track, parent=parent,
                                      env=self._dump_env(tracker is not None))
+            if not handed:
+                self.sendq.put((e, d, parent, disk))
+                handed = True
         except CheckpointError as err:
             self.chain.failed(str(err))
+            if complete and not handed:
+                self.sendq.put((e, d, parent, disk))
+                handed = True
             if not handed:
-                # Handed over, the images were complete and are being sent: CRIU
-                # failed in its clean-up (thaw, unlock), not in the checkpoint.
+                # Once post-dump ran through, the images are complete and are sent
+                # (a switchover waits for this epoch's ACK): CRIU failed in its
+                # clean-up (thaw, unlock), not in the checkpoint.
                 shutil.rmtree(d, ignore_errors=True)
                 self._drop_disk(disk)
             with parasite_dir_lock(self.cfg.pid):
@@ -344,8 +355,6 @@ class Primary(BackupSession, Handover, Coordinated):
             self.buffer.hold_inbound(False)
             if prelude is not None:
                 self.early.finish(prelude, handed=handed)
-        if not handed:
-            self.sendq.put((e, d, parent, disk))
         self.chain.dumped(d)
         split = res.split()
         pause_ms = res.freezing_ms + res.frozen_ms  # seize to thaw

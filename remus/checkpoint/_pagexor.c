@@ -25,8 +25,10 @@ static int get_rows(PyObject *obj, Py_buffer *view, Py_ssize_t *n, const char *w
 {
 	if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
 		return -1;
-	if (view->len % PAGE_BYTES) {
-		PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not whole pages", what, view->len);
+	if (view->len % PAGE_BYTES ||
+	    (view->ndim >= 2 && view->shape[view->ndim - 1] * view->itemsize != PAGE_BYTES)) {
+		PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not rows of whole pages", what,
+			     view->len);
 		PyBuffer_Release(view);
 		return -1;
 	}
@@ -34,17 +36,34 @@ static int get_rows(PyObject *obj, Py_buffer *view, Py_ssize_t *n, const char *w
 	return 0;
 }
 
-static int get_index(PyObject *obj, Py_buffer *view, Py_ssize_t *n, const char *what)
+/*
+ * A private copy of an int64 index array (new reference-free memory, freed
+ * with PyMem_RawFree): the loops run without the GIL, and another thread may
+ * write to the caller's array meanwhile; the copy is what was checked.
+ */
+static int64_t *get_index(PyObject *obj, Py_ssize_t *n, const char *what)
 {
-	if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
-		return -1;
-	if (view->len % 8) {
-		PyErr_Format(PyExc_ValueError, "%s: not an int64 array", what);
-		PyBuffer_Release(view);
-		return -1;
+	Py_buffer view;
+	int64_t *copy = NULL;
+
+	if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+		return NULL;
+	const char *f = view.format ? view.format : "B";
+	char code = f[strlen(f) - 1];
+	if (view.itemsize != 8 || (code != 'l' && code != 'q') || (f[0] == '>' || f[0] == '!')) {
+		PyErr_Format(PyExc_TypeError, "%s: not an int64 array (format %s)", what, f);
+		goto out;
 	}
-	*n = view->len / 8;
-	return 0;
+	*n = view.len / 8;
+	copy = PyMem_RawMalloc(view.len ? view.len : 1);
+	if (!copy) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	memcpy(copy, view.buf, view.len);
+out:
+	PyBuffer_Release(&view);
+	return copy;
 }
 
 /*
@@ -56,10 +75,10 @@ static int get_index(PyObject *obj, Py_buffer *view, Py_ssize_t *n, const char *
 static PyObject *changed_rows(PyObject *self, PyObject *args)
 {
 	PyObject *new_obj, *old_obj, *idx_obj = Py_None;
-	Py_buffer nv, ov, iv = {0};
+	Py_buffer nv, ov;
 	Py_ssize_t n, nold, nidx = 0, k = 0;
 	PyObject *out = NULL;
-	int64_t *res;
+	int64_t *res = NULL, *idx = NULL;
 
 	if (!PyArg_ParseTuple(args, "OO|O", &new_obj, &old_obj, &idx_obj))
 		return NULL;
@@ -68,33 +87,30 @@ static PyObject *changed_rows(PyObject *self, PyObject *args)
 	if (get_rows(old_obj, &ov, &nold, "old") < 0)
 		goto out_new;
 	if (idx_obj != Py_None) {
-		if (get_index(idx_obj, &iv, &nidx, "idx") < 0)
-			goto out_old;
+		idx = get_index(idx_obj, &nidx, "idx");
+		if (!idx)
+			goto out;
 		if (nidx != n) {
 			PyErr_Format(PyExc_ValueError, "idx has %zd entries for %zd rows", nidx, n);
-			goto out_idx;
+			goto out;
 		}
-	} else if (nold < n) {
-		PyErr_Format(PyExc_ValueError, "old has %zd rows for %zd", nold, n);
-		goto out_old;
-	}
-	if (idx_obj != Py_None) {
-		const int64_t *idx = iv.buf;
 		for (Py_ssize_t i = 0; i < n; i++)
 			if (idx[i] >= nold) {
 				PyErr_Format(PyExc_IndexError, "idx[%zd] = %lld is past old's %zd rows", i,
 					     (long long)idx[i], nold);
-				goto out_idx;
+				goto out;
 			}
+	} else if (nold < n) {
+		PyErr_Format(PyExc_ValueError, "old has %zd rows for %zd", nold, n);
+		goto out;
 	}
 	res = PyMem_RawMalloc((n ? n : 1) * sizeof(int64_t));
 	if (!res) {
 		PyErr_NoMemory();
-		goto out_idx;
+		goto out;
 	}
 	Py_BEGIN_ALLOW_THREADS
 	const char *a = nv.buf, *b = ov.buf;
-	const int64_t *idx = idx_obj != Py_None ? iv.buf : NULL;
 	for (Py_ssize_t i = 0; i < n; i++) {
 		int64_t j = idx ? idx[i] : i;
 		if (j < 0 || memcmp(a + i * PAGE_BYTES, b + j * PAGE_BYTES, PAGE_BYTES))
@@ -102,11 +118,9 @@ static PyObject *changed_rows(PyObject *self, PyObject *args)
 	}
 	Py_END_ALLOW_THREADS
 	out = PyBytes_FromStringAndSize((const char *)res, k * sizeof(int64_t));
+out:
 	PyMem_RawFree(res);
-out_idx:
-	if (idx_obj != Py_None)
-		PyBuffer_Release(&iv);
-out_old:
+	PyMem_RawFree(idx);
 	PyBuffer_Release(&ov);
 out_new:
 	PyBuffer_Release(&nv);
@@ -126,9 +140,10 @@ static PyObject *xor_sparse(PyObject *self, PyObject *args)
 {
 	PyObject *rows_obj, *old_obj, *sel_obj, *base_obj;
 	Py_ssize_t dense_words;
-	Py_buffer rv, ov, sv, bv;
-	Py_ssize_t nrows, nold, nsel, nbase;
+	Py_buffer rv, ov;
+	Py_ssize_t nrows, nold, nsel = 0, nbase = 0;
 	PyObject *out = NULL, *dense = NULL, *data = NULL;
+	int64_t *sel = NULL, *base = NULL;
 	uint32_t *pos = NULL;
 	uint64_t *words = NULL;
 	Py_ssize_t count = 0, sparse = 0;
@@ -143,34 +158,36 @@ static PyObject *xor_sparse(PyObject *self, PyObject *args)
 		return NULL;
 	if (get_rows(old_obj, &ov, &nold, "old") < 0)
 		goto out_rows;
-	if (get_index(sel_obj, &sv, &nsel, "sel") < 0)
-		goto out_old;
-	if (get_index(base_obj, &bv, &nbase, "base") < 0)
-		goto out_sel;
+	sel = get_index(sel_obj, &nsel, "sel");
+	if (!sel)
+		goto out;
+	base = get_index(base_obj, &nbase, "base");
+	if (!base)
+		goto out;
 	if (nsel != nbase) {
 		PyErr_Format(PyExc_ValueError, "sel has %zd entries, base %zd", nsel, nbase);
-		goto out_base;
+		goto out;
 	}
-	const int64_t *sel = sv.buf, *base = bv.buf;
 	for (Py_ssize_t k = 0; k < nsel; k++)
 		if (sel[k] < 0 || sel[k] >= nrows || base[k] < 0 || base[k] >= nold) {
 			PyErr_Format(PyExc_IndexError, "entry %zd (row %lld, base %lld) is outside the pages",
 				     k, (long long)sel[k], (long long)base[k]);
-			goto out_base;
+			goto out;
 		}
-	if ((size_t)nsel * PAGE_WORDS > UINT32_MAX) {
+	/* word positions are u32; sizes below cannot overflow a 64-bit size_t */
+	if ((uint64_t)nsel * PAGE_WORDS > UINT32_MAX) {
 		PyErr_SetString(PyExc_ValueError, "too many pages for u32 word positions");
-		goto out_base;
+		goto out;
 	}
 	dense = PyBytes_FromStringAndSize(NULL, nsel);
 	if (!dense)
-		goto out_base;
+		goto out;
 	/* at most dense_words non-zero words per sparse page */
 	pos = PyMem_RawMalloc((nsel * dense_words + 1) * sizeof(uint32_t));
 	words = PyMem_RawMalloc((nsel * dense_words + 1) * sizeof(uint64_t));
 	if (!pos || !words) {
 		PyErr_NoMemory();
-		goto out_base;
+		goto out;
 	}
 	char *dn = PyBytes_AS_STRING(dense);
 	Py_BEGIN_ALLOW_THREADS
@@ -199,7 +216,7 @@ static PyObject *xor_sparse(PyObject *self, PyObject *args)
 	Py_END_ALLOW_THREADS
 	data = PyBytes_FromStringAndSize(NULL, 4 + 12 * count);
 	if (!data)
-		goto out_base;
+		goto out;
 	{
 		char *d = PyBytes_AS_STRING(data);
 		uint32_t c = (uint32_t)count;
@@ -212,15 +229,13 @@ static PyObject *xor_sparse(PyObject *self, PyObject *args)
 		memcpy(d + 4 + 4 * count, words, 8 * count);
 	}
 	out = Py_BuildValue("(OOn)", dense, data, sparse);
-out_base:
+out:
+	PyMem_RawFree(sel);
+	PyMem_RawFree(base);
 	PyMem_RawFree(pos);
 	PyMem_RawFree(words);
 	Py_XDECREF(dense);
 	Py_XDECREF(data);
-	PyBuffer_Release(&bv);
-out_sel:
-	PyBuffer_Release(&sv);
-out_old:
 	PyBuffer_Release(&ov);
 out_rows:
 	PyBuffer_Release(&rv);

@@ -203,17 +203,25 @@ def config_cmd(queue: int, command: int, *, pf: int = 0, seq: int = 0) -> bytes:
                        seq=seq, ack=True)
 
 
-def config_params(queue: int, *, copy_mode: int, copy_range: int, maxlen: int,
-                  flags: int, mask: int, seq: int = 0) -> bytes:
-    """NFQNL_MSG_CONFIG setting copy mode/range, queue length and flags, acked.
+def config_params(queue: int, *, copy_mode: int | None = None, copy_range: int = 0,
+                  maxlen: int | None = None, flags: int | None = None, mask: int = 0,
+                  seq: int = 0, ack: bool = True) -> bytes:
+    """NFQNL_MSG_CONFIG setting copy mode/range, queue length and flags (each
+    only if given), acked unless ack=False.
 
     Only the bits in `mask` are changed; a bit in mask but not in flags is
-    cleared (that is how fail-open is switched off explicitly)."""
-    attrs = (attr(NFQA_CFG["NFQA_CFG_PARAMS"], S_CONFIG_PARAMS.pack(copy_range, copy_mode))
-             + attr(NFQA_CFG["NFQA_CFG_QUEUE_MAXLEN"], S_BE32.pack(maxlen))
-             + attr(NFQA_CFG["NFQA_CFG_MASK"], S_BE32.pack(mask))
-             + attr(NFQA_CFG["NFQA_CFG_FLAGS"], S_BE32.pack(flags)))
-    return nfq_message(NFQNL_MSG_CONFIG, queue, attrs, seq=seq, ack=True)
+    cleared (that is how fail-open is switched off explicitly). The kernel
+    applies the parts in this order, each on its own: copy mode, length,
+    flags."""
+    attrs = b""
+    if copy_mode is not None:
+        attrs += attr(NFQA_CFG["NFQA_CFG_PARAMS"], S_CONFIG_PARAMS.pack(copy_range, copy_mode))
+    if maxlen is not None:
+        attrs += attr(NFQA_CFG["NFQA_CFG_QUEUE_MAXLEN"], S_BE32.pack(maxlen))
+    if flags is not None:
+        attrs += (attr(NFQA_CFG["NFQA_CFG_MASK"], S_BE32.pack(mask))
+                  + attr(NFQA_CFG["NFQA_CFG_FLAGS"], S_BE32.pack(flags)))
+    return nfq_message(NFQNL_MSG_CONFIG, queue, attrs, seq=seq, ack=ack)
 
 
 def verdict(queue: int, packet_id: int, verdict_: int) -> bytes:

@@ -86,7 +86,7 @@ class NfqueueBuffer(OutputBuffer):
         self._passthrough = False
         self._in_hold = False
         self._in_max: int | None = None
-        self._in_last = 0  # the last inbound packet id read (ids passed in the kernel count too)
+        self._in_last = 0  # the last inbound packet id read
         self._in_waiting = 0
         self._maxlen = 0
         # Inbound passes in the kernel outside holds (QueueSocket.set_passing);
@@ -346,9 +346,9 @@ class NfqueueBuffer(OutputBuffer):
                 self._c["inbound_held"] += len(ids)
             else:
                 # With the gate these were queued before a hold's end, and its
-                # sweep has most likely accepted them (then the kernel answers
-                # ENOENT); this verdict is what makes sure, e.g. when the
-                # sweep's window (SWEEP past the last id read) fell short.
+                # sweep has accepted them (the kernel answers ENOENT): packets
+                # that pass in the kernel use up no id, so the sweep's window
+                # covers every queued one. This verdict only makes sure.
                 self._qs.send(nfnl.verdict_batch(self.q_in, ids[-1], nfnl.NF_ACCEPT))
                 self._c["inbound_passed"] += len(ids)
         ids.clear()

@@ -15,6 +15,7 @@ from remus.netbuf import nfnl
 SO_RCVBUFFORCE = 33
 COPY_RANGE = 64  # headers only: enough to debug, and NFQA_CAP_LEN carries the length
 RECV_SIZE = 1 << 16
+_GSO = nfnl.NFQA_CFG_F_GSO
 QUEUE_BASE = 0x5200  # derived queue numbers start here, away from the popular 0
 
 
@@ -69,18 +70,27 @@ class QueueSocket:
     def set_passing(self, queue: int, maxlen: int, passing: bool, *, acked: bool = False) -> None:
         """Whether `queue` lets packets through in the kernel (an empty queue
         that fails open: every packet overflows it and is accepted at once,
-        without a message to us) or queues them (up to maxlen, fail-open off).
-        Applied when the send returns: the kernel handles the request in it.
-        acked: wait for the kernel's ACK (only before the reader runs)."""
-        kw: dict[str, Any] = dict(copy_mode=nfnl.NFQNL_COPY_PACKET, copy_range=COPY_RANGE,
-                                  maxlen=0 if passing else maxlen,
-                                  flags=nfnl.NFQA_CFG_F_GSO | (nfnl.NFQA_CFG_F_FAIL_OPEN
-                                                               if passing else 0),
-                                  mask=nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO)
-        if acked:
-            self.request(nfnl.config_params, queue, **kw)
+        without a message to us, and without using up an id) or queues them
+        (up to maxlen, fail-open off). Applied when the send returns: the
+        kernel handles the request in it. acked: wait for the kernel's ACKs
+        (only before the reader runs; otherwise none is asked for).
+
+        Never a moment with length 0 and fail-open off, which would drop
+        packets: the kernel sets the length before the flags, so passing on
+        is two requests (fail-open, then length 0) and passing off one
+        (length back, then fail-open off)."""
+        steps: list[dict[str, Any]]
+        if passing:
+            steps = [dict(flags=_GSO | nfnl.NFQA_CFG_F_FAIL_OPEN), dict(maxlen=0)]
         else:
-            self.sock.send(nfnl.config_params(queue, **kw))
+            steps = [dict(maxlen=maxlen, flags=_GSO)]
+        for kw in steps:
+            if "flags" in kw:
+                kw["mask"] = nfnl.NFQA_CFG_F_FAIL_OPEN | _GSO
+            if acked:
+                self.request(nfnl.config_params, queue, **kw)
+            else:
+                self.sock.send(nfnl.config_params(queue, ack=False, **kw))
 
     def send(self, msg: bytes) -> None:
         self.sock.send(msg)

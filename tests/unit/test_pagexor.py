@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,34 @@ def test_differing_matches_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 < c.size < 64
 
 
+def test_read_only_mapped_pages_files_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the encoder passes: read-only arrays over mmap'd pages files (map_rows)
+    rng = np.random.default_rng(12)
+    old = _pages(rng, 8)
+    new = _changed_copy(rng, old, [3, 0, 200, 1, 0, 9, 512, 2])
+    (tmp_path / "old").write_bytes(old.tobytes())
+    (tmp_path / "new").write_bytes(new.tobytes())
+    o, n = de.map_rows(tmp_path / "old"), de.map_rows(tmp_path / "new")
+    assert not n.flags.writeable
+    sel = np.arange(8, dtype=np.intp)
+    (c_dense, c_data), (py_dense, py_data) = _both(monkeypatch, de._xor_pages, n, o, sel, sel)
+    assert c_dense.tolist() == py_dense.tolist() and c_data == py_data
+    c, py = _both(monkeypatch, de._differing, n, o)
+    assert c.tolist() == py.tolist() == [0, 2, 3, 5, 6, 7]
+
+
+def test_changed_rows_of_a_moved_layout_matches_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the gather branch of _changed_rows: pages at new vaddrs, some new, some moved
+    rng = np.random.default_rng(13)
+    old = _pages(rng, 6)
+    old_vaddrs = np.array([0x1000, 0x2000, 0x3000, 0x7000, 0x8000, 0x9000], dtype=np.uint64)
+    vaddrs = np.array([0x2000, 0x4000, 0x8000, 0x9000], dtype=np.uint64)  # 0x4000 is new
+    block = np.stack([old[1], _pages(rng, 1)[0], old[4] ^ np.uint64(5), old[5]])
+    prev = de._Prev(old_vaddrs, de.images.sorted_index(old_vaddrs), Path("unused"))
+    c, py = _both(monkeypatch, de._changed_rows, block, vaddrs, prev, old, False, 0)
+    assert [a.tolist() for a in c] == [a.tolist() for a in py] == [[1, 2], [-1, 4]]
+
+
 def test_changed_rows_gathers_and_counts_new_pages_as_changed() -> None:
     rng = np.random.default_rng(10)
     old = _pages(rng, 10)
@@ -106,3 +135,8 @@ def test_bad_arguments_raise_instead_of_reading_past_the_pages() -> None:
         pagexor.changed_rows(old, old[:2])  # fewer old rows than new ones
     with pytest.raises(ValueError):
         pagexor.xor_sparse(b"\0" * 100, old, np.array([0]), np.array([0]), XOR_DENSE_WORDS)
+    with pytest.raises(ValueError):  # 2 pages' bytes, but rows of half a page
+        pagexor.changed_rows(old.reshape(-1, PAGE_WORDS // 2), old)
+    with pytest.raises(TypeError):  # int32 indices are not read as int64
+        pagexor.xor_sparse(old, old, np.array([0, 1], dtype=np.int32), np.array([0, 1]),
+                           XOR_DENSE_WORDS)
