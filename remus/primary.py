@@ -279,8 +279,13 @@ class Primary(BackupSession, Handover, Coordinated):
         sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else SWITCH_INTERVAL_S)
         prelude = None if busy else self._prelude(d)
 
+        def hand_over() -> None:
+            nonlocal handed
+            self.sendq.put((e, d, parent, disk))
+            handed = True
+
         def notify(script: str) -> None:
-            nonlocal boundary, disk, held_at, handed, complete
+            nonlocal boundary, disk, held_at, complete
             if script == "pre-dump":
                 self.buffer.hold_inbound(True)
                 held_at = time.time()
@@ -302,8 +307,7 @@ class Primary(BackupSession, Handover, Coordinated):
                 if not busy:
                     # The sender encodes while CRIU thaws the unit and exits, ~1.5 ms
                     # sooner (busy: once CRIU has exited, below).
-                    self.sendq.put((e, d, parent, disk))
-                    handed = True
+                    hand_over()
                 if prelude is not None:
                     self.early.finish(prelude, handed=True)
 
@@ -318,13 +322,11 @@ class Primary(BackupSession, Handover, Coordinated):
                                      track_mem=self.chain.track, parent=parent,
                                      env=self._dump_env(tracker is not None))
             if not handed:
-                self.sendq.put((e, d, parent, disk))
-                handed = True
+                hand_over()
         except CheckpointError as err:
             self.chain.failed(str(err))
             if complete and not handed:
-                self.sendq.put((e, d, parent, disk))
-                handed = True
+                hand_over()
             if not handed:
                 # Once post-dump ran through, the images are complete and are sent
                 # (a switchover waits for this epoch's ACK): CRIU failed in its

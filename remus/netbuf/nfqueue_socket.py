@@ -15,7 +15,6 @@ from remus.netbuf import nfnl
 SO_RCVBUFFORCE = 33
 COPY_RANGE = 64  # headers only: enough to debug, and NFQA_CAP_LEN carries the length
 RECV_SIZE = 1 << 16
-_GSO = nfnl.NFQA_CFG_F_GSO
 QUEUE_BASE = 0x5200  # derived queue numbers start here, away from the popular 0
 
 
@@ -79,14 +78,11 @@ class QueueSocket:
         packets: the kernel sets the length before the flags, so passing on
         is two requests (fail-open, then length 0) and passing off one
         (length back, then fail-open off)."""
-        steps: list[dict[str, Any]]
-        if passing:
-            steps = [dict(flags=_GSO | nfnl.NFQA_CFG_F_FAIL_OPEN), dict(maxlen=0)]
-        else:
-            steps = [dict(maxlen=maxlen, flags=_GSO)]
+        both = nfnl.NFQA_CFG_F_FAIL_OPEN | nfnl.NFQA_CFG_F_GSO
+        steps: list[dict[str, Any]] = (
+            [dict(flags=both, mask=both), dict(maxlen=0)] if passing
+            else [dict(maxlen=maxlen, flags=nfnl.NFQA_CFG_F_GSO, mask=both)])
         for kw in steps:
-            if "flags" in kw:
-                kw["mask"] = nfnl.NFQA_CFG_F_FAIL_OPEN | _GSO
             if acked:
                 self.request(nfnl.config_params, queue, **kw)
             else:
