@@ -221,6 +221,14 @@ def trace_stats(rows: list[dict[str, Any]], t0: float, t1: float) -> dict[str, A
               for name, a, b in (("boundary_to_dumped", "boundary", "dumped"),
                                  ("dumped_to_send_start", "dumped", "send_start"),
                                  ("send_start_to_sent", "send_start", "sent"))} if staged else {}
+    # ack_ms split where the trace has the ACK's arrival: the backup's answer,
+    # then the release (the kernel re-injects the held packets in that call).
+    acked = [r for r in rows if r.get("acked")]
+    if acked:
+        stages["sent_to_acked_ms_p50"] = quantile([(r["acked"] - r["sent"]) * 1000
+                                                   for r in acked], 0.5)
+        stages["acked_to_released_ms_p50"] = quantile([(r["released"] - r["acked"]) * 1000
+                                                       for r in acked], 0.5)
     pause = [r["pause_ms"] for r in rows if r.get("pause_ms") is not None]
     size = [float(r["bytes"]) for r in rows if r.get("bytes") is not None]
     return {"epochs": len(rows), "epochs_per_s": round(len(rows) / max(t1 - t0, 1e-9), 2),

@@ -79,7 +79,9 @@ DEFINITIONS = {
                                       "cut: end of the dump, diff, compression, streaming.",
     "added_over_floor": "(protected p50 - unprotected p50) / floor; _incl_transfer: same with "
                         "the transfer-inclusive floor.",
-    "commit_ms": "epoch boundary -> that epoch's output released (`remus run --trace`).",
+    "commit_ms": "epoch boundary -> that epoch's output released (`remus run --trace`); in a "
+                 "level's trace, sent_to_acked / acked_to_released split the ack: END sent -> "
+                 "ACK arrived -> release returned (the kernel re-injects the held packets in it).",
     "cpu": "cores used in a window: primary own = agent utime+stime (its threads), children = "
            "its CRIU processes (cutime+cstime and live descendants); backup = total. CRIU's "
            "parasite code runs in (and is charged to) the unit.",

@@ -40,6 +40,7 @@ from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.early import EarlyPages, Prelude
 from remus.checkpoint.tracking import DumpChain, resolve
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
+from remus.cpu_idle import IdleMeter
 from remus.errors import CheckpointError, FatalError, RemusError
 from remus.link import Link, LinkClosed
 from remus.primary_config import (
@@ -61,19 +62,24 @@ from remus.stats import MS_BUCKETS, Series
 log = logging.getLogger(__name__)
 
 #: A pause above this means the unit is busy (at 1000 busy connections pauses
-#: are 40-70 ms; an idle redis's ~10 ms). What helps at light load costs the
-#: peak under load, where the agent, CRIU's parasite and the unit share the
-#: cores; from the next epoch on, a busy unit gets (A/B at 1000x100, 50 ms, 6
-#: pairs, all four together: 230k -> 276k SET/s, every pair higher):
-#: - no early encoding (Primary._prelude; alone, 4 pairs: 212k -> 276k SET/s);
-#: - no handover at post-dump: the sender starts once CRIU has thawed the unit
-#:   and exited, not alongside the thaw;
+#: are 40-70 ms; an idle redis's ~10 ms). From the next epoch on, a busy unit
+#: gets (A/B at 1000x100, 50 ms, 6 pairs, all together: 230k -> 276k SET/s):
 #: - the GIL switch interval BUSY_SWITCH_INTERVAL_S, not SWITCH_INTERVAL_S;
 #: - a run of twice its last freeze (at most two intervals) before the next
-#:   one (next_epoch_at).
-#: At light load each of these costs latency: the early encoding and the
-#: handover save ~2.8 ms of commit, the short switch interval ~1 ms of pause.
+#:   one (next_epoch_at);
+#: - on a saturated machine (less than BUSY_IDLE_MIN of the CPU idle over the
+#:   last epoch) no early encoding (Primary._prelude) and no handover at
+#:   post-dump: the sender starts once CRIU has thawed the unit and exited.
+#:   There, encoding during the freeze only took CPU from the unit (4 pairs:
+#:   212k -> 276k SET/s without it). With a core left idle by the frozen unit
+#:   (CRIU dumps on one), it is the other way round (4 pairs: 418k -> 453k;
+#:   with CRIU patch 0009's pages first, 475k -> 502k on 5 pairs).
+#: At light load the early encoding and the handover save ~2.8 ms of commit,
+#: the short switch interval ~1 ms of pause.
 BUSY_PAUSE_MS = 20.0
+#: Under load, the idle share of all CPUs over the last epoch from which the
+#: sender still encodes early (see BUSY_PAUSE_MS).
+BUSY_IDLE_MIN = 0.10
 #: sys.setswitchinterval of the primary agent at light load. CRIU's post-dump
 #: is answered with the unit frozen, while the sender may be encoding pages;
 #: at Python's default 5 ms the answer waited for the GIL (pause +1-2 ms).
@@ -117,6 +123,7 @@ class Primary(BackupSession, Handover, Coordinated):
         self.sendq: queue.Queue[tuple[int, Path, Path | None, DiskDelta | None] | Prelude
                                 | None] = queue.Queue(maxsize=2)
         self.early = EarlyPages()
+        self.idle_meter = IdleMeter()  # CPU idle per epoch: encode early under load?
         self._sender_idle = False
         self.reapq: queue.Queue[Path | None] = queue.Queue()  # dump dirs to delete
         self.stop_event = threading.Event()
@@ -276,8 +283,10 @@ class Primary(BackupSession, Handover, Coordinated):
         handed = False  # the dump is the sender's
         complete = False  # post-dump ran through: every image is written
         busy = (self.pause.last or 0.0) > BUSY_PAUSE_MS
+        idle = self.idle_meter.share()  # over the last epoch
+        early = not busy or (idle is not None and idle >= BUSY_IDLE_MIN)
         sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else SWITCH_INTERVAL_S)
-        prelude = None if busy else self._prelude(d)
+        prelude = self._prelude(d) if early else None
 
         def hand_over() -> None:
             nonlocal handed
@@ -304,9 +313,9 @@ class Primary(BackupSession, Handover, Coordinated):
                 # Every image is written and flushed before CRIU calls post-dump
                 # (only its stats-dump comes later, and is not state).
                 complete = True
-                if not busy:
+                if early:
                     # The sender encodes while CRIU thaws the unit and exits, ~1.5 ms
-                    # sooner (busy: once CRIU has exited, below).
+                    # sooner (on a saturated machine: once CRIU has exited, below).
                     hand_over()
                 if prelude is not None:
                     self.early.finish(prelude, handed=True)
@@ -423,7 +432,10 @@ class Primary(BackupSession, Handover, Coordinated):
         env = {"CRIU_REMUS_VMFLAGS_DIR": str(self.cfg.dump_root / VMFLAGS_DIR),
                # CRIU patch 0008: all TCP streams in one file (tcp_stream.RAW_BUNDLE),
                # not a file per connection; only the encoder reads it.
-               "CRIU_REMUS_TCP_BUNDLE": "1"}
+               "CRIU_REMUS_TCP_BUNDLE": "1",
+               # CRIU patch 0009: memory before the sockets, so the early encoding
+               # (remus.checkpoint.early) has the pages while CRIU dumps the rest.
+               "CRIU_REMUS_PAGES_FIRST": "1"}
         return {**env, **CRIU_ENV} if tracked else env
 
     def _reap_loop(self) -> None:

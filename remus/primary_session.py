@@ -110,7 +110,7 @@ class BackupSession:
             self.wake.set()
 
     def _on_event(self, ev: Any) -> None:
-        now = self.clock()
+        now, acked_at = self.clock(), time.time()
         if isinstance(ev, m.Ack):
             if ev.generation != self.generation:
                 return
@@ -131,7 +131,7 @@ class BackupSession:
                 sdnotify.notify("READY=1", f"STATUS=protected by {self._backup_name()} from "
                                 f"epoch {ev.epoch}")
             self.role.fire("acked", now)
-            self._trace(ev.epoch, released)
+            self._trace(ev.epoch, released, acked_at)
             self.epochs_done += 1
             if sent is not None:
                 self.ack_latency.add((now - sent) * 1000)
@@ -168,7 +168,7 @@ class BackupSession:
         self.wake.set()
 
     # -- connection -----------------------------------------------------------
-    def _trace(self, epoch: int, released: float) -> None:
+    def _trace(self, epoch: int, released: float, acked: float | None = None) -> None:
         marks = self.marks.pop(epoch, {})
         if marks.get("boundary"):
             self.commit_latency.add((released - marks["boundary"]) * 1000)
@@ -180,7 +180,7 @@ class BackupSession:
                 "start": marks.get("start"), "hold": marks.get("hold"),
                 "boundary": marks.get("boundary"), "dumped": marks.get("dumped"),
                 "send_start": marks.get("send_start"), "sent": marks.get("sent"),
-                "released": released, "pause_ms": marks.get("pause_ms", self.pause.last),
+                "acked": acked, "released": released, "pause_ms": marks.get("pause_ms", self.pause.last),
                 "split": marks.get("split"), "bytes": self.delta_bytes.last}) + "\n")
             self.trace_f.flush()
 

@@ -18,7 +18,7 @@ import pytest
 
 from remus.config import Timing
 from remus.errors import CheckpointError
-from remus.primary import BUSY_PAUSE_MS, Primary
+from remus.primary import BUSY_IDLE_MIN, BUSY_PAUSE_MS, Primary
 from remus.primary_config import PrimaryConfig
 
 
@@ -27,12 +27,15 @@ class ScriptedCriu:
 
     def __init__(self, scripts: list[str], fail: bool) -> None:
         self.scripts, self.fail = scripts, fail
+        self.after_scripts: Any = None  # called once the notifications ran
 
     def dump(self, pid: int, d: Path, *, notify: Any, **_: Any) -> Any:
         d.mkdir(parents=True, exist_ok=True)
         (d / "pages-1.img").write_bytes(b"")
         for s in self.scripts:
             notify(s)
+        if self.after_scripts is not None:
+            self.after_scripts()
         if self.fail:
             raise CheckpointError("CRIU dump failed: scripted")
         raise AssertionError("not used: the tests below only fail")
@@ -49,14 +52,42 @@ class Buffer:
         self.calls.append(("begin", e))
 
 
-def _primary(tmp_path: Path, criu: ScriptedCriu, busy: bool) -> Primary:
+class Idle:
+    """The idle share of the CPU the primary sees for the last epoch."""
+
+    def __init__(self, share: float | None) -> None:
+        self.value = share
+
+    def share(self) -> float | None:
+        return self.value
+
+
+def _primary(tmp_path: Path, criu: ScriptedCriu, busy: bool, idle: float | None = 0.5) -> Primary:
     cfg = PrimaryConfig(unit_id="u", spec={}, backup=("127.0.0.1", 1), psk=b"k" * 32,
                         timing=Timing(), pid=os.getpid(), netns_path=None,
                         dump_root=tmp_path / "dumps", dirty_tracking="diff")
     p = Primary(cfg, Buffer(), criu=criu)  # type: ignore[arg-type]
     p.need_full = True  # no prelude (early encoding) in these tests
     p.pause.add(BUSY_PAUSE_MS + 10 if busy else 5.0)
+    p.idle_meter = Idle(idle)  # type: ignore[assignment]
     return p
+
+
+@pytest.mark.parametrize(("busy", "idle", "at_post_dump"), [
+    (False, 0.0, True),  # light load: always as soon as the images are complete
+    (True, BUSY_IDLE_MIN + 0.05, True),  # under load with an idle core: the same
+    (True, BUSY_IDLE_MIN - 0.05, False),  # under load, saturated: once CRIU exited
+    (True, None, False),  # no idle figure yet: as saturated
+], ids=["light", "busy-idle", "busy-saturated", "busy-unknown"])
+def test_when_the_sender_gets_the_dump(tmp_path: Path, busy: bool, idle: float | None,
+                                       at_post_dump: bool) -> None:
+    criu = ScriptedCriu(["pre-dump", "post-dump"], fail=True)
+    p = _primary(tmp_path, criu, busy, idle)
+    seen: list[int] = []
+    criu.after_scripts = lambda: seen.append(p.sendq.qsize())
+    p._checkpoint_once()
+    assert seen == [1 if at_post_dump else 0]
+    assert p.sendq.qsize() == 1  # handed over in the end either way (complete dump)
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["light", "busy"])
