@@ -78,8 +78,15 @@ log = logging.getLogger(__name__)
 #: the short switch interval ~1 ms of pause.
 BUSY_PAUSE_MS = 20.0
 #: Under load, the idle share of all CPUs over the last epoch from which the
-#: sender still encodes early (see BUSY_PAUSE_MS).
+#: sender still encodes early (see BUSY_PAUSE_MS) ...
 BUSY_IDLE_MIN = 0.10
+#: ... and the most pages the last dump wrote. The early path pays where the
+#: freeze is long because of sockets (1000 busy connections: ~5,000 pages an
+#: epoch); a freeze that is long because the unit wrote hundreds of MiB is no
+#: time to encode alongside CRIU: a unit growing by 1 GiB while protected then
+#: starved the backup agent on this 2-core machine (lease lost in 2 of 12
+#: runs of test_big_epochs' growth tests; 0 of 9 without the early path).
+BUSY_EARLY_MAX_PAGES = 8192
 #: sys.setswitchinterval of the primary agent at light load. CRIU's post-dump
 #: is answered with the unit frozen, while the sender may be encoding pages;
 #: at Python's default 5 ms the answer waited for the GIL (pause +1-2 ms).
@@ -284,7 +291,8 @@ class Primary(BackupSession, Handover, Coordinated):
         complete = False  # post-dump ran through: every image is written
         busy = (self.pause.last or 0.0) > BUSY_PAUSE_MS
         idle = self.idle_meter.share()  # over the last epoch
-        early = not busy or (idle is not None and idle >= BUSY_IDLE_MIN)
+        early = not busy or (idle is not None and idle >= BUSY_IDLE_MIN
+                             and (self.dumped_pages.last or 0.0) <= BUSY_EARLY_MAX_PAGES)
         sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else SWITCH_INTERVAL_S)
         prelude = self._prelude(d) if early else None
 

@@ -18,7 +18,7 @@ import pytest
 
 from remus.config import Timing
 from remus.errors import CheckpointError
-from remus.primary import BUSY_IDLE_MIN, BUSY_PAUSE_MS, Primary
+from remus.primary import BUSY_EARLY_MAX_PAGES, BUSY_IDLE_MIN, BUSY_PAUSE_MS, Primary
 from remus.primary_config import PrimaryConfig
 
 
@@ -79,10 +79,14 @@ def _primary(tmp_path: Path, criu: ScriptedCriu, busy: bool, idle: float | None 
     (True, BUSY_IDLE_MIN - 0.05, False),  # under load, saturated: once CRIU exited
     (True, None, False),  # no idle figure yet: as saturated
 ], ids=["light", "busy-idle", "busy-saturated", "busy-unknown"])
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big-dump"])
 def test_when_the_sender_gets_the_dump(tmp_path: Path, busy: bool, idle: float | None,
-                                       at_post_dump: bool) -> None:
+                                       at_post_dump: bool, big: bool) -> None:
     criu = ScriptedCriu(["pre-dump", "post-dump"], fail=True)
     p = _primary(tmp_path, criu, busy, idle)
+    if big:  # the last dump wrote more than the early path takes under load
+        p.dumped_pages.add(BUSY_EARLY_MAX_PAGES + 1.0)
+        at_post_dump = at_post_dump and not busy
     seen: list[int] = []
     criu.after_scripts = lambda: seen.append(p.sendq.qsize())
     p._checkpoint_once()
