@@ -110,8 +110,9 @@ class BackupSession:
             self.wake.set()
 
     def _on_event(self, ev: Any) -> None:
-        now, acked_at = self.clock(), time.time()
+        now = self.clock()
         if isinstance(ev, m.Ack):
+            acked_at = time.time()  # the trace's mark: only ACKs need it
             if ev.generation != self.generation:
                 return
             with self.cond:
