@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+#: How long committed epochs gather before they are applied as one run. Under
+#: load (1000 busy connections, ~8 epochs/s) each epoch rewrote ~13 MiB of
+#: pages and rebuilt a ~14 MiB pages file whose layout changed; applied in
+#: runs of ~4, the same pages are written once. The images lag by up to this
+#: plus an apply; what is acknowledged is committed in redo/ at once.
+APPLY_GATHER_S = 0.5
+
 
 def detector_tick(timing: Timing) -> float:
     """How often the failure detector looks (remus.backup_takeover)."""
@@ -510,6 +517,10 @@ class Backup(Takeover):
         while not self.stop_event.is_set():
             if not self.apply_event.wait(0.2):
                 continue
+            # Let a few more epochs commit first: they are applied as one run
+            # (CheckpointStore), each page and layout written once for all of
+            # them. A takeover applies whatever is still pending itself.
+            self.stop_event.wait(APPLY_GATHER_S)
             self.apply_event.clear()
             try:
                 self.store.apply_pending()

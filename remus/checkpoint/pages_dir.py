@@ -28,6 +28,16 @@ first), so the resolved pages are written first to
 ``pages/.P.<generation>-<epoch>.resolved`` and a redo takes them from
 there; forget_resolved() removes these once the store has recorded the
 epoch as applied.
+
+Several committed epochs in a row can be applied as one (apply_run): the
+records of each, in order, give the newest version of every page they
+write (an XOR against the version the epoch before left, in the store or
+in an earlier epoch of the run); those pages go to the last epoch's layout
+once. A page written in each of four epochs is then written once, and a
+layout that changed in each is rebuilt once. The resolved pages of a run
+with XOR records that patches in place are kept in the sidecar of its last
+epoch first, as for one epoch; a crash leaves the run's last epoch in its
+traces (``interrupted``), and the store re-applies exactly that run.
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ from remus.errors import CheckpointError
 
 if TYPE_CHECKING:
     from remus.checkpoint.store import StoreStats
+
+
+#: (redo log, one of its page records): where a record of a run of epochs comes from.
+Source = tuple[RedoLog, LogRecord]
 
 
 @dataclass
@@ -108,6 +122,116 @@ class PagesDir:
         else:
             self._build(redo, name, layout, recs, cur, target, epoch)
 
+    def apply_run(self, name: str, layout: Vaddrs, sources: list[Source],
+                  position: tuple[int, int]) -> None:
+        """Bring the pages of ``name`` to ``layout`` with the page records of a run
+        of epochs (``sources``, in epoch order) ending at ``position``."""
+        generation, epoch = position
+        target = self.path / f"{name}.{epoch}.img"
+        cur = self._files.get(name)
+        if target.exists():  # built before a crash
+            self._files[name] = self._load_pages_file(name, epoch)
+            return
+        sidecar = self.path / f".{name}.{generation}-{epoch}.resolved"
+        same = cur is not None and np.array_equal(cur.layout, layout)
+        if same and sidecar.exists():
+            vaddrs, pages = _read_sidecar(sidecar)
+        else:
+            vaddrs, pages = self._newest_pages(cur, sources)
+            if same and any(r.kind == KIND_PAGES_XOR for _, r in sources):
+                # Resolved against the file we are about to patch: keep them first.
+                self._write_sidecar(sidecar, vaddrs, pages)
+        if same:
+            assert cur is not None
+            fd = os.open(cur.path, os.O_WRONLY)
+            try:
+                self._write_pages(fd, images.lookup(cur.index, vaddrs), pages, cur.path.name)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        index = images.sorted_index(layout)
+        idx = images.lookup(index, vaddrs)
+        keep = idx >= 0  # pages written in the run and gone by its end are dropped
+        idx, pages = idx[keep], pages[keep]
+
+        def fill(fd: int, _index: tuple[Vaddrs, np.ndarray], covered: np.ndarray,
+                 _from_old: np.ndarray) -> None:
+            self._write_pages(fd, idx, pages, target.name)
+            covered[idx] = True
+
+        self._build_file(name, layout, cur, target, epoch, fill, index, fresh=idx)
+
+    def interrupted(self, generation: int, after: int, upto: int) -> int | None:
+        """The last epoch of a run of (after, upto] whose apply was interrupted, by
+        the files it left (a pages file built for it, or its resolved pages)."""
+        found = []
+        for p in self.path.iterdir():
+            n = p.name
+            if n.endswith(".img") and not n.startswith("."):
+                e = n[: -len(".img")].rpartition(".")[2]
+            elif n.endswith(".resolved") and n.startswith("."):
+                g, _, e = n[: -len(".resolved")].rpartition(".")[2].partition("-")
+                if g != str(generation):
+                    continue
+            else:
+                continue
+            if e.isdigit() and after < int(e) <= upto:
+                found.append(int(e))
+        return max(found) if found else None
+
+    def _newest_pages(self, cur: _PagesFile | None,
+                      sources: list[Source]) -> tuple[Vaddrs, np.ndarray]:
+        """The newest version of each page the records write: (sorted vaddrs, pages)."""
+        layers: list[tuple[Vaddrs, np.ndarray]] = []  # one per record, vaddrs sorted
+        fd = -1
+        try:
+            for redo, rec in sources:
+                if rec.kind == KIND_PAGES_XOR:
+                    vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
+                    base, missing = _from_layers(layers, vaddrs)
+                    if missing.size:
+                        idx = (images.lookup(cur.index, vaddrs[missing]) if cur is not None
+                               else np.full(missing.size, -1, dtype=np.intp))
+                        if bool((idx < 0).any()):
+                            raise CheckpointError(f"{rec.name}: XOR pages at vaddrs the store "
+                                                  "does not hold")
+                        if fd < 0:
+                            assert cur is not None
+                            fd = os.open(cur.path, os.O_RDONLY)
+                        base[missing] = _pread_pages(fd, idx)
+                    base.reshape(-1)[pos] ^= words
+                    pages = base
+                else:
+                    vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
+                    pages = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_WORDS)
+                order = np.argsort(vaddrs, kind="stable")
+                layers.append((vaddrs[order], pages[order]))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if not layers:
+            return np.empty(0, dtype=np.uint64), np.empty((0, PAGE_WORDS), dtype=np.uint64)
+        allv = np.concatenate([v for v, _ in layers])
+        allp = np.concatenate([p for _, p in layers])
+        # The last version of each vaddr: np.unique keeps the first of the reversed.
+        uniq, first = np.unique(allv[::-1], return_index=True)
+        last = allv.size - 1 - first
+        return uniq, allp[last]
+
+    def _write_sidecar(self, sidecar: Path, vaddrs: Vaddrs, pages: np.ndarray) -> None:
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        self._hook(f"resolve {sidecar.name}")
+        with open(tmp, "wb") as f:
+            f.write(np.array([vaddrs.size], dtype=VADDR_DTYPE).tobytes())
+            f.write(vaddrs.astype(VADDR_DTYPE).tobytes())
+            f.write(np.ascontiguousarray(pages).tobytes())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, sidecar)
+
     def forget_resolved(self) -> None:
         """Remove the resolved XOR pages of applied epochs (call once the store
         has recorded the epoch as applied: a redo before that needs them)."""
@@ -167,13 +291,8 @@ class PagesDir:
         """The full pages of XOR records against ``cur``, kept in ``sidecar``
         (written once, before ``cur`` changes; read back on a redo)."""
         if sidecar.exists():
-            raw = sidecar.read_bytes()
-            (n,) = np.frombuffer(raw[:8], dtype=VADDR_DTYPE)
-            vaddrs = np.frombuffer(raw[8 : 8 + 8 * int(n)], dtype=VADDR_DTYPE).astype(np.uint64)
-            data = raw[8 + 8 * int(n):]
-            if len(data) != vaddrs.size * PAGE_SIZE:
-                raise CheckpointError(f"{sidecar.name}: {len(data)} bytes for {vaddrs.size} pages")
-            return [(vaddrs, data)]
+            vaddrs, pages = _read_sidecar(sidecar)
+            return [(vaddrs, pages.tobytes())]
         out = []
         fd = os.open(cur.path, os.O_RDONLY)
         try:
@@ -189,17 +308,9 @@ class PagesDir:
         finally:
             os.close(fd)
         vaddrs = np.concatenate([v for v, _ in out]) if out else np.empty(0, np.uint64)
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        self._hook(f"resolve {sidecar.name}")
-        with open(tmp, "wb") as f:
-            f.write(np.array([vaddrs.size], dtype=VADDR_DTYPE).tobytes())
-            f.write(vaddrs.astype(VADDR_DTYPE).tobytes())
-            for _, data in out:
-                f.write(data)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, sidecar)
+        data = b"".join(d for _, d in out)
+        self._write_sidecar(sidecar, vaddrs,
+                            np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_WORDS))
         return out
 
     def _build(
@@ -213,26 +324,15 @@ class PagesDir:
         epoch: int,
     ) -> None:
         """Write pages/<name>.<epoch>.img in a new layout, then rename it in."""
-        index = images.sorted_index(layout)
-        self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
-        tmp = target.with_name(f".{target.name}.tmp")
-        self._hook(f"build {target.name}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, layout.size * PAGE_SIZE)
-            covered = np.zeros(layout.size, dtype=bool)
-            from_old = covered.copy()
-            if cur is not None:
-                old_idx = images.lookup(cur.index, layout)
-                from_old = old_idx >= 0
-                covered |= from_old
-                self._copy_runs(cur.path, fd, old_idx)
+
+        def fill(fd: int, index: tuple[Vaddrs, np.ndarray], covered: np.ndarray,
+                 from_old: np.ndarray) -> None:
             xor = []
             for rec in recs:
                 if rec.kind == KIND_PAGES_XOR:
                     vaddrs, pos, words = decode_xor(rec.meta, redo.data(rec))
                     idx = images.lookup(index, vaddrs)
-                    # The old version is already in place (copied above): XOR it there.
+                    # The old version is already in place (copied): XOR it there.
                     if bool((idx < 0).any()) or not bool(from_old[idx].all()):
                         raise CheckpointError(f"epoch {epoch}: XOR pages of {name} at vaddrs "
                                               "the store does not hold")
@@ -246,6 +346,34 @@ class PagesDir:
             if xor:
                 self._hook(f"xor {target.name}")
                 _xor_in_place(fd, layout.size, xor)
+
+        self._build_file(name, layout, cur, target, epoch, fill)
+
+    def _build_file(self, name: str, layout: Vaddrs, cur: _PagesFile | None, target: Path,
+                    epoch: int, fill: Callable[..., None],
+                    index: tuple[Vaddrs, np.ndarray] | None = None,
+                    fresh: np.ndarray | None = None) -> None:
+        """Create the pages file of a new layout: its .vaddrs, the old pages copied
+        into their new places (but those at page indices ``fresh``, which fill
+        writes whole), then ``fill(fd, index, covered, from_old)``; every page must
+        be covered. Written under a temporary name, then renamed in."""
+        index = images.sorted_index(layout) if index is None else index
+        self._write_file(target.with_suffix(".vaddrs"), layout.astype("<u8").tobytes())
+        tmp = target.with_name(f".{target.name}.tmp")
+        self._hook(f"build {target.name}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, layout.size * PAGE_SIZE)
+            covered = np.zeros(layout.size, dtype=bool)
+            from_old = covered.copy()
+            if cur is not None:
+                old_idx = images.lookup(cur.index, layout)
+                from_old = old_idx >= 0
+                covered |= from_old
+                if fresh is not None:
+                    old_idx[fresh] = -1
+                self._copy_runs(cur.path, fd, old_idx)
+            fill(fd, index, covered, from_old)
             if not covered.all():
                 raise CheckpointError(
                     f"epoch {epoch} lacks {int((~covered).sum())} pages of {name}"
@@ -268,15 +396,18 @@ class PagesDir:
         finally:
             os.close(src_fd)
 
-    def _write_pages(self, fd: int, idx: np.ndarray, data: bytes, what: str) -> None:
+    def _write_pages(self, fd: int, idx: np.ndarray, data: bytes | np.ndarray,
+                     what: str) -> None:
+        """Write pages (bytes, or rows of PAGE_WORDS words) at page indices idx."""
         if bool((idx < 0).any()):
             raise CheckpointError(f"{what}: page at a vaddr outside the pagemap")
-        view = memoryview(data)
+        view = (memoryview(np.ascontiguousarray(data).data).cast("B")
+                if isinstance(data, np.ndarray) else memoryview(data))
         for start, first, n in images.page_runs(idx):
             self._hook(f"pwrite {what} @{first}+{n}")
             os.pwrite(fd, view[start * PAGE_SIZE : (start + n) * PAGE_SIZE], first * PAGE_SIZE)
         self.stats.pages_written += idx.size
-        self.stats.bytes_applied += len(data)
+        self.stats.bytes_applied += view.nbytes
 
     def _load_pages_file(self, name: str, epoch: int) -> _PagesFile:
         path = self.path / f"{name}.{epoch}.img"
@@ -292,6 +423,36 @@ def _pages_first(pages_dir: Path) -> list[Path]:
     exists without its layout, whatever point a crash interrupts.
     """
     return sorted(pages_dir.iterdir(), key=lambda p: p.suffix != ".img")
+
+
+def _read_sidecar(sidecar: Path) -> tuple[Vaddrs, np.ndarray]:
+    """(vaddrs, pages) kept by _write_sidecar."""
+    raw = sidecar.read_bytes()
+    (n,) = np.frombuffer(raw[:8], dtype=VADDR_DTYPE)
+    vaddrs = np.frombuffer(raw[8 : 8 + 8 * int(n)], dtype=VADDR_DTYPE).astype(np.uint64)
+    data = raw[8 + 8 * int(n):]
+    if len(data) != vaddrs.size * PAGE_SIZE:
+        raise CheckpointError(f"{sidecar.name}: {len(data)} bytes for {vaddrs.size} pages")
+    return vaddrs, np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_WORDS)
+
+
+def _from_layers(layers: list[tuple[Vaddrs, np.ndarray]],
+                 vaddrs: Vaddrs) -> tuple[np.ndarray, np.ndarray]:
+    """The newest version of ``vaddrs`` in ``layers`` (each sorted, newest last):
+    (pages, positions in vaddrs that no layer holds; their rows are garbage)."""
+    base = np.empty((vaddrs.size, PAGE_WORDS), dtype=np.uint64)
+    need = np.ones(vaddrs.size, dtype=bool)
+    for lv, lp in reversed(layers):
+        want = np.flatnonzero(need)
+        if not want.size:
+            break
+        if not lv.size:
+            continue
+        j = np.minimum(np.searchsorted(lv, vaddrs[want]), lv.size - 1)
+        hit = lv[j] == vaddrs[want]
+        base[want[hit]] = lp[j[hit]]
+        need[want[hit]] = False
+    return base, np.flatnonzero(need)
 
 
 def _pread_pages(fd: int, idx: np.ndarray) -> np.ndarray:

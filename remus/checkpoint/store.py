@@ -19,13 +19,14 @@ simply discards incoming/ and re-applies what is in redo/.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,6 +51,11 @@ from remus.errors import CheckpointError, ProtocolError
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int]  # (generation, epoch)
+
+#: A run of delta epochs applied as one holds the newest version of every page
+#: its records write in memory: at most this many pages (64 MiB), unless it
+#: is the run an interrupted apply began (which must be completed as it was).
+MERGE_MAX_PAGES = 16384
 EMPTY: Position = (-1, -1)
 
 
@@ -76,6 +82,7 @@ class StoreStats:
     pages_written: int = 0  # pages taken from redo logs
     pages_copied: int = 0  # unchanged pages copied into a new layout
     seconds: float = 0.0  # last apply
+    runs_applied: int = 0  # applies, each of one epoch or of several in a row
 
 
 class CheckpointStore:
@@ -191,22 +198,50 @@ class CheckpointStore:
             last_full = 0 if self.handlers else max(
                 (i for i, (h, _) in enumerate(logs) if h.full and h.position > self._applied),
                 default=0)
-            todo = None
+            todo = []
             for i, (header, path) in enumerate(logs):
                 if header.position <= self._applied or i < last_full:
                     path.unlink()  # applied before a crash, or superseded by a later full epoch
                     continue
-                todo = path
+                todo = logs[i:]
                 break
-            if todo is None:
+            if not todo:
                 return self._applied[1]
-            redo = RedoLog(todo)
+            redos: list[RedoLog] = []
             try:
-                self._apply(redo)
+                for redo in self._run(todo):
+                    redos.append(redo)
+                self._apply(redos)
             finally:
-                redo.close()
-            todo.unlink()
+                for redo in redos:
+                    redo.close()
+            for redo in redos:
+                redo.path.unlink()
             self._fsync_dir(self._redo)
+
+    def _run(self, logs: list[tuple[LogHeader, Path]]) -> Iterator[RedoLog]:
+        """The redo logs to apply as one, from the first of ``logs``: the delta
+        epochs that follow it one on another, up to MERGE_MAX_PAGES pages in
+        their records, or exactly up to the epoch an interrupted apply ended at."""
+        first = logs[0][0]
+        run = logs[:1]
+        if not first.full and not self.handlers:  # disk deltas: one epoch at a time
+            for (prev, _), (h, path) in itertools.pairwise(logs):
+                if h.full or h.generation != first.generation or h.base != prev.epoch:
+                    break
+                run.append((h, path))
+        end = self._pages_dir.interrupted(first.generation, self._applied[1], run[-1][0].epoch)
+        if end is not None:
+            run = [(h, p) for h, p in run if h.epoch <= end]
+        pages = 0
+        for _, path in run:
+            redo = RedoLog(path)
+            n = sum(len(r.meta) // 8 for r in redo.records if r.kind in PAGE_KINDS)
+            if pages and pages + n > MERGE_MAX_PAGES and end is None:
+                redo.close()
+                return
+            pages += n
+            yield redo
 
     # ---- staging ----------------------------------------------------
 
@@ -224,46 +259,60 @@ class CheckpointStore:
 
     # ---- applying ---------------------------------------------------
 
-    def _apply(self, redo: RedoLog) -> None:
+    def _apply(self, redos: list[RedoLog]) -> None:
+        """Apply a run of epochs (one, or deltas each based on the one before) as
+        one: the last one's manifest, the newest version of every file and page."""
         t0 = time.perf_counter()
+        first, redo = redos[0].header, redos[-1]
         h = redo.header
-        if not h.full and (h.generation, h.base) != self._applied:
+        if not first.full and (first.generation, first.base) != self._applied:
             raise CheckpointError(
-                f"redo {h.generation}/{h.epoch} is based on {h.base}, applied is {self._applied}"
+                f"redo {first.generation}/{first.epoch} is based on {first.base}, "
+                f"applied is {self._applied}"
             )
         self.applying = h
         manifest = redo.manifest()
-        if h.full:
+        if first.full:
             self._wipe()
-        files = {r.name: r for r in redo.records if r.kind == KIND_FILE}
+        # The newest version of each file of the manifest (a file the run sent and
+        # a later epoch of it dropped is not written).
+        files = {r.name: (lg, r) for lg in redos for r in lg.records
+                 if r.kind == KIND_FILE and (lg is redo or r.name in manifest.files)}
         for name, info in manifest.pagemaps.items():
-            rec = files.get(name)
-            if rec is None and not (self._images / name).exists():
+            src = files.get(name)
+            if src is None and not (self._images / name).exists():
                 raise CheckpointError(f"epoch {h.epoch}: {name} neither sent nor kept")
-            raw = redo.data(rec) if rec else (self._images / name).read_bytes()
+            raw = src[0].data(src[1]) if src else (self._images / name).read_bytes()
             pm = pagemap.parse_pagemap(raw, name)
             if pm.pages_name != info.pages:
                 raise CheckpointError(f"{name}: pages file {pm.pages_name}, manifest {info.pages}")
-            pages_recs = [
-                r for r in redo.records if r.name == name and r.kind in PAGE_KINDS
-            ]
-            self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs,
-                                          (h.generation, h.epoch))
+            if len(redos) == 1:
+                pages_recs = [r for r in redo.records if r.name == name and r.kind in PAGE_KINDS]
+                self._pages_dir.apply_pagemap(redo, name, pm.layout(), pages_recs,
+                                              (h.generation, h.epoch))
+            else:
+                sources = [(lg, r) for lg in redos for r in lg.records
+                           if r.name == name and r.kind in PAGE_KINDS]
+                self._pages_dir.apply_run(name, pm.layout(), sources, (h.generation, h.epoch))
         faults.point("backup-apply")  # pages written, files not yet: a half-applied epoch
-        for name, rec in files.items():
-            data = redo.data(rec)
+        for name, (lg, rec) in files.items():
+            data = lg.data(rec)
             _check_file(name, data, manifest)
             self._write_file(self._images / name, data)
         self._pages_dir.link(self._images, manifest)
         self._remove_stale(manifest)
-        self._apply_handlers(redo)
+        for lg in redos:
+            self.applying = lg.header
+            self._apply_handlers(lg)
+        self.applying = h
         self._verify(manifest, written=set(files))
         self._fsync_dir(self._images)
         self._fsync_dir(self._pages)
         self._write_state((h.generation, h.epoch))
         self._pages_dir.forget_resolved()  # a redo of this epoch no longer happens
         self.applying = None
-        self.stats.epochs_applied += 1
+        self.stats.epochs_applied += len(redos)
+        self.stats.runs_applied += 1
         self.stats.seconds = time.perf_counter() - t0
         log.debug("applied epoch %d/%d in %.1f ms", h.generation, h.epoch, self.stats.seconds * 1e3)
 

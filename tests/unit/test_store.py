@@ -273,9 +273,9 @@ def test_a_later_full_epoch_supersedes_unapplied_ones(tmp_path: Path, monkeypatc
     applied: list[tuple[int, int]] = []
     real = CheckpointStore._apply
 
-    def spy(self: CheckpointStore, redo: Any) -> None:
-        applied.append((redo.header.generation, redo.header.epoch))
-        real(self, redo)
+    def spy(self: CheckpointStore, redos: Any) -> None:
+        applied.append((redos[-1].header.generation, redos[-1].header.epoch))
+        real(self, redos)
 
     monkeypatch.setattr(CheckpointStore, "_apply", spy)
     assert store.apply_pending() == 0
@@ -293,9 +293,9 @@ def test_a_full_epoch_arriving_during_a_backlog_cuts_it_short(tmp_path: Path,
     applied: list[tuple[int, int]] = []
     real = CheckpointStore._apply
 
-    def spy(self: CheckpointStore, redo: Any) -> None:
-        applied.append((redo.header.generation, redo.header.epoch))
-        real(self, redo)
+    def spy(self: CheckpointStore, redos: Any) -> None:
+        applied.append((redos[-1].header.generation, redos[-1].header.epoch))
+        real(self, redos)
         if len(applied) == 1:
             ship(store, DeltaEncoder(), dumps[3], 2, 0)
 
@@ -313,9 +313,10 @@ def test_with_disk_records_every_epoch_is_applied(tmp_path: Path, monkeypatch: A
     applied: list[int] = []
     real = CheckpointStore._apply
     monkeypatch.setattr(CheckpointStore, "_apply",
-                        lambda self, redo: (applied.append(redo.header.epoch), real(self, redo)))
+                        lambda self, redos: (applied.extend(r.header.epoch for r in redos),
+                                             applied.append(-len(redos)), real(self, redos)))
     store.apply_pending()
-    assert applied == [*range(len(dumps)), 0]
+    assert applied == [e for n in [*range(len(dumps)), 0] for e in (n, -1)]  # one at a time
 
 
 def test_concurrent_apply_pending_is_serialized(tmp_path: Path) -> None:
@@ -524,3 +525,148 @@ def test_sparse_xor_in_place_survives_a_crash_anywhere(tmp_path: Path) -> None:
     assert KIND_PAGES_XOR in kinds
     writes = crash_at_every_write(tmp_path, work, d1, (1, 1))
     assert any(w.startswith("resolve") for w in writes), writes
+
+
+# ---- several committed epochs applied as one run ---------------------------------------
+
+
+def tweak(p: bytes, at: int, what: bytes) -> bytes:
+    pg = bytearray(p)
+    pg[at : at + len(what)] = what
+    return bytes(pg)
+
+
+def xor_chain(root: Path) -> list[Path]:
+    """Dumps 0..5 of one heap whose pages change in a few words, the same pages in
+    consecutive epochs (XOR on XOR), with the layout the same in 1-2 and 4-5 and
+    changed in 3 (pages gone, new ones)."""
+    files = {"core-1.img": b"core", "inventory.img": b"inv"}
+    heap = {BASE + i * PAGE: page(i) for i in range(64)}
+    dumps = [write_dump(root / "d0", files, {"pagemap-1.img": (1, heap)})]
+    for e in range(1, 6):
+        heap = dict(heap)
+        for i in range(0, 64, 2 + e % 3):
+            v = BASE + i * PAGE
+            if v in heap:
+                heap[v] = tweak(heap[v], 16 * e + i, bytes([e, i, 7]))
+        if e == 3:
+            for i in range(10, 20):
+                heap.pop(BASE + i * PAGE)
+            heap.update({BASE + (100 + i) * PAGE: page(300 + i) for i in range(5)})
+        f = dict(files, **{"core-1.img": b"core%d" % e}) if e % 2 else files
+        dumps.append(write_dump(root / f"d{e}", f, {"pagemap-1.img": (1, heap)}))
+    return dumps
+
+
+def pending_run(tmp_path: Path, dumps: list[Path], upto: int,
+                compress: bool = True) -> tuple[Path, list[int]]:
+    """A store with dumps[0] applied and dumps[1..upto] committed, unapplied; the
+    kinds of the records sent."""
+    work = tmp_path / "store"
+    store = new_store(work)
+    enc = DeltaEncoder(compress=compress)
+    kinds: list[int] = []
+    for epoch, d in enumerate(dumps[: upto + 1]):
+        staged = store.begin(1, epoch, epoch - 1, epoch == 0)
+        for chunk in enc.encode(d, epoch == 0):
+            kinds.append(chunk[0])
+            staged.add(*chunk)
+        staged.commit()
+        if epoch == 0:
+            store.apply_pending()
+    return work, kinds
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("maker", [evolution, xor_chain])
+def test_a_run_of_epochs_applies_as_one(tmp_path: Path, compress: bool,
+                                        maker: Callable[[Path], list[Path]],
+                                        monkeypatch: Any) -> None:
+    dumps = maker(tmp_path)
+    work, kinds = pending_run(tmp_path, dumps, len(dumps) - 1, compress)
+    if compress and maker is xor_chain:
+        assert KIND_PAGES_XOR in kinds
+    runs: list[list[int]] = []
+    real = CheckpointStore._apply
+
+    def spy(self: CheckpointStore, redos: Any) -> None:
+        runs.append([r.header.epoch for r in redos])
+        real(self, redos)
+
+    monkeypatch.setattr(CheckpointStore, "_apply", spy)
+    store = new_store_no_apply(work)
+    assert store.apply_pending() == len(dumps) - 1
+    assert runs == [list(range(1, len(dumps)))]
+    assert_same(store, dumps[-1])
+    assert store.stats.epochs_applied == len(dumps) - 1 and store.stats.runs_applied == 1
+    assert not list((work / "redo").iterdir())
+    assert not list((work / "pages").glob(".*.resolved"))
+    assert new_store(work).committed() == (1, len(dumps) - 1)
+
+
+def test_a_run_writes_each_page_once(tmp_path: Path) -> None:
+    """Epochs 1-2 of xor_chain share a layout and pages: applied as a run, each page
+    is written once, not once per epoch."""
+    dumps = xor_chain(tmp_path)
+    one, _ = pending_run(tmp_path / "a", dumps, 2)
+    for_each = new_store_no_apply(one)
+    with pytest.MonkeyPatch.context() as mp:  # one epoch at a time, as before runs
+        mp.setattr("remus.checkpoint.store.MERGE_MAX_PAGES", 1)
+        for_each.apply_pending()
+    run_dir, _ = pending_run(tmp_path / "b", dumps, 2)
+    run = new_store_no_apply(run_dir)
+    run.stats.pages_written = 0
+    run.apply_pending()
+    assert run.stats.runs_applied == 1 and for_each.stats.runs_applied == 2
+    assert run.stats.pages_written < for_each.stats.pages_written
+    assert_same(run, dumps[2])
+    assert_same(for_each, dumps[2])
+
+
+def test_merge_max_pages_splits_a_run(tmp_path: Path, monkeypatch: Any) -> None:
+    dumps = xor_chain(tmp_path)
+    work, _ = pending_run(tmp_path, dumps, 5)
+    monkeypatch.setattr("remus.checkpoint.store.MERGE_MAX_PAGES", 40)
+    store = new_store_no_apply(work)
+    store.apply_pending()
+    assert 1 < store.stats.runs_applied < 5
+    assert_same(store, dumps[5])
+
+
+@pytest.mark.parametrize("upto", [2, 5])
+def test_crash_anywhere_in_a_run_then_recover(tmp_path: Path, upto: int) -> None:
+    dumps = xor_chain(tmp_path)
+    work, _ = pending_run(tmp_path, dumps, upto)
+    writes = crash_at_every_write(tmp_path, work, dumps[upto], (1, upto))
+    assert any(w.startswith("resolve") for w in writes) == (upto == 2), writes  # in place
+
+
+@pytest.mark.parametrize("upto", [2, 3])
+def test_a_crashed_run_is_redone_as_it_was_when_more_epochs_came(tmp_path: Path,
+                                                                   upto: int) -> None:
+    """A crash part-way through the run 1..upto, then epoch upto+1 commits before the
+    recovery: the run is completed as it began (its resolved pages or its built file
+    say how far it went), then the new epoch applies on top."""
+    dumps = xor_chain(tmp_path)
+    full_dir, _ = pending_run(tmp_path / "all", dumps, upto + 1)
+    later = sorted((full_dir / "redo").iterdir())[-1]
+    work = tmp_path / "store"
+    shutil.copytree(full_dir, work, symlinks=True)
+    (work / "redo" / later.name).unlink()
+    writes: list[str] = []
+    probe = tmp_path / "probe"
+    shutil.copytree(work, probe, symlinks=True)
+    s = new_store_no_apply(probe)
+    s.on_write = writes.append
+    s.apply_pending()
+    for k in range(len(writes)):
+        trial = tmp_path / f"trial{k}"
+        shutil.copytree(work, trial, symlinks=True)
+        s = new_store_no_apply(trial)
+        s.on_write = crash_after(k)
+        with pytest.raises(Crash):
+            s.apply_pending()
+        shutil.copy(later, trial / "redo" / later.name)
+        s3 = new_store(trial)
+        assert s3.committed() == (1, upto + 1)
+        assert_same(s3, dumps[upto + 1])
