@@ -143,9 +143,13 @@ class PagesDir:
                 self._write_sidecar(sidecar, vaddrs, pages)
         if same:
             assert cur is not None
+            idx = images.lookup(cur.index, vaddrs)
+            keep = idx >= 0  # pages written in the run and gone by its end are dropped
+            if not keep.any():
+                return
             fd = os.open(cur.path, os.O_WRONLY)
             try:
-                self._write_pages(fd, images.lookup(cur.index, vaddrs), pages, cur.path.name)
+                self._write_pages(fd, idx[keep], pages[keep], cur.path.name)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -206,8 +210,10 @@ class PagesDir:
                 else:
                     vaddrs, data = decode_pages(rec.kind, rec.meta, redo.data(rec))
                     pages = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_WORDS)
-                order = np.argsort(vaddrs, kind="stable")
-                layers.append((vaddrs[order], pages[order]))
+                if vaddrs.size > 1 and not bool((vaddrs[1:] > vaddrs[:-1]).all()):
+                    order = np.argsort(vaddrs, kind="stable")
+                    vaddrs, pages = vaddrs[order], pages[order]
+                layers.append((vaddrs, pages))
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -401,6 +407,8 @@ class PagesDir:
         """Write pages (bytes, or rows of PAGE_WORDS words) at page indices idx."""
         if bool((idx < 0).any()):
             raise CheckpointError(f"{what}: page at a vaddr outside the pagemap")
+        if not idx.size:
+            return
         view = (memoryview(np.ascontiguousarray(data).data).cast("B")
                 if isinstance(data, np.ndarray) else memoryview(data))
         for start, first, n in images.page_runs(idx):

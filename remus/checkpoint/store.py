@@ -53,9 +53,12 @@ log = logging.getLogger(__name__)
 Position = tuple[int, int]  # (generation, epoch)
 
 #: A run of delta epochs applied as one holds the newest version of every page
-#: its records write in memory: at most this many pages (64 MiB), unless it
-#: is the run an interrupted apply began (which must be completed as it was).
+#: its records write in memory: at most this many pages (64 MiB; the apply's
+#: peak is ~2.5x that), and at most MERGE_MAX_EPOCHS redo logs (each an open
+#: file), unless it is the run an interrupted apply began (which was bounded
+#: so when it began, and must be completed as it was).
 MERGE_MAX_PAGES = 16384
+MERGE_MAX_EPOCHS = 64
 EMPTY: Position = (-1, -1)
 
 
@@ -225,16 +228,24 @@ class CheckpointStore:
         their records, or exactly up to the epoch an interrupted apply ended at."""
         first = logs[0][0]
         run = logs[:1]
-        if not first.full and not self.handlers:  # disk deltas: one epoch at a time
-            for (prev, _), (h, path) in itertools.pairwise(logs):
-                if h.full or h.generation != first.generation or h.base != prev.epoch:
-                    break
-                run.append((h, path))
+        if first.full or self.handlers:  # a full epoch wipes; disk deltas: one at a time
+            yield RedoLog(logs[0][1])
+            return
+        for (prev, _), (h, path) in itertools.pairwise(logs):
+            if h.full or h.generation != first.generation or h.base != prev.epoch:
+                break
+            run.append((h, path))
+        # Traces of an interrupted run lie in (applied, its end]; the epochs after
+        # the applied one are this run's first, so a trace names a run of them.
         end = self._pages_dir.interrupted(first.generation, self._applied[1], run[-1][0].epoch)
-        if end is not None:
+        if end is not None and end >= first.epoch:
             run = [(h, p) for h, p in run if h.epoch <= end]
+        else:
+            end = None
         pages = 0
-        for _, path in run:
+        for i, (_, path) in enumerate(run):
+            if end is None and i >= MERGE_MAX_EPOCHS:
+                return
             redo = RedoLog(path)
             n = sum(len(r.meta) // 8 for r in redo.records if r.kind in PAGE_KINDS)
             if pages and pages + n > MERGE_MAX_PAGES and end is None:

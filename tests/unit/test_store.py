@@ -670,3 +670,69 @@ def test_a_crashed_run_is_redone_as_it_was_when_more_epochs_came(tmp_path: Path,
         s3 = new_store(trial)
         assert s3.committed() == (1, upto + 1)
         assert_same(s3, dumps[upto + 1])
+
+
+def add_then_remove(root: Path) -> list[Path]:
+    """0: a heap of 8 pages; 1: a page more (a new VMA) and one changed; 2: the new
+    page gone again (the layout of 0 back), the changed one kept."""
+    files = {"core-1.img": b"core", "inventory.img": b"inv"}
+    heap = {BASE + i * PAGE: page(i) for i in range(8)}
+    d0 = write_dump(root / "d0", files, {"pagemap-1.img": (1, heap)})
+    h1 = dict(heap)
+    h1[BASE + 100 * PAGE] = page(999)
+    h1[BASE + 2 * PAGE] = tweak(heap[BASE + 2 * PAGE], 8, b"one")
+    d1 = write_dump(root / "d1", files, {"pagemap-1.img": (1, h1)})
+    h2 = dict(heap)
+    h2[BASE + 2 * PAGE] = tweak(h1[BASE + 2 * PAGE], 24, b"two")
+    d2 = write_dump(root / "d2", files, {"pagemap-1.img": (1, h2)})
+    return [d0, d1, d2]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("maker", [add_then_remove, evolution])
+def test_a_run_with_pages_gone_by_its_end_or_a_pagemap_it_does_not_write(
+        tmp_path: Path, compress: bool, maker: Callable[[Path], list[Path]]) -> None:
+    """add_then_remove: a page added and dropped within the run, the layout the
+    store's again (patched in place); evolution 1..2: pagemap-shmem-9 has no page
+    records in the run. Found in review: both failed (TypeError, CheckpointError)."""
+    dumps = maker(tmp_path)
+    work, _ = pending_run(tmp_path, dumps, 2, compress)
+    crash_at_every_write(tmp_path / "c", work, dumps[2], (1, 2))
+    store = new_store_no_apply(work)
+    store.apply_pending()
+    assert store.stats.runs_applied == 1
+    assert_same(store, dumps[2])
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+def test_a_full_epoch_after_an_interrupted_run_applies(tmp_path: Path, generation: int) -> None:
+    """A crash in the run 1..3 leaves its built pages file; the primary then sends a
+    full epoch (after a reconnect: the same generation, or a new one). It supersedes
+    the run and wipes its traces. Found in review: IndexError, for good."""
+    dumps = xor_chain(tmp_path)
+    work, _ = pending_run(tmp_path, dumps, 3)
+    s = new_store_no_apply(work)
+
+    def hook(what: str) -> None:
+        if what.startswith("link"):
+            raise Crash(what)
+
+    s.on_write = hook
+    with pytest.raises(Crash):
+        s.apply_pending()
+    assert (work / "pages" / "pagemap-1.img.3.img").exists()
+    s2 = new_store_no_apply(work)
+    ship(s2, DeltaEncoder(), dumps[5], generation, 4)
+    assert s2.apply_pending() == 4
+    assert_same(s2, dumps[5])
+
+
+def test_a_run_has_at_most_merge_max_epochs(tmp_path: Path, monkeypatch: Any) -> None:
+    """Epochs without pages add nothing to MERGE_MAX_PAGES; each is an open file."""
+    dumps = xor_chain(tmp_path)
+    work, _ = pending_run(tmp_path, dumps, 5)
+    monkeypatch.setattr("remus.checkpoint.store.MERGE_MAX_EPOCHS", 2)
+    store = new_store_no_apply(work)
+    store.apply_pending()
+    assert store.stats.runs_applied == 3
+    assert_same(store, dumps[5])
