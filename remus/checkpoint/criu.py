@@ -39,9 +39,11 @@ MAX_MSG = 1 << 20
 # an unprivileged user even where root lacks CAP_SYS_RESOURCE (0002); no TCP
 # window probe per connection when the dump leaves the unit running (0003); socket
 # fd parameters without /proc and epoll targets checked without kcmp (0004); where
-# the frozen time goes, in stats-dump (0005, DumpResult.split).
+# the frozen time goes, in stats-dump (0005, DumpResult.split); one splice per
+# page-pipe buffer into the pages image, not one per segment (0010).
 DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
-            "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1"}
+            "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1",
+            "CRIU_REMUS_BATCH_SPLICE": "1"}
 
 # Where a primary's dumps keep CRIU's VmFlags cache (patch 0007), next to its
 # epoch directories; never sent.

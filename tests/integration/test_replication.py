@@ -172,13 +172,18 @@ def test_backup_kill9_comes_back_with_last_commit(scenario: Any) -> None:
     p = sc.status("pri")
     assert p is not None
     acked_before = p["acked_epoch"]
+    log = sc.workdir / "backup.log"
+    # The first backup logged "recovered ..." too (of the store an earlier test
+    # left in the same directory): only what the restarted one says counts.
+    seen = log.read_text(errors="replace").count("recovered generation")
     sc.start_backup()
-    text = _log_says(sc.workdir / "backup.log", "recovered generation")
-    lines = [ln for ln in text.splitlines() if "recovered generation" in ln]
+    wait_for(lambda: log.read_text(errors="replace").count("recovered generation") > seen, 30.0)
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if "recovered generation" in ln][seen:]
     assert lines, f"the restarted backup did not recover its store: {text[-2000:]}"
-    line = lines[-1]
-    recovered = int(line.split("epoch")[-1].split()[0])
-    assert recovered >= acked_before, (recovered, acked_before)
+    gen, epoch = lines[0].split("recovered generation")[1].split(" epoch ")
+    assert int(gen) == p["generation"], (lines[0], p["generation"])
+    assert int(epoch.split()[0]) >= acked_before, (lines[0], acked_before)
     # The primary reconnects, starts a new generation with a full checkpoint, goes on.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
