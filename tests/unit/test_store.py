@@ -162,21 +162,9 @@ def crash_at_every_write(tmp_path: Path, work: Path, dump: Path,
     """Apply the committed epoch in copies of the store at ``work``, crashing at
     each write in turn, then once more during recovery, then recovering cleanly:
     every copy must end at ``position`` holding ``dump``. The writes, in order."""
-    writes: list[str] = []
-    probe = tmp_path / "probe"
-    shutil.copytree(work, probe, symlinks=True)
-    s = new_store_no_apply(probe)
-    s.on_write = writes.append
-    s.apply_pending()
-    assert writes, "the hook must see the writes"
-    assert_same(s, dump)
+    writes = probe_writes(tmp_path, work, dump)
     for k in range(len(writes)):
-        trial = tmp_path / f"trial{k}"
-        shutil.copytree(work, trial, symlinks=True)
-        s = new_store_no_apply(trial)
-        s.on_write = crash_after(k)
-        with pytest.raises(Crash):
-            s.apply_pending()
+        trial = crashed_copy(tmp_path, work, k)
         # a second crash during recovery, then a clean one
         s2 = new_store_no_apply(trial)
         s2.on_write = crash_after(k // 2)
@@ -188,6 +176,31 @@ def crash_at_every_write(tmp_path: Path, work: Path, dump: Path,
         assert s3.committed() == position
         assert_same(s3, dump)
     return writes
+
+
+def probe_writes(tmp_path: Path, work: Path, dump: Path) -> list[str]:
+    """The writes, in order, of applying what is committed in a copy of the store
+    at ``work``, which must then hold ``dump``."""
+    writes: list[str] = []
+    probe = tmp_path / "probe"
+    shutil.copytree(work, probe, symlinks=True)
+    s = new_store_no_apply(probe)
+    s.on_write = writes.append
+    s.apply_pending()
+    assert writes, "the hook must see the writes"
+    assert_same(s, dump)
+    return writes
+
+
+def crashed_copy(tmp_path: Path, work: Path, k: int) -> Path:
+    """A copy of the store at ``work`` whose apply crashed at its write ``k``."""
+    trial = tmp_path / f"trial{k}"
+    shutil.copytree(work, trial, symlinks=True)
+    s = new_store_no_apply(trial)
+    s.on_write = crash_after(k)
+    with pytest.raises(Crash):
+        s.apply_pending()
+    return trial
 
 
 def new_store_no_apply(workdir: Path) -> CheckpointStore:
@@ -623,13 +636,19 @@ def test_a_run_writes_each_page_once(tmp_path: Path) -> None:
     assert_same(for_each, dumps[2])
 
 
-def test_merge_max_pages_splits_a_run(tmp_path: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(("bound", "value", "runs"), [
+    ("MERGE_MAX_PAGES", 40, (2, 4)),
+    # Epochs without pages add nothing to MERGE_MAX_PAGES; each is an open file.
+    ("MERGE_MAX_EPOCHS", 2, (3, 3)),
+])
+def test_a_bound_splits_a_run(tmp_path: Path, monkeypatch: Any, bound: str, value: int,
+                              runs: tuple[int, int]) -> None:
     dumps = xor_chain(tmp_path)
     work, _ = pending_run(tmp_path, dumps, 5)
-    monkeypatch.setattr("remus.checkpoint.store.MERGE_MAX_PAGES", 40)
+    monkeypatch.setattr(f"remus.checkpoint.store.{bound}", value)
     store = new_store_no_apply(work)
     store.apply_pending()
-    assert 1 < store.stats.runs_applied < 5
+    assert runs[0] <= store.stats.runs_applied <= runs[1]
     assert_same(store, dumps[5])
 
 
@@ -653,19 +672,8 @@ def test_a_crashed_run_is_redone_as_it_was_when_more_epochs_came(tmp_path: Path,
     work = tmp_path / "store"
     shutil.copytree(full_dir, work, symlinks=True)
     (work / "redo" / later.name).unlink()
-    writes: list[str] = []
-    probe = tmp_path / "probe"
-    shutil.copytree(work, probe, symlinks=True)
-    s = new_store_no_apply(probe)
-    s.on_write = writes.append
-    s.apply_pending()
-    for k in range(len(writes)):
-        trial = tmp_path / f"trial{k}"
-        shutil.copytree(work, trial, symlinks=True)
-        s = new_store_no_apply(trial)
-        s.on_write = crash_after(k)
-        with pytest.raises(Crash):
-            s.apply_pending()
+    for k in range(len(probe_writes(tmp_path, work, dumps[upto]))):
+        trial = crashed_copy(tmp_path, work, k)
         shutil.copy(later, trial / "redo" / later.name)
         s3 = new_store(trial)
         assert s3.committed() == (1, upto + 1)
@@ -725,14 +733,3 @@ def test_a_full_epoch_after_an_interrupted_run_applies(tmp_path: Path, generatio
     ship(s2, DeltaEncoder(), dumps[5], generation, 4)
     assert s2.apply_pending() == 4
     assert_same(s2, dumps[5])
-
-
-def test_a_run_has_at_most_merge_max_epochs(tmp_path: Path, monkeypatch: Any) -> None:
-    """Epochs without pages add nothing to MERGE_MAX_PAGES; each is an open file."""
-    dumps = xor_chain(tmp_path)
-    work, _ = pending_run(tmp_path, dumps, 5)
-    monkeypatch.setattr("remus.checkpoint.store.MERGE_MAX_EPOCHS", 2)
-    store = new_store_no_apply(work)
-    store.apply_pending()
-    assert store.stats.runs_applied == 3
-    assert_same(store, dumps[5])
