@@ -140,7 +140,7 @@ class PagesDir:
             vaddrs, pages = self._newest_pages(cur, sources)
             if same and any(r.kind == KIND_PAGES_XOR for _, r in sources):
                 # Resolved against the file we are about to patch: keep them first.
-                self._write_sidecar(sidecar, vaddrs, pages)
+                self._write_sidecar(sidecar, vaddrs, [pages])
         if same:
             assert cur is not None
             idx = images.lookup(cur.index, vaddrs)
@@ -226,13 +226,16 @@ class PagesDir:
         last = allv.size - 1 - first
         return uniq, allp[last]
 
-    def _write_sidecar(self, sidecar: Path, vaddrs: Vaddrs, pages: np.ndarray) -> None:
+    def _write_sidecar(self, sidecar: Path, vaddrs: Vaddrs,
+                       pages: list[bytes] | list[np.ndarray]) -> None:
+        """Keep resolved pages (``pages``: their data, in parts, in vaddrs order)."""
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         self._hook(f"resolve {sidecar.name}")
         with open(tmp, "wb") as f:
             f.write(np.array([vaddrs.size], dtype=VADDR_DTYPE).tobytes())
             f.write(vaddrs.astype(VADDR_DTYPE).tobytes())
-            f.write(np.ascontiguousarray(pages).tobytes())
+            for part in pages:
+                f.write(np.ascontiguousarray(part).data if isinstance(part, np.ndarray) else part)
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -314,9 +317,7 @@ class PagesDir:
         finally:
             os.close(fd)
         vaddrs = np.concatenate([v for v, _ in out]) if out else np.empty(0, np.uint64)
-        data = b"".join(d for _, d in out)
-        self._write_sidecar(sidecar, vaddrs,
-                            np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_WORDS))
+        self._write_sidecar(sidecar, vaddrs, [d for _, d in out])
         return out
 
     def _build(
