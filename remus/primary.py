@@ -28,6 +28,7 @@ from typing import Any
 
 from remus import faults
 from remus.checkpoint.criu import (
+    SPARE_DIR,
     VMFLAGS_DIR,
     Criu,
     clear_stale_parasite_dir,
@@ -192,6 +193,7 @@ class Primary(BackupSession, Handover, Coordinated):
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # until the first pause says otherwise
         self.cfg.dump_root.mkdir(parents=True, exist_ok=True)
         (self.cfg.dump_root / VMFLAGS_DIR).mkdir(exist_ok=True)
+        (self.cfg.dump_root / SPARE_DIR).mkdir(exist_ok=True)
         with parasite_dir_lock(self.cfg.pid):
             clear_stale_parasite_dir(self.cfg.pid)
         if self.disk is not None:
@@ -443,12 +445,15 @@ class Primary(BackupSession, Handover, Coordinated):
                "CRIU_REMUS_TCP_BUNDLE": "1",
                # CRIU patch 0009: memory before the sockets, so the early encoding
                # (remus.checkpoint.early) has the pages while CRIU dumps the rest.
-               "CRIU_REMUS_PAGES_FIRST": "1"}
+               "CRIU_REMUS_PAGES_FIRST": "1",
+               # CRIU patch 0011: pages into the files of dumps already sent
+               # (PagesSpare), whose page cache is already allocated.
+               "CRIU_REMUS_PAGES_SPARE": str(self.cfg.dump_root / SPARE_DIR)}
         return {**env, **CRIU_ENV} if tracked else env
 
     def _reap_loop(self) -> None:
         while (d := self.reapq.get()) is not None:
-            remove_dump_dir(d)
+            remove_dump_dir(d, spare=self.cfg.dump_root / SPARE_DIR)
 
     def _drop_disk(self, disk: DiskDelta | None) -> None:
         """A disk delta that will not be sent: the next capture must be full."""

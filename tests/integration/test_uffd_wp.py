@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from remus.checkpoint.criu import Criu
+from remus.checkpoint.criu import Criu, remove_dump_dir
 from remus.checkpoint.pagemap import PE_PARENT, read_pagemap
 from remus.checkpoint.tracking import uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker, tree_pids
@@ -229,6 +229,44 @@ def test_vmflags_cache(unit: Unit, tmp_path: Path) -> None:
     assert not _vmflags_from_cache(d5) and _vmas(d5)[base][1] & dontdump == 0
     # the unit's memory is the same through all of it (no page dumped twice)
     assert copied_in_map(d5, "pagemap-1.img", base) == set()
+    dumper.tracker.close()
+
+
+def test_pages_go_into_a_recycled_file(unit: Unit, tmp_path: Path) -> None:
+    # CRIU patch 0011: with a spare pages file (one the reaper kept), a dump
+    # writes its pages into that file, over what it held, and cuts it to what
+    # it wrote; the image is what a dump into a new file holds.
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    dumper = Dumper(unit, tmp_path, env={"CRIU_REMUS_PAGES_SPARE": str(spare)})
+    d0 = dumper.dump()  # full: the whole mapping, no spare to take yet
+    assert unit.do("w 100 1000") == "ok"
+    dumper.dump()  # d1: now the parent of the next dump, not d0
+    old = os.stat(d0 / "pages-1.img")
+    assert old.st_size > MAP_PAGES * PAGE
+    remove_dump_dir(d0, spare=spare)  # reaped, as the primary does two epochs on
+    assert [p.name for p in spare.iterdir()] == ["d0-pages-1.img"]
+    assert unit.do("w 50 2000") == "ok"
+    d2 = dumper.dump()
+    assert list(spare.iterdir()) == []
+    new = os.stat(d2 / "pages-1.img")
+    assert new.st_ino == old.st_ino  # the very file, not a copy
+    pm = read_pagemap(d2 / "pagemap-1.img")
+    assert new.st_size == pm.layout().size * PAGE  # cut to what was written
+    assert copied_in_map(d2, "pagemap-1.img", unit.base) == set(range(2000, 2050))
+    # each page holds what the unit wrote (byte 0 set at start, byte 9 once),
+    # not the full dump's bytes that the file held before
+    data = (d2 / "pages-1.img").read_bytes()
+    lo = unit.base
+    for k, v in enumerate(int(x) for x in pm.layout()):
+        if lo <= v < lo + MAP_PAGES * PAGE:
+            page = data[k * PAGE:(k + 1) * PAGE]
+            assert page[0] == 1 and page[9] == 1 and page.count(0) == PAGE - 2
+    # a dump with no spare left writes a new file, as stock CRIU does
+    assert unit.do("w 5 10") == "ok"
+    d3 = dumper.dump()
+    assert os.stat(d3 / "pages-1.img").st_ino != new.st_ino
+    assert copied_in_map(d3, "pagemap-1.img", unit.base) == set(range(10, 15))
     dumper.tracker.close()
 
 

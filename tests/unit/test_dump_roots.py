@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from remus.agents import clean_stale_dump_roots
-from remus.checkpoint.criu import VMFLAGS_DIR, remove_dump_dir
+from remus.checkpoint.criu import VMFLAGS_DIR, PagesSpare, remove_dump_dir
 
 
 def dead_pid() -> int:
@@ -51,3 +53,42 @@ def test_remove_dump_dir(tmp_path: Path) -> None:
     remove_dump_dir(d)
     assert not d.exists() and keep.exists()  # a link is removed, not followed
     remove_dump_dir(d)  # already gone: nothing to do
+
+
+def _dump_dir(d: Path, pages: dict[str, int]) -> None:
+    d.mkdir()
+    for name, size in pages.items():
+        (d / name).write_bytes(b"p" * size)
+    (d / "pagemap-1.img").write_bytes(b"m")
+    (d / "core-1.img").write_bytes(b"c")
+
+
+def test_pages_files_are_kept_for_later_dumps(tmp_path: Path) -> None:
+    # CRIU patch 0011: a reaped dump's pages files wait in the spare directory
+    # for CRIU to write a new dump's pages into; nothing else of the dump stays.
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    _dump_dir(tmp_path / "e5", {"pages-1.img": 8192, "pages-2.img": 4096})
+    remove_dump_dir(tmp_path / "e5", spare=spare)
+    assert not (tmp_path / "e5").exists()
+    assert sorted(p.name for p in spare.iterdir()) == ["e5-pages-1.img", "e5-pages-2.img"]
+    assert (spare / "e5-pages-1.img").stat().st_size == 8192
+
+
+def test_spare_pages_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PagesSpare, "MAX_FILES", 3)
+    monkeypatch.setattr(PagesSpare, "MAX_BYTES", 3 * 4096)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    # too big: deleted, not kept
+    _dump_dir(tmp_path / "e1", {"pages-1.img": 4 * 4096, "pages-2.img": 4096})
+    remove_dump_dir(tmp_path / "e1", spare=spare)
+    assert sorted(p.name for p in spare.iterdir()) == ["e1-pages-2.img"]
+    # at most MAX_FILES wait; the rest are deleted with their dump
+    _dump_dir(tmp_path / "e2", {f"pages-{i}.img": 4096 for i in range(1, 5)})
+    remove_dump_dir(tmp_path / "e2", spare=spare)
+    assert len(list(spare.iterdir())) == 3 and not (tmp_path / "e2").exists()
+    # a spare directory that is gone (the agent stopping) loses nothing but the files
+    _dump_dir(tmp_path / "e3", {"pages-1.img": 4096})
+    remove_dump_dir(tmp_path / "e3", spare=tmp_path / "gone")
+    assert not (tmp_path / "e3").exists()
