@@ -11,6 +11,9 @@ Used by bench/run.py:
   processes it runs and reaps once per epoch; live descendants are counted
   too, so a CRIU call that straddles the end of a window is not lost). CRIU's
   parasite code runs inside the unit and is charged to the unit, not here.
+  The unit itself (`remus run` starts it, so it is a live descendant of the
+  primary agent) is left out of the children and counted apart: until
+  2026-12-01 (run o) "children" included the unit, i.e. redis's own CPU.
 - `profile`: `py-spy record --threads -f raw` on a pid for a few seconds, then
   `summarize_raw`: share of samples per thread and the top functions
   (inclusive: a function counts once per sample in which it is anywhere on
@@ -54,15 +57,25 @@ class CpuSample:
     """CPU seconds of one process at one moment (from /proc/PID/stat)."""
 
     own: float  # utime + stime
-    children: float  # cutime + cstime (reaped) + live descendants' totals
+    children: float  # cutime + cstime (reaped) + live descendants' totals, but the unit's
 
     @staticmethod
-    def of(pid: int) -> CpuSample | None:
+    def of(pid: int, unit: int | None = None) -> CpuSample | None:
+        """``unit``: a descendant whose tree is not counted (the protected unit)."""
         own = _stat_cpu(pid)
         if own is None:
             return None
-        live = sum(sum(c) for c in (_stat_cpu(k) for k in _descendants(pid)) if c is not None)
+        live = sum(sum(c) for c in (_stat_cpu(k) for k in _descendants(pid, unit))
+                   if c is not None)
         return CpuSample(own=own[0] + own[1], children=own[2] + own[3] + live)
+
+
+def tree_cpu(pid: int | None) -> float | None:
+    """utime + stime of pid and its live descendants (the unit), in seconds."""
+    if pid is None or (top := _stat_cpu(pid)) is None:
+        return None
+    kids = (_stat_cpu(k) for k in _descendants(pid))
+    return top[0] + top[1] + sum(c[0] + c[1] for c in kids if c is not None)
 
 
 def cpu_split(before: CpuSample | None, after: CpuSample | None, wall: float) -> dict[str, Any]:
@@ -87,18 +100,20 @@ def _stat_cpu(pid: int) -> tuple[float, float, float, float] | None:
     return u, s, cu, cs
 
 
-def _descendants(pid: int) -> list[int]:
+def _descendants(pid: int, skip: int | None = None) -> list[int]:
+    """Live descendants of pid, without ``skip`` and its own descendants."""
     out: list[int] = []
     todo = [pid]
     while todo:
         p = todo.pop()
         for task in Path(f"/proc/{p}/task").glob("*"):
             try:
-                kids = (task / "children").read_text().split()
+                kids = [int(k) for k in (task / "children").read_text().split()]
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            todo.extend(int(k) for k in kids)
-            out.extend(int(k) for k in kids)
+            kids = [k for k in kids if k != skip]
+            todo.extend(kids)
+            out.extend(kids)
     return out
 
 
@@ -247,17 +262,22 @@ class AgentWatch:
     pri_pid: int
     bak_pid: int
     trace: Path
+    unit_pid: int | None = None  # left out of the primary's children, reported apart
 
     def __call__(self, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        c0 = (CpuSample.of(self.pri_pid), CpuSample.of(self.bak_pid))
+        c0 = (CpuSample.of(self.pri_pid, self.unit_pid), CpuSample.of(self.bak_pid))
+        u0 = tree_cpu(self.unit_pid)
         t0, m0 = time.time(), time.monotonic()
         res = measure()
-        c1 = (CpuSample.of(self.pri_pid), CpuSample.of(self.bak_pid))
+        c1 = (CpuSample.of(self.pri_pid, self.unit_pid), CpuSample.of(self.bak_pid))
+        u1 = tree_cpu(self.unit_pid)
         t1, wall = time.time(), time.monotonic() - m0
         time.sleep(0.3)  # the last epochs of the window are acked (traced) a little later
         pri, bak = cpu_split(c0[0], c1[0], wall), cpu_split(c0[1], c1[1], wall)
+        unit = round((u1 - u0) / wall, 3) if u0 is not None and u1 is not None else None
         res["cpu"] = {"primary_own": pri["own"], "primary_children": pri["children"],
-                      "primary_total": pri["total"], "backup_total": bak["total"]}
+                      "primary_total": pri["total"], "backup_total": bak["total"],
+                      "unit": unit}
         res["trace"] = trace_stats(trace_rows(self.trace, t0, t1), t0, t1)
         return res
 

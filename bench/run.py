@@ -84,8 +84,9 @@ DEFINITIONS = {
                  "level's trace, sent_to_acked / acked_to_released split the ack: END sent -> "
                  "ACK arrived -> release returned (the kernel re-injects the held packets in it).",
     "cpu": "cores used in a window: primary own = agent utime+stime (its threads), children = "
-           "its CRIU processes (cutime+cstime and live descendants); backup = total. CRIU's "
-           "parasite code runs in (and is charged to) the unit.",
+           "its CRIU processes (cutime+cstime and live descendants but the unit); backup = "
+           "total; unit = the protected unit's tree. CRIU's parasite code runs in (and is "
+           "charged to) the unit. Before run o (2026-12-01) children included the unit.",
     "profile_50ms": "py-spy on the primary agent during a re-run of the 50 ms peak level: share of "
                     "busy samples per thread, top module:function inclusive and self.",
     "failover": "median_s/max_s: power cut of pri (at a seeded random moment) -> the client's "
@@ -255,7 +256,8 @@ def protected(lab: Lab, interval: str, plan: Plan, work: Path, with_profile: boo
     sc = Scenario(lab, wd, interval=interval, extra_primary=["--trace", str(trace)])
     try:
         pri, bak = start_agents(sc)
-        watch = AgentWatch(int(pri["pid"]), int(bak["pid"]), trace)
+        watch = AgentWatch(int(pri["pid"]), int(bak["pid"]), trace,
+                           unit_pid=int(pri["unit_pid"]) if pri.get("unit_pid") else None)
         iv_s = float(interval.rstrip("ms")) / 1000
         lat = watch(lambda: latency(lab, plan.latency_seconds, iv_s))
         st = sc.status("pri")
@@ -309,7 +311,7 @@ def summarize_protected(iv_ms: float, lat: dict[str, Any], levels: list[dict[str
     top: dict[str, Any] = peak(levels) if any(r["rps"] is not None for r in levels) else {
         "rps": None, "clients": 0, "pipeline": 0, "p50_ms": None, "p99_ms": None, "trace": {},
         "cpu": {"primary_own": None, "primary_children": None, "primary_total": None,
-                "backup_total": None}}
+                "backup_total": None, "unit": None}}
     tr, ltr = top["trace"], lat["trace"]
     # Floor terms from the latency phase's own epochs; status (a window over the
     # whole run) only if the trace has nothing.
@@ -342,6 +344,7 @@ def summarize_protected(iv_ms: float, lat: dict[str, Any], levels: list[dict[str
         "cpu_primary_agent_children": top["cpu"]["primary_children"],
         "cpu_primary_agent": top["cpu"]["primary_total"],
         "cpu_backup_agent": top["cpu"]["backup_total"],
+        "cpu_unit": top["cpu"].get("unit"),
     }
 
 
