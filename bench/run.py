@@ -447,6 +447,8 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] 
     sc = Scenario(lab, work / f"s{mib}-{pct}", server="filler",
                   command=[PY, str(FILLER), str(mib), str(pct), "0.05"],
                   extra_primary=list(extra or []), status_timeout=5.0 * slow)
+    blog = sc.workdir / "backup.log"
+    seen = blog.stat().st_size if blog.exists() else 0  # the log of earlier runs here
     try:
         sc.start_backup()
         time.sleep(0.3)
@@ -457,6 +459,14 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] 
         assert st
         # Stop protection (the unit keeps running) so the bare dumps do not race the agent's.
         lab.run("pri", [PY, "-m", "remus.cli", "stop"], capture_output=True, cwd=str(ROOT))
+        # A takeover during the measurement fails the point, even when the
+        # status above was taken before it.
+        with open(blog, "rb") as f:
+            f.seek(seen)
+            took = [ln for ln in f.read().decode(errors="replace").splitlines()
+                    if "taking over" in ln]
+        if took:
+            raise RuntimeError(f"the backup took over: {took[0][-160:]}")
         time.sleep(0.5)
         bare = lab.run("pri", [PY, str(ROOT / "bench" / "bare_dump.py"), str(st["unit_pid"]),
                                "remus-kv"], capture_output=True, text=True, cwd=str(ROOT))
