@@ -23,6 +23,7 @@ import pytest
 
 from remus import paths
 from remus.checkpoint.criu import DUMP_ENV
+from tests.support.procs import inner_init
 
 pytestmark = [pytest.mark.root]
 
@@ -81,19 +82,6 @@ def ask(ctl: Path, cmd: str, timeout: float = 10.0) -> tuple[list[int], int]:
     raise AssertionError(f"unit did not answer {cmd!r}")
 
 
-def wait_child(proc: subprocess.Popen[bytes]) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        except OSError:
-            kids = []
-        if kids:
-            return int(kids[0])
-        time.sleep(0.01)
-    raise AssertionError("unit did not start")
-
-
 def kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -110,7 +98,7 @@ def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
                             stderr=subprocess.DEVNULL, cwd=tmp_path)
     pid = 0
     try:
-        pid = wait_child(proc)
+        pid = inner_init(proc.pid)
         yield pid, ctl
     finally:
         if pid:

@@ -36,6 +36,7 @@ from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.store import CheckpointStore
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
+from tests.support.procs import inner_init
 
 pytestmark = pytest.mark.root
 SOFT_DIRTY = kernel_soft_dirty()
@@ -188,15 +189,7 @@ def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     )
     init = 0
     try:
-        deadline = time.monotonic() + 10
-        while not init and time.monotonic() < deadline:
-            try:
-                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
-                init = int(children.split()[0]) if children.split() else 0
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        assert init, "unit did not start"
+        init = inner_init(proc.pid)
         yield init, ctl
     finally:
         if init:

@@ -36,6 +36,7 @@ from remus.checkpoint.disk_apply import DiskApplier
 from remus.checkpoint.disk_track import DiskTracker
 from remus.checkpoint.store import CheckpointStore
 from tests.support.disk import snapshot
+from tests.support.procs import inner_init
 from tests.support.timing import wait_for
 
 WRITER = r"""
@@ -208,16 +209,6 @@ def command(ctl: Path, cmd: str, timeout: float = 10.0) -> tuple[int, str]:
     raise AssertionError(f"unit did not answer {cmd!r}")
 
 
-def _inner_init(outer: int) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        kids = Path(f"/proc/{outer}/task/{outer}/children").read_text().split()
-        if kids:
-            return int(kids[0])
-        time.sleep(0.01)
-    raise AssertionError("unit did not start")
-
-
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -248,7 +239,7 @@ def test_ghost_file_and_state_dir_restore_with_criu(tmp_path: Path) -> None:
         cwd=tmp_path)
     restored = 0
     try:
-        pid = _inner_init(proc.pid)
+        pid = inner_init(proc.pid)
         tracker = DiskTracker([state], pids=lambda: [pid])
         tracker.start()
         store = CheckpointStore(tmp_path / "store")
