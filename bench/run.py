@@ -452,21 +452,30 @@ def one_series_point(lab: Lab, mib: int, pct: int, work: Path, extra: list[str] 
     try:
         sc.start_backup()
         time.sleep(0.3)
-        sc.start_primary()
+        agent = sc.start_primary()
         sc.wait_protected(timeout=(60 + mib / 10) * slow)
         time.sleep(3)
         st = sc.status("pri")
         assert st
         # Stop protection (the unit keeps running) so the bare dumps do not race the agent's.
         lab.run("pri", [PY, "-m", "remus.cli", "stop"], capture_output=True, cwd=str(ROOT))
-        # A takeover during the measurement fails the point, even when the
-        # status above was taken before it.
+        # The stop ends with the dump in hand; a backup that missed the primary's
+        # Bye would take over a takeover timeout later (seen at 1 GiB).
+        try:
+            agent.wait(60 * slow)
+        except subprocess.TimeoutExpired:
+            pass  # (fenced, the agent became the backup's backup: said below)
+        time.sleep(1.0 * slow)
+        # A takeover during the measurement or the stop fails the point, even
+        # when the status above was taken before it.
         with open(blog, "rb") as f:
             f.seek(seen)
             took = [ln for ln in f.read().decode(errors="replace").splitlines()
                     if "taking over" in ln]
         if took:
             raise RuntimeError(f"the backup took over: {took[0][-160:]}")
+        if agent.poll() is None:
+            raise RuntimeError("the primary agent did not end within 60 s of `remus stop`")
         time.sleep(0.5)
         bare = lab.run("pri", [PY, str(ROOT / "bench" / "bare_dump.py"), str(st["unit_pid"]),
                                "remus-kv"], capture_output=True, text=True, cwd=str(ROOT))

@@ -93,7 +93,7 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
             p.set_interval(check_interval(float(req["seconds"])))
             return {"ok": True, "interval_ms": p.cfg.timing.interval * 1000}
         if cmd == "stop":
-            p.stop()
+            p.request_stop(force=bool(req.get("force")))
             return {"ok": True, "message": "protection stopping; the unit keeps running"}
         if cmd == "switchover":
             return {"ok": True, **p.switchover(float(req.get("seconds", 30.0)))}
@@ -104,10 +104,13 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
     prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s in prev:
         signal.signal(s, lambda *_: p.stop("agent received a signal"))
-    released = False
+    released = stopped = False
     try:
         p.run()
-        released = True  # stopped cleanly: the unit continues unprotected
+        stopped = True
+        # stopped cleanly: the unit continues unprotected (unless a lost backup
+        # may have taken over: release_on_stop)
+        released = p.release_on_stop()
     finally:
         ctl.close()
         # Never protected (no checkpoint acknowledged): the backup cannot take over,
@@ -115,7 +118,7 @@ def serve_primary(p: Primary, unit_name: str, on_stop: Any = None) -> None:
         # that failed (checkpoints failing for good) follows --on-peer-loss: stall
         # keeps the output held (the backup takes over from the last checkpoint),
         # continue releases it (the backup never takes over by itself then).
-        given_up = not released and p.role.state is not P.FENCED
+        given_up = not stopped and p.role.state is not P.FENCED
         if given_up and p.acked >= 0 and p.cfg.on_peer_loss == "continue":
             log.error("protection failed (%s); --on-peer-loss continue: releasing the unit's "
                       "output, it runs UNPROTECTED", p.fatal)

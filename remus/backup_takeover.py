@@ -74,7 +74,8 @@ class Takeover:
                 # with a coordinator its CAS decides, whatever the primary's policy
                 policy="stall" if coordinated else self._spec().get("on_peer_loss", "stall"),
                 preparing=self.preparing > 0,
-                unread=link is not None and not link.closed and link.unread() > 0))
+                unread=link is not None and not link.closed and link.unread() > 0,
+                host_acks=self._host_acks(link)))
             if d.verdict is Verdict.LOST:
                 self.last_sentence = d.sentence
                 log.error("%s", d.sentence)
@@ -89,6 +90,14 @@ class Takeover:
                 self.role.resync(self.clock())
             elif d.sentence:
                 log.warning("%s", d.sentence)
+
+    def _host_acks(self, link: Link | None) -> bool:
+        """Did the primary's kernel acknowledge our heartbeats within the takeover
+        timeout (roles.Silence.host_acks)?"""
+        if link is None or link.closed:
+            return False
+        age = link.ack_age()
+        return age is not None and age <= self.cfg.timing.takeover_timeout
 
     def _say(self, sentence: str) -> None:
         self.last_sentence = sentence

@@ -185,13 +185,21 @@ def set_interval(duration: float, socket: str | None) -> None:
 
 
 @cli.command()
+@click.option("--force", is_flag=True,
+              help="Even while the backup is lost (it may have taken over): release the "
+                   "unit's output anyway. Only when you know it has not and cannot.")
 @click.option("--socket", default=None, help="Control socket of the agent.")
-def stop(socket: str | None) -> None:
-    """End protection cleanly; the unit keeps running, unprotected."""
+def stop(force: bool, socket: str | None) -> None:
+    """End protection cleanly; the unit keeps running, unprotected.
+
+    The backup is told (it does not take over). While the backup is lost and
+    might take over (--on-peer-loss stall, or a coordinator), stop is refused:
+    releasing the held output could serve the unit twice. Find out on the
+    backup first; --force releases anyway."""
     from remus.control import call
 
     try:
-        ans = call(_agent(socket, "primary"), "stop")
+        ans = call(_agent(socket, "primary"), "stop", force=force)
     except RemusError as e:
         raise CliError(str(e)) from e
     click.echo(ans.get("message", "stopping"))

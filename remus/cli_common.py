@@ -86,7 +86,9 @@ def timing_options(f: Any) -> Any:
                      help="The primary releases output only while its lease (renewed by ACKs "
                           "and heartbeats) is valid. Must be < --takeover-timeout."),
         click.option("--takeover-timeout", type=DURATION, default="300ms", show_default=True,
-                     help="Silence after which the backup declares the primary dead."),
+                     help="Silence after which the backup declares the primary dead (up to "
+                          "max(1 s, 3x) longer while the primary's host still acknowledges "
+                          "TCP: its agent may only be stalled)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 TCPI_BYTES_ACKED = 120
 #: offset of tcpi_last_data_recv (u32, ms since the last data segment arrived)
 TCPI_LAST_DATA_RECV = 52
+#: offset of tcpi_last_ack_recv (u32, ms since the peer last acknowledged data)
+TCPI_LAST_ACK_RECV = 56
 
 
 class LinkClosed(RemusError):
@@ -143,13 +145,22 @@ class Link:
         """Seconds since the peer's last data segment reached our kernel (None if
         unknown). The kernel stamps arrivals whether or not our reader runs, so a
         starved reader (a busy core, a long GIL hold) does not age it."""
+        return self._tcp_age(TCPI_LAST_DATA_RECV)
+
+    def ack_age(self) -> float | None:
+        """Seconds since the peer's kernel last acknowledged data of ours (None if
+        unknown). Its kernel answers whether or not the peer's agent runs: proof
+        that its host is up and the path works, not that its agent does."""
+        return self._tcp_age(TCPI_LAST_ACK_RECV)
+
+    def _tcp_age(self, offset: int) -> float | None:
         try:
             info = self.sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
         except OSError:
             return None
-        if len(info) < TCPI_LAST_DATA_RECV + 4:
+        if len(info) < offset + 4:
             return None
-        return int(struct.unpack_from("<I", info, TCPI_LAST_DATA_RECV)[0]) / 1000.0
+        return int(struct.unpack_from("<I", info, offset)[0]) / 1000.0
 
     def unread(self) -> int:
         """Bytes the peer sent that our reader has not taken from the socket yet."""
@@ -158,6 +169,18 @@ class Link:
         except OSError:
             return 0
         return int(struct.unpack("<i", buf)[0])
+
+    def finish_sending(self) -> None:
+        """Send our FIN after a last message (a Bye), keep reading.
+
+        Closing at once would reset the connection if the peer's heartbeats
+        wait unread in our socket, and a reset can reach the peer before it
+        read our last message (seen: a Bye lost, a takeover of a stopped
+        primary). The reader then sees the peer's own close."""
+        try:
+            self.sk.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self.closed:

@@ -97,6 +97,8 @@ SWITCH_INTERVAL_S = 0.001
 BUSY_SWITCH_INTERVAL_S = 0.005
 #: Under load the unit runs at least this many times as long as its last freeze.
 BUSY_RUN_PER_FREEZE = 2.0
+#: On a clean stop, how long the backup has to read our Bye and close its end.
+BYE_WAIT_S = 2.0
 
 Clock = Callable[[], float]
 class Primary(BackupSession, Handover, Coordinated):
@@ -135,6 +137,13 @@ class Primary(BackupSession, Handover, Coordinated):
         self._sender_idle = False
         self.reapq: queue.Queue[Path | None] = queue.Queue()  # dump dirs to delete
         self.stop_event = threading.Event()
+        # Heartbeats outlive stop_event: they end in close(), after the Bye. A stop
+        # asked for during a long freeze (a huge unit's epoch) waits for that dump;
+        # a backup that heard nothing meanwhile would take over (seen at 1 GiB).
+        self.heartbeats_end = threading.Event()
+        self.force_release = False  # remus stop --force (see release_on_stop)
+        self._heartbeat_thread: threading.Thread | None = None
+        self.receiver: threading.Thread | None = None  # of the current link
         self.wake = threading.Event()
         self.fatal: BaseException | None = None
         self.prev_dir: Path | None = None
@@ -199,12 +208,12 @@ class Primary(BackupSession, Handover, Coordinated):
         if self.disk is not None:
             self.disk.start()
         threads = [threading.Thread(target=self._guard(self._send_loop), name="sender", daemon=True),
-                   threading.Thread(target=self._guard(self._heartbeat_loop), name="heartbeat",
-                                    daemon=True),
                    threading.Thread(target=self._reap_loop, name="reaper", daemon=True),
                    threading.Thread(target=self._guard(self._coord_loop), name="coordinator",
                                     daemon=True)]
-        for t in threads:
+        self._heartbeat_thread = threading.Thread(target=self._guard(self._heartbeat_loop),
+                                                  name="heartbeat", daemon=True)
+        for t in (*threads, self._heartbeat_thread):
             t.start()
         try:
             self._epoch_loop()
@@ -217,12 +226,39 @@ class Primary(BackupSession, Handover, Coordinated):
         if self.fatal is not None:
             raise self.fatal
 
-    def stop(self, reason: str = "protection stopped by operator") -> None:
+    def stop(self, reason: str = "protection stopped by operator", force: bool = False) -> None:
+        """End protection (a signal, or request_stop). `force`: release the unit's
+        output at the end even if the backup may have taken over meanwhile."""
         self._stop_reason = reason
+        self.force_release = self.force_release or force
+        log.info("stopping: %s%s", reason, " (forced)" if force else "")
         self.stop_event.set()
         self.wake.set()
         with self.cond:
             self.cond.notify_all()
+
+    def request_stop(self, force: bool = False) -> None:
+        """`remus stop`: refused (RemusError) while a lost backup may take over,
+        unless `force`."""
+        if not force and self.role.backup_may_take_over():
+            raise RemusError(
+                f"not stopping: {self.role.sentence(self._backup_name())}. The backup may "
+                "take over, or may have done so already: releasing this copy's output now "
+                "could serve the unit twice. Look at the backup first (`remus status` "
+                "there). If it has not taken over and cannot (its agent or host is down), "
+                "`remus stop --force` releases the output and the unit runs unprotected")
+        self.stop(force=force)
+
+    def release_on_stop(self) -> bool:
+        """After a clean stop: may the unit's output be released? Not while a lost
+        backup may have taken over (the stop's Bye never reached it), unless the
+        stop was forced: the output then stays held (fail closed)."""
+        if self.force_release or not self.role.backup_may_take_over():
+            return True
+        log.error("stopped while the backup is lost (%s): it may take over, or has, so the "
+                  "unit's output stays held; `remus stop --force` releases it",
+                  self.role.state.value)
+        return False
 
     def set_interval(self, seconds: float) -> None:
         self.cfg.timing.interval = seconds
@@ -549,9 +585,17 @@ class Primary(BackupSession, Handover, Coordinated):
         The backup is told nothing and takes over if it must.
         """
         link = self.link
+        self.heartbeats_end.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=2)
         if release_output and link is not None and not link.closed:
             try:
                 link.send(m.Bye(reason=getattr(self, "_stop_reason", "primary stopping")))
+                # FIN, then let our receiver read on until the backup closes: a
+                # reset (unread data at close) could overtake the Bye.
+                link.finish_sending()
+                if self.receiver is not None:
+                    self.receiver.join(timeout=BYE_WAIT_S)
             except LinkClosed:
                 pass
         if link is not None:

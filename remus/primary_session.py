@@ -64,6 +64,8 @@ class BackupSession:
     inflight: dict[int, float]
     cond: threading.Condition
     stop_event: threading.Event
+    heartbeats_end: threading.Event
+    receiver: threading.Thread | None
     wake: threading.Event
     fatal: BaseException | None
     lease_until: float
@@ -99,6 +101,8 @@ class BackupSession:
         except (LinkClosed, RemusError) as err:
             if not self.stop_event.is_set():
                 log.warning("backup link lost: %s", err)
+            else:
+                log.info("backup link closed while stopping: %s", err)
         finally:
             link.close()
             with self.cond:
@@ -307,8 +311,9 @@ class BackupSession:
         log.info("connected to backup %s:%d, generation %d (backup holds generation %d epoch %d; "
                  "key %s)", host, port, gen, ev.generation, ev.committed_epoch,
                  fingerprint(conn.sealed_with))
-        threading.Thread(target=self._receive_loop, args=(link,), name="receiver",
-                         daemon=True).start()
+        self.receiver = threading.Thread(target=self._receive_loop, args=(link,),
+                                         name="receiver", daemon=True)
+        self.receiver.start()
 
     def _not_connected(self, why: str, refused: bool = False) -> None:
         """Say why (once per change, not every retry) and wait before the next try.
@@ -363,7 +368,9 @@ class BackupSession:
         return True
 
     def _heartbeat_loop(self) -> None:
-        while not self.stop_event.wait(self.cfg.timing.heartbeat):
+        # Until close(), not until stop_event: a stop waits for the dump in hand,
+        # and the backup must go on hearing us until our Bye.
+        while not self.heartbeats_end.wait(self.cfg.timing.heartbeat):
             link = self.link
             if link is None or link.closed:
                 continue

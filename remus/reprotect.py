@@ -134,7 +134,7 @@ def _run(b: Backup, p: Primary) -> None:
     released = False
     try:
         p.run()
-        released = True
+        released = p.release_on_stop()
     except FatalError as e:
         log.error("protection of the restored unit ended: %s", e)
     except Exception:

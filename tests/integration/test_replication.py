@@ -239,6 +239,65 @@ def test_set_interval_and_stop(scenario: Any) -> None:
     assert "REMUS" not in rules
 
 
+def test_stop_during_a_long_freeze_is_no_takeover(scenario: Any) -> None:
+    """`remus stop` while a dump keeps the unit frozen for longer than the
+    takeover timeout (a huge unit's epoch; here a stalled post-dump step).
+
+    Seen in the bench at 1 GiB: the heartbeats ended with the stop request
+    while the freeze went on, the backup heard nothing for 300 ms and took
+    over, and the primary then released its copy too: two copies."""
+    sc = scenario(server="redis", env_primary={"REMUS_FAULT": "primary-dump:60:stall=2"})
+    sc.start_backup()
+    primary = sc.start_primary()
+    sc.wait_protected()
+    log = sc.workdir / "primary.log"
+    assert wait_for(lambda: "REMUS_FAULT: stalling" in log.read_text(), 60.0), log.read_text()
+    r = sc.lab.run("pri", [*REMUS, "stop"], capture_output=True, text=True, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    primary.wait(30)
+    assert primary.returncode == 0, log.read_text()[-3000:]
+    b = wait_for(lambda: (st := sc.status("bak")) is not None and st["state"] != "replicating"
+                 and st, 30.0)
+    blog = (sc.workdir / "backup.log").read_text()
+    assert b and b["state"] == "idle", (b, blog[-3000:])
+    assert "taking over" not in blog and "primary ended protection" in blog, blog[-3000:]
+
+
+@pytest.mark.parametrize("how", ["force", "signal"])
+def test_stop_while_the_backup_is_lost_needs_force(scenario: Any, how: str) -> None:
+    """A stalled primary cannot know whether its lost backup took over: `remus
+    stop` refuses to release the held output (two copies), --force does; an
+    agent ended by SIGTERM meanwhile keeps it held (fail closed)."""
+    sc = scenario(server="redis", interval="50ms")
+    bak = sc.start_backup()
+    primary = sc.start_primary()
+    sc.wait_protected()
+    unit_pid = sc.status("pri")["unit_pid"]
+    bak.kill()  # our own agent; it cannot take over now, but pri cannot know that
+    bak.wait(10)
+    assert wait_for(lambda: (st := sc.status("pri")) is not None and st["state"] == "stalled",
+                    30.0), sc.status("pri")
+    r = sc.lab.run("pri", [*REMUS, "stop"], capture_output=True, text=True, cwd=str(REPO))
+    assert r.returncode != 0 and "--force" in r.stderr and "twice" in r.stderr, r
+    time.sleep(0.5)
+    assert primary.poll() is None and sc.status("pri")["state"] == "stalled"
+    if how == "signal":
+        primary.send_signal(signal.SIGTERM)
+        primary.wait(30)
+        assert "output stays held" in (sc.workdir / "primary.log").read_text()
+        rules = sc.lab.run("pri", ["iptables", "-S"], capture_output=True, text=True).stdout
+        assert "REMUS" in rules, "the held output must stay held"
+        return
+    r = sc.lab.run("pri", [*REMUS, "stop", "--force"], capture_output=True, text=True,
+                   cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    primary.wait(30)
+    assert primary.returncode == 0
+    assert os.path.exists(f"/proc/{unit_pid}"), "stop must leave the unit running"
+    res = sc.wait_client(sc.start_client(1, "after.json"), "after.json")
+    assert res["connection_survived"] and res["acked"] > 0, res
+
+
 def test_status_json_keys(scenario: Any) -> None:
     sc = scenario(server="redis")
     sc.start_backup()

@@ -16,6 +16,7 @@ from remus.roles import (
     RoleError,
     Silence,
     Verdict,
+    agent_grace,
 )
 
 pytestmark = pytest.mark.unit
@@ -103,6 +104,37 @@ def test_no_takeover_without_a_checkpoint_or_while_preparing_or_bytes_unread() -
         r = replicating()
         assert set(ticking(r, TICK, 2.0, s)) == {Verdict.WAIT}, s
         assert r.state is B.REPLICATING
+
+
+def test_a_host_that_acknowledges_gets_its_agent_a_grace_then_a_takeover() -> None:
+    """Silence of the primary's agent while its kernel acknowledges our
+    heartbeats: waited out up to agent_grace longer, said once, then taken
+    over all the same (an agent stuck for good); heard again, the count and
+    the saying restart."""
+    grace = agent_grace(TIMEOUT)
+    assert grace >= 1.0
+    r = replicating()
+    t, sentences = 0.0, []
+    while True:
+        t += TICK
+        d = r.tick(t, alive(host_acks=True))
+        if d.verdict is not Verdict.WAIT:
+            break
+        sentences += [d.sentence] if d.sentence else []
+    assert d.verdict is Verdict.TAKE_OVER and "stuck" in d.sentence
+    assert TIMEOUT + grace < t <= TIMEOUT + grace + 2 * TICK
+    assert len(sentences) == 1 and "acknowledges" in sentences[0]
+    r = replicating()
+    said = []
+    for i in range(1, int(3.0 / TICK) + 1):  # stalls of 1 s (< timeout + grace)
+        t = i * TICK
+        if i % int(1.0 / TICK) == 0:
+            r.heard(t)
+        d = r.tick(t, alive(host_acks=True))
+        assert d.verdict is Verdict.WAIT
+        said += [d.sentence] if d.sentence else []
+    assert len(said) == 3  # once for each stall
+    assert r.state is B.REPLICATING
 
 
 def test_unread_bytes_count_as_heard() -> None:
@@ -231,6 +263,25 @@ def test_lease_lapse_means_nothing_unless_reconnecting() -> None:
         r = PrimaryRole("stall", 0.0)
         r._state = st
         assert r.lease_lapsed(5.0) is None and r.state is st
+
+
+@pytest.mark.parametrize("policy", ["stall", "continue"])
+def test_backup_may_take_over_only_while_lost_after_an_ack(policy: str) -> None:
+    """What `remus stop` (and a clean stop's release) must respect."""
+    r = PrimaryRole(policy, 0.0)
+    r.require("connected", 0.1)
+    assert not r.backup_may_take_over()  # nothing acked: nothing to restore
+    r.require("link-lost", 0.2)
+    assert not r.backup_may_take_over()  # still never protected
+    r.require("connected", 0.3)
+    r.require("acked", 0.4)
+    assert not r.backup_may_take_over()  # linked: a Bye reaches it
+    r.require("link-lost", 1.0)
+    assert r.backup_may_take_over() is (policy == "stall")
+    r.lease_lapsed(1.2)
+    assert r.backup_may_take_over() is (policy == "stall")  # stalled, or solo
+    r.require("connected", 2.0)
+    assert not r.backup_may_take_over()  # it answers as our backup
 
 
 def test_solo_after_takeover_until_a_backup_attaches() -> None:
