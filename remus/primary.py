@@ -166,6 +166,8 @@ class Primary(BackupSession, Handover, Coordinated):
         self._progress_link: Link | None = None  # the link _bytes_acked belongs to
         self._bytes_acked = 0
         self._lease_seen = 0.0
+        self._grace_link: Link | None = None
+        self._grace_lease = 0.0
         self.failed_dumps = 0
         self.dumped_once = False
         self.failing_since = 0.0

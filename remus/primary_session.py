@@ -29,7 +29,7 @@ from remus.primary_config import BULK_PROOF, PrimaryConfig
 from remus.protocol import PrimaryConnection
 from remus.protocol import messages as m
 from remus.protocol.keys import fingerprint
-from remus.roles import P, PrimaryRole
+from remus.roles import P, PrimaryRole, agent_grace
 from remus.saying import Once
 from remus.stats import Series
 
@@ -65,6 +65,8 @@ class BackupSession:
     cond: threading.Condition
     stop_event: threading.Event
     heartbeats_end: threading.Event
+    _grace_link: Link | None  # the link and lease that _backup_host_acks spoke of
+    _grace_lease: float
     receiver: threading.Thread | None
     wake: threading.Event
     fatal: BaseException | None
@@ -367,6 +369,28 @@ class BackupSession:
         self.lease_until = self.clock() + lease
         return True
 
+    def _backup_host_acks(self, link: Link) -> bool:
+        """The lease lapsed, but the backup's kernel acknowledged our heartbeats
+        within it: its host and the path are up, only its agent is quiet (seen: a
+        backup not scheduled for 146 ms while it applied a 1 GiB checkpoint cost
+        a reconnect and a full resync). The lease is not renewed: it counts as
+        unexpired for roles.agent_grace more, said once. Safe: we release output
+        only on the backup's ACKs, and a backup agent that does not run does not
+        take over."""
+        age = link.ack_age()
+        if age is None or age > self.cfg.timing.lease:
+            return False
+        late = self.clock() - self.lease_until
+        if late > agent_grace(self.cfg.timing.takeover_timeout):
+            return False
+        if self._grace_link is not link or self._grace_lease != self.lease_until:
+            self._grace_link, self._grace_lease = link, self.lease_until
+            log.info("no ACK or heartbeat from the backup for %.0f ms, but its host "
+                     "acknowledges our data: its agent may be stalled; waiting up to %.0f ms "
+                     "more", (self.cfg.timing.lease + late) * 1000,
+                     agent_grace(self.cfg.timing.takeover_timeout) * 1000)
+        return True
+
     def _heartbeat_loop(self) -> None:
         # Until close(), not until stop_event: a stop waits for the dump in hand,
         # and the backup must go on hearing us until our Bye.
@@ -375,7 +399,8 @@ class BackupSession:
             if link is None or link.closed:
                 continue
             self._stream_progress(link)
-            if self.acked >= 0 and self.clock() > self.lease_until and not self._backup_spoke(link):
+            if (self.acked >= 0 and self.clock() > self.lease_until
+                    and not self._backup_spoke(link) and not self._backup_host_acks(link)):
                 # A partition leaves TCP open but silent: the lease is the truth.
                 age = link.recv_age()
                 log.warning("lease expired (no ACK or heartbeat from the backup for %.0f ms; its "
