@@ -317,7 +317,9 @@ class Primary(BackupSession, Handover, Coordinated):
                 if self.link is None or self.link.closed:
                     return False
                 self.cond.wait(0.05)
-        return not self.stop_event.is_set()
+        # A link dropped while we waited empties the window too: reconnect, no
+        # dump that nobody can receive.
+        return not self.stop_event.is_set() and self.link is not None and not self.link.closed
 
     def _checkpoint_once(self) -> float:
         """One dump; the unit's pause in ms (0 when the dump failed)."""

@@ -67,7 +67,13 @@ def test_switchover_there_and_back_under_load(scenario: Any) -> None:
     wait("bak runs the unit", lambda: active_on(sc, "bak"), BOUND_S, sc)
     wait("bak protected by pri", lambda: protected_from(sc, "bak"), BOUND_S, sc)
     pri = sc.status("pri") or {}
-    assert pri.get("role") == "backup" and agent.poll() is None, pri  # the same agent
+    # the same agent (seen twice in ~20 runs, not understood yet: a status with
+    # role "primary", the old agent's pid and unit pid, after pri's agent had
+    # become the backup; the full answer and the logs say more next time)
+    if pri.get("role") != "backup":
+        socks = sc.lab.run("pri", ["ls", "-l", "/run/remus"], capture_output=True, text=True)
+        raise AssertionError(f"{json.dumps(pri)}\n/run/remus on pri: {socks.stdout}{logs(sc)}")
+    assert agent.poll() is None
     keeps_protecting(sc, "bak")
 
     back = switchover(sc, "bak")
