@@ -137,7 +137,7 @@ class Primary(BackupSession, Handover, Coordinated):
         self._sender_idle = False
         self.reapq: queue.Queue[Path | None] = queue.Queue()  # dump dirs to delete
         self.stop_event = threading.Event()
-        # Heartbeats outlive stop_event: they end in close(), after the Bye. A stop
+        # Heartbeats outlive stop_event: they end in close(), right before the Bye. A stop
         # asked for during a long freeze (a huge unit's epoch) waits for that dump;
         # a backup that heard nothing meanwhile would take over (seen at 1 GiB).
         self.heartbeats_end = threading.Event()
@@ -166,7 +166,6 @@ class Primary(BackupSession, Handover, Coordinated):
         self._progress_link: Link | None = None  # the link _bytes_acked belongs to
         self._bytes_acked = 0
         self._lease_seen = 0.0
-        self._grace_link: Link | None = None
         self._grace_lease = 0.0
         self.failed_dumps = 0
         self.dumped_once = False

@@ -65,8 +65,7 @@ class BackupSession:
     cond: threading.Condition
     stop_event: threading.Event
     heartbeats_end: threading.Event
-    _grace_link: Link | None  # the link and lease that _backup_host_acks spoke of
-    _grace_lease: float
+    _grace_lease: float  # the lapsed lease that _backup_host_acks spoke of
     receiver: threading.Thread | None
     wake: threading.Event
     fatal: BaseException | None
@@ -381,19 +380,20 @@ class BackupSession:
         if age is None or age > self.cfg.timing.lease:
             return False
         late = self.clock() - self.lease_until
-        if late > agent_grace(self.cfg.timing.takeover_timeout):
+        grace = agent_grace(self.cfg.timing.takeover_timeout)
+        if late > grace:
             return False
-        if self._grace_link is not link or self._grace_lease != self.lease_until:
-            self._grace_link, self._grace_lease = link, self.lease_until
+        # lease_until identifies the lapse: every renewal and every new link sets it
+        if self._grace_lease != self.lease_until:
+            self._grace_lease = self.lease_until
             log.info("no ACK or heartbeat from the backup for %.0f ms, but its host "
                      "acknowledges our data: its agent may be stalled; waiting up to %.0f ms "
-                     "more", (self.cfg.timing.lease + late) * 1000,
-                     agent_grace(self.cfg.timing.takeover_timeout) * 1000)
+                     "more", (self.cfg.timing.lease + late) * 1000, grace * 1000)
         return True
 
     def _heartbeat_loop(self) -> None:
         # Until close(), not until stop_event: a stop waits for the dump in hand,
-        # and the backup must go on hearing us until our Bye.
+        # and the backup must go on hearing us until (right before) our Bye.
         while not self.heartbeats_end.wait(self.cfg.timing.heartbeat):
             link = self.link
             if link is None or link.closed:

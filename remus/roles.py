@@ -86,7 +86,7 @@ class Silence:
     unread: bool             # the primary's bytes wait in our socket
     # The primary's kernel acknowledged our data (our heartbeats) within the
     # takeover timeout: its host and the path are up, its agent may only be
-    # stalled (a long GIL hold, a starved core). Grants AGENT_GRACE more.
+    # stalled (a long GIL hold, a starved core). Grants agent_grace() more.
     host_acks: bool = False
 
 

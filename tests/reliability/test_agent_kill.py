@@ -173,6 +173,20 @@ def test_backup_agent_stopped_longer_than_the_lease(scenario: Any) -> None:
     assert not held, f"{len(held)} replies while the backup was stopped"
 
 
+def _stop_briefly(pid: int, seconds: float, times: int = 3) -> None:
+    """SIGSTOP an agent of ours for `seconds`, `times` times, 1 s apart."""
+    import os
+    import signal
+
+    for _ in range(times):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(1.0)
+
+
 def test_primary_agent_stalled_shorter_than_the_grace_is_no_takeover(scenario: Any) -> None:
     """SIGSTOP of the primary agent for 0.8 s: longer than the takeover timeout
     (300 ms) but its host's kernel still acknowledges the backup's heartbeats,
@@ -181,8 +195,6 @@ def test_primary_agent_stalled_shorter_than_the_grace_is_no_takeover(scenario: A
     primary agent not running for 131-359 ms on a 2-core machine busy with a
     1 GiB unit's 100 MiB epochs cost a needless takeover. (A stop for good is
     test_rejoin's SIGSTOP case: taken over after the grace.)"""
-    import os
-    import signal
 
     sc = scenario(server="redis")
     sc.start_backup()
@@ -191,13 +203,7 @@ def test_primary_agent_stalled_shorter_than_the_grace_is_no_takeover(scenario: A
     agent = int(st["pid"])
     client = sc.start_client(15, "c.json", pace=0.002, stall_timeout=60)
     time.sleep(2)
-    for _ in range(3):
-        os.kill(agent, signal.SIGSTOP)
-        try:
-            time.sleep(0.8)
-        finally:
-            os.kill(agent, signal.SIGCONT)
-        time.sleep(1.0)
+    _stop_briefly(agent, 0.8)
     wait("protected on", lambda: (s := sc.status("pri")) is not None
          and s["state"] == "protected" and s["acked_epoch"] > st["acked_epoch"] + 5, 60, sc)
     bak = sc.status("bak")
@@ -213,8 +219,6 @@ def test_backup_agent_stalled_shorter_than_the_grace_keeps_the_link(scenario: An
     primary keeps the link (no reconnect, no full resync) and protection goes
     on in the same generation. Seen before: a backup not scheduled for 146 ms
     while it applied a 1 GiB checkpoint lapsed the lease (test_big_epochs)."""
-    import os
-    import signal
 
     sc = scenario(server="redis")
     sc.start_backup()
@@ -223,13 +227,7 @@ def test_backup_agent_stalled_shorter_than_the_grace_keeps_the_link(scenario: An
     bak_pid = int((sc.status("bak") or {})["pid"])
     client = sc.start_client(10, "c.json", pace=0.002, stall_timeout=60)
     time.sleep(1.5)
-    for _ in range(3):
-        os.kill(bak_pid, signal.SIGSTOP)
-        try:
-            time.sleep(0.6)
-        finally:
-            os.kill(bak_pid, signal.SIGCONT)
-        time.sleep(1.0)
+    _stop_briefly(bak_pid, 0.6)
     wait("acked on", lambda: (s := sc.status("pri")) is not None
          and s["acked_epoch"] > st["acked_epoch"] + 5, 60, sc)
     pri = sc.status("pri")
