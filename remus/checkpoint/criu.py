@@ -41,10 +41,11 @@ MAX_MSG = 1 << 20
 # window probe per connection when the dump leaves the unit running (0003); socket
 # fd parameters without /proc and epoll targets checked without kcmp (0004); where
 # the frozen time goes, in stats-dump (0005, DumpResult.split); one splice per
-# page-pipe buffer into the pages image, not one per segment (0010).
+# page-pipe buffer into the pages image, not one per segment (0010); socket
+# options read ahead by a second thread while a batch of descriptors is dumped (0013).
 DUMP_ENV = {"CRIU_REMUS_UNPRIVILEGED": "1", "CRIU_REMUS_NO_WINDOW_PROBE": "1",
             "CRIU_REMUS_FAST_FDS": "1", "CRIU_REMUS_STATS": "1",
-            "CRIU_REMUS_BATCH_SPLICE": "1"}
+            "CRIU_REMUS_BATCH_SPLICE": "1", "CRIU_REMUS_SOCKOPT_AHEAD": "1"}
 
 # Where a primary's dumps keep CRIU's VmFlags cache (patch 0007), next to its
 # epoch directories; never sent.
