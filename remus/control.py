@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
+#: How long close() waits for the accepting thread to end.
+CLOSE_WAIT_S = 2.0
+
 
 def socket_path(role: str, unit: str) -> Path:
     return RUN_DIR / f"{role}-{unit}.sock"
@@ -53,19 +56,38 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
-        if self._sk is not None:
-            self._sk.close()
-            self._sk = None
+        """Stop answering: no request is accepted after this returns.
+
+        shutdown() wakes the thread blocked in accept() (close() alone does
+        not: it stayed blocked for good on the closed socket), and the
+        descriptor is closed only after that thread ended, so its number,
+        reused by the next socket this process opens (the control socket of
+        the agent's next role, say), never gets an accept() of this server."""
+        sk, self._sk = self._sk, None
+        if sk is not None:
+            try:
+                sk.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=CLOSE_WAIT_S)
+            sk.close()
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
 
     def _serve(self) -> None:
-        while self._sk is not None:
+        while True:
+            sk = self._sk
+            if sk is None:
+                return
             try:
-                conn, _ = self._sk.accept()
+                conn, _ = sk.accept()
             except OSError:
+                return
+            if self._sk is None:  # closed while accepting: not answered here
+                conn.close()
                 return
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
