@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from remus import paths
 from remus.checkpoint.criu import DUMP_ENV
-from tests.support.procs import inner_init
+from tests.support.procs import ask_unit, criu_or_skip, inner_init
 
 pytestmark = [pytest.mark.root]
 
@@ -60,26 +59,9 @@ while True:
 """.replace("PAIRS", str(PAIRS))
 
 
-def criu() -> str:
-    binary = paths.criu_binary()
-    if binary is None:
-        pytest.skip("CRIU is not built")
-    return binary
-
-
-def ask(ctl: Path, cmd: str, timeout: float = 10.0) -> tuple[list[int], int]:
-    (ctl / "ctl.tmp").write_text(cmd)
-    os.rename(ctl / "ctl.tmp", ctl / "ctl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            echoed, ready, want = (ctl / "ack").read_text().split("|")
-        except (OSError, ValueError):
-            echoed = ""
-        if echoed == cmd:
-            return [int(x) for x in ready.split(",") if x], int(want)
-        time.sleep(0.01)
-    raise AssertionError(f"unit did not answer {cmd!r}")
+def ask(ctl: Path, cmd: str) -> tuple[list[int], int]:
+    ready, want = ask_unit(ctl, cmd, 2)
+    return [int(x) for x in ready.split(",") if x], int(want)
 
 
 def kill(pid: int) -> None:
@@ -114,7 +96,7 @@ def test_epoll_targets_checked_without_kcmp_and_restored(unit: tuple[int, Path],
     assert ready == [want]
     d = tmp_path / "dump"
     d.mkdir()
-    r = subprocess.run([criu(), "dump", "-t", str(pid), "-D", str(d), "--shell-job", "-v4",
+    r = subprocess.run([criu_or_skip(), "dump", "-t", str(pid), "-D", str(d), "--shell-job", "-v4",
                         "-o", "dump.log"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, **DUMP_ENV})
     log = (d / "dump.log").read_text() if (d / "dump.log").exists() else r.stderr
@@ -129,7 +111,7 @@ def test_epoll_targets_checked_without_kcmp_and_restored(unit: tuple[int, Path],
         time.sleep(0.01)
     (ctl / "ack").unlink()
     pidfile = tmp_path / "restored.pid"
-    restore = subprocess.Popen([criu(), "restore", "-D", str(d), "--shell-job", "-v1",
+    restore = subprocess.Popen([criu_or_skip(), "restore", "-D", str(d), "--shell-job", "-v1",
                                 "-o", str(tmp_path / "restore.log"), "--pidfile", str(pidfile)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)

@@ -24,9 +24,8 @@ from typing import Any
 
 import pytest
 
-from remus import paths
 from remus.checkpoint.criu import DUMP_ENV
-from tests.support.procs import inner_init
+from tests.support.procs import ask_unit, criu_or_skip, inner_init
 
 pytestmark = [pytest.mark.root]
 
@@ -110,26 +109,9 @@ while True:
 """
 
 
-def criu() -> str:
-    binary = paths.criu_binary()
-    if binary is None:
-        pytest.skip("CRIU is not built")
-    return binary
-
-
-def ask(ctl: Path, cmd: str, timeout: float = 10.0) -> str:
-    (ctl / "ctl.tmp").write_text(cmd)
-    os.rename(ctl / "ctl.tmp", ctl / "ctl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            echoed, got = (ctl / "ack").read_text().split("|")
-        except (OSError, ValueError):
-            echoed = ""
-        if echoed == cmd:
-            return got
-        time.sleep(0.01)
-    raise AssertionError(f"unit did not answer {cmd!r}")
+def ask(ctl: Path, cmd: str) -> str:
+    (got,) = ask_unit(ctl, cmd, 1)
+    return got
 
 
 @pytest.fixture
@@ -162,7 +144,7 @@ def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def dump(pid: int, d: Path, ahead: str) -> tuple[list[dict[str, Any]], str]:
     """Dump the unit, left running; its socket entries (ids and inodes out) and the log."""
     d.mkdir()
-    r = subprocess.run([criu(), "dump", "-t", str(pid), "-D", str(d), "--shell-job",
+    r = subprocess.run([criu_or_skip(), "dump", "-t", str(pid), "-D", str(d), "--shell-job",
                         "--tcp-established", "--leave-running", "-v4", "-o", "dump.log"],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, **DUMP_ENV, "CRIU_REMUS_SOCKOPT_AHEAD": ahead})

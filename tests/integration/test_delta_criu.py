@@ -29,14 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from remus import paths
 from remus.checkpoint import images, pagemap
 from remus.checkpoint.criu import Criu
 from remus.checkpoint.delta_encoder import DeltaEncoder
 from remus.checkpoint.store import CheckpointStore
 from remus.checkpoint.tracking import kernel_soft_dirty, uffd_wp_problem
 from remus.checkpoint.uffd import CRIU_ENV, UffdTracker
-from tests.support.procs import inner_init
+from tests.support.procs import ask_unit, criu_or_skip, inner_init
 
 pytestmark = pytest.mark.root
 SOFT_DIRTY = kernel_soft_dirty()
@@ -132,27 +131,10 @@ while True:
 STEPS = 6
 
 
-def criu() -> str:
-    binary = paths.criu_binary()
-    if binary is None:
-        pytest.skip("CRIU is not built")
-    return binary
-
-
 def command(ctl_dir: Path, cmd: str, timeout: float = 10.0) -> tuple[int, str, int]:
     """Send a command to the unit; (step, memory digest, pid inside its namespace)."""
-    (ctl_dir / "ctl.tmp").write_text(cmd)
-    os.rename(ctl_dir / "ctl.tmp", ctl_dir / "ctl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            echoed, step, digest, pid = (ctl_dir / "ack").read_text().split("|")
-        except (OSError, ValueError):
-            echoed = ""
-        if echoed == cmd:
-            return int(step), digest, int(pid)
-        time.sleep(0.01)
-    raise AssertionError(f"unit did not answer {cmd!r}")
+    step, digest, pid = ask_unit(ctl_dir, cmd, 3, timeout)
+    return int(step), digest, int(pid)
 
 
 def simulate(steps: int) -> str:
@@ -201,7 +183,7 @@ def unit(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def dump(pid: int, d: Path, *extra: str) -> None:
     d.mkdir()
     r = subprocess.run(
-        [criu(), "dump", "-t", str(pid), "-D", str(d), "--leave-running", "--shell-job",
+        [criu_or_skip(), "dump", "-t", str(pid), "-D", str(d), "--leave-running", "--shell-job",
          "-v1", "-o", "dump.log", *extra],
         capture_output=True, text=True, timeout=60,
     )
@@ -310,7 +292,7 @@ def test_deltas_of_real_dumps_restore(unit: tuple[int, Path], tmp_path: Path, mo
     (ctl / "ack").unlink()
     pidfile = tmp_path / "restored.pid"
     restore = subprocess.Popen(
-        [criu(), "restore", "-D", str(store.images_dir()), "--shell-job", "-v1",
+        [criu_or_skip(), "restore", "-D", str(store.images_dir()), "--shell-job", "-v1",
          "-o", str(tmp_path / "restore.log"), "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
